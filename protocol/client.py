@@ -1,0 +1,385 @@
+"""Client bindings (trio): talk to ``image-proxy`` or ``skopeo experimental-image-proxy``.
+
+::
+
+    async with ImageProxy.spawn() as proxy:            # ours; or argv=["skopeo", "experimental-image-proxy"]
+        img = await proxy.open_image("oci:examples/hello:latest")
+        digest, manifest = await proxy.get_manifest(img)
+        data = await proxy.get_blob(img, layer_digest, layer_size)
+
+Replies come back in request order (the protocol has no request ids), so the bindings keep a
+FIFO of waiters: a sender task appends a waiter and sends, the receiver task pops one per reply.
+Several tasks may call at once without any lock. Every pipe is drained concurrently with its
+FinishPipe, never the deadlock of reading to EOF first.
+"""
+
+from __future__ import annotations
+
+import array
+import collections
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
+
+import attrs
+import trio
+
+from protocol.codec import MAX_MSG_SIZE, decode_reply, encode_request
+from protocol.errors import ErrorCode, ProtocolViolation, ProxyError
+from protocol.messages import Reply, Request
+
+#: the oldest server version these bindings talk to (as the Rust client: ^0.2.3)
+MIN_VERSION = (0, 2, 3)
+DEFAULT_ARGV = (sys.executable, "-m", "proxy", "experimental-image-proxy")
+#: how long ``aclose`` waits for the server to exit after Shutdown before killing it
+EXIT_TIMEOUT = 5.0
+_FD_SIZE = array.array("i").itemsize
+_READ_SIZE = 1 << 20
+
+Sink = Callable[[bytes], Awaitable[None] | None]
+
+
+class ProxyClosed(ProxyError):
+    """The server went away (exited or closed the socket) before answering."""
+
+
+def parse_version(text: str) -> tuple[int, int, int]:
+    try:
+        major, minor, patch = (int(p) for p in text.split(".", 2))
+    except (ValueError, AttributeError):
+        raise ProtocolViolation(f"server reported an unparsable protocol version {text!r}") from None
+    return major, minor, patch
+
+
+@attrs.define(eq=False)
+class _Waiter:
+    method: str
+    event: trio.Event = attrs.field(factory=trio.Event)
+    reply: Reply | None = None
+    fds: list[int] = attrs.field(factory=list)
+    error: ProxyError | None = None
+    abandoned: bool = False
+
+
+def _close_fds(fds: Sequence[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+class ImageProxy:
+    """A connection to one proxy server; use ``spawn`` or ``connect`` as async context managers."""
+
+    def __init__(self, sock: trio.socket.SocketType, nursery: trio.Nursery) -> None:
+        self._sock = sock
+        self._nursery = nursery
+        self._pending: collections.deque[_Waiter] = collections.deque()
+        self._outbox_send, self._outbox_recv = trio.open_memory_channel[tuple[bytes, _Waiter]](0)
+        self._closed: ProxyError | None = None
+        self.version: tuple[int, int, int] = (0, 0, 0)
+        self.version_text = ""
+
+    # --------------------------------------------------------------- lifecycle
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def spawn(
+        cls, argv: Sequence[str] | None = None, extra_args: Sequence[str] = ()
+    ) -> AsyncIterator[ImageProxy]:
+        """Start a server process with one end of a socketpair as its stdin."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        command = [*(argv or DEFAULT_ARGV), *extra_args]
+        try:
+            process = await trio.lowlevel.open_process(command, stdin=theirs.fileno(), stdout=subprocess.DEVNULL)
+        except OSError as e:
+            ours.close()
+            raise ProxyError(f"cannot start {command[0]}: {e.strerror or e}") from None
+        finally:
+            theirs.close()
+        try:
+            async with cls._serve(ours) as proxy:
+                yield proxy
+        finally:
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(EXIT_TIMEOUT):
+                    await process.wait()
+                if process.returncode is None:
+                    process.kill()
+                    await process.wait()
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def connect(cls, sock: socket.socket) -> AsyncIterator[ImageProxy]:
+        """Use an already connected SOCK_SEQPACKET socket (it is closed on exit)."""
+        async with cls._serve(sock) as proxy:
+            yield proxy
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def _serve(cls, sock: socket.socket) -> AsyncIterator[ImageProxy]:
+        tsock = trio.socket.from_stdlib_socket(sock)
+        failure: Exception | None = None
+        with tsock:
+            async with trio.open_nursery() as nursery:
+                proxy = cls(tsock, nursery)
+                nursery.start_soon(proxy._sender)
+                nursery.start_soon(proxy._receiver)
+                try:
+                    await proxy._initialize()
+                    yield proxy
+                    await proxy.shutdown()
+                except Exception as e:
+                    # Raised outside the nursery, so callers see the error itself, not an ExceptionGroup.
+                    failure = e
+                finally:
+                    nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+
+    async def _initialize(self) -> None:
+        value = await self._call_value("Initialize", [])
+        if not isinstance(value, str):
+            raise ProtocolViolation(f"Initialize returned {value!r}, not a version string")
+        version = parse_version(value)
+        if not (version >= MIN_VERSION and version[:2] == MIN_VERSION[:2]):
+            raise ProxyError(f"proxy protocol version {value} is not supported (need >=0.2.3, <0.3.0)")
+        self.version, self.version_text = version, value
+
+    async def shutdown(self) -> None:
+        """Ask the server to exit (it sends no reply)."""
+        if self._closed is None:
+            with contextlib.suppress(OSError):
+                await self._sock.send(encode_request(Request("Shutdown", [])))
+            self._closed = ProxyClosed("the proxy was shut down")
+
+    # --------------------------------------------------------------- plumbing
+
+    async def _sender(self) -> None:
+        async for data, waiter in self._outbox_recv:
+            if self._closed is not None:
+                self._fail(waiter, self._closed)
+                continue
+            self._pending.append(waiter)
+            try:
+                await self._sock.send(data)
+            except OSError as e:
+                self._broken(ProxyClosed(f"cannot send {waiter.method} to the proxy: {e.strerror or e}"))
+
+    async def _receiver(self) -> None:
+        space = socket.CMSG_SPACE(4 * _FD_SIZE)
+        while True:
+            try:
+                data, ancdata, flags, _ = await self._sock.recvmsg(MAX_MSG_SIZE, space, socket.MSG_CMSG_CLOEXEC)
+            except OSError as e:
+                self._broken(ProxyClosed(f"connection to the proxy failed: {e.strerror or e}"))
+                return
+            fds: list[int] = []
+            for level, kind, payload in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds.extend(array.array("i", payload[: len(payload) - len(payload) % _FD_SIZE]))
+            if not data:
+                _close_fds(fds)
+                self._broken(ProxyClosed("the proxy closed the connection (did it exit?)"))
+                return
+            if not self._pending:
+                _close_fds(fds)
+                self._broken(ProtocolViolation("the proxy sent a reply nobody asked for"))
+                return
+            waiter = self._pending.popleft()
+            if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+                _close_fds(fds)
+                self._fail(waiter, ProtocolViolation(f"reply to {waiter.method} was truncated"))
+                continue
+            try:
+                waiter.reply = decode_reply(data)
+            except ProtocolViolation as e:
+                _close_fds(fds)
+                self._fail(waiter, e)
+                continue
+            if waiter.abandoned:
+                _close_fds(fds)
+            else:
+                waiter.fds = fds
+            waiter.event.set()
+
+    def _fail(self, waiter: _Waiter, error: ProxyError) -> None:
+        waiter.error = error
+        waiter.event.set()
+
+    def _broken(self, error: ProxyError) -> None:
+        if self._closed is None:
+            self._closed = error
+        while self._pending:
+            self._fail(self._pending.popleft(), self._closed)
+
+    async def call(self, method: str, args: list[Any]) -> tuple[Reply, list[int]]:
+        """Send one request and wait for its reply; the caller owns the returned fds."""
+        if self._closed is not None:
+            raise self._closed
+        waiter = _Waiter(method)
+        try:
+            await self._outbox_send.send((encode_request(Request(method, args)), waiter))
+            await waiter.event.wait()
+        except BaseException:
+            waiter.abandoned = True
+            _close_fds(waiter.fds)
+            raise
+        if waiter.error is not None:
+            raise waiter.error
+        assert waiter.reply is not None
+        return waiter.reply, waiter.fds
+
+    async def _call_fds(self, method: str, args: list[Any], nfds: int) -> tuple[Any, int, list[int]]:
+        reply, fds = await self.call(method, args)
+        if not reply.success:
+            _close_fds(fds)
+            raise ProxyError(f"{method}: {reply.error}", reply.error_code)
+        if len(fds) != nfds:
+            _close_fds(fds)
+            raise ProtocolViolation(f"{method}: expected {nfds} fds in the reply, got {len(fds)}")
+        if nfds == 1 and reply.pipeid == 0:
+            _close_fds(fds)
+            raise ProtocolViolation(f"{method}: expected a pipeid with the fd")
+        return reply.value, reply.pipeid, fds
+
+    async def _call_value(self, method: str, args: list[Any]) -> Any:
+        value, _, _ = await self._call_fds(method, args, 0)
+        return value
+
+    def _require(self, version: tuple[int, int, int], method: str) -> None:
+        if self.version < version:
+            needed = ".".join(map(str, version))
+            raise ProxyError(f"{method} needs protocol {needed}; the proxy speaks {self.version_text}")
+
+    # --------------------------------------------------------------- pipes
+
+    async def _drain(self, fd: int, sink: Sink) -> int:
+        total = 0
+        stream = trio.lowlevel.FdStream(fd)
+        async with stream:
+            while chunk := await stream.receive_some(_READ_SIZE):
+                total += len(chunk)
+                result = sink(chunk)
+                if result is not None:
+                    await result
+        return total
+
+    async def _piped(self, method: str, args: list[Any], sink: Sink) -> Any:
+        """A one-fd reply: drain the pipe while FinishPipe runs; FinishPipe's error is the result."""
+        value, pipeid, (fd,) = await self._call_fds(method, args, 1)
+        await _concurrently(lambda: self._drain(fd, sink), lambda: self.finish_pipe(pipeid))
+        return value
+
+    async def _piped_bytes(self, method: str, args: list[Any]) -> tuple[Any, bytes]:
+        parts: list[bytes] = []
+        value = await self._piped(method, args, parts.append)
+        return value, b"".join(parts)
+
+    async def finish_pipe(self, pipeid: int) -> None:
+        await self._call_value("FinishPipe", [pipeid])
+
+    # --------------------------------------------------------------- methods
+
+    async def open_image(self, reference: str) -> int:
+        return await self._call_value("OpenImage", [reference])
+
+    async def open_image_optional(self, reference: str) -> int | None:
+        """The image id, or None when the image does not exist."""
+        self._require((0, 2, 4), "OpenImageOptional")
+        image_id = await self._call_value("OpenImageOptional", [reference])
+        return image_id or None
+
+    async def close_image(self, image_id: int) -> None:
+        await self._call_value("CloseImage", [image_id])
+
+    async def get_manifest(self, image_id: int) -> tuple[str, bytes]:
+        """The per-platform manifest's digest and the OCI manifest bytes."""
+        return await self._piped_bytes("GetManifest", [image_id])
+
+    async def get_config(self, image_id: int) -> bytes:
+        """The OCI runtime config (deprecated upstream; prefer get_full_config)."""
+        self._require((0, 2, 2), "GetConfig")
+        return (await self._piped_bytes("GetConfig", [image_id]))[1]
+
+    async def get_full_config(self, image_id: int) -> bytes:
+        return (await self._piped_bytes("GetFullConfig", [image_id]))[1]
+
+    async def get_layer_info(self, image_id: int) -> list[dict[str, Any]] | None:
+        """Layer digests, sizes and media types; None on servers older than 0.2.5."""
+        if self.version >= (0, 2, 7):
+            _, data = await self._piped_bytes("GetLayerInfoPiped", [image_id])
+            return json.loads(data)
+        if self.version >= (0, 2, 5):
+            return await self._call_value("GetLayerInfo", [image_id])
+        return None
+
+    async def copy_blob(self, image_id: int, digest: str, size: int, sink: Sink) -> int:
+        """Stream a blob into ``sink``; the server verifies size and digest (FinishPipe's error).
+
+        Returns the size the source reported (-1 if unknown).
+        """
+        return await self._piped("GetBlob", [image_id, digest, size], sink)
+
+    async def get_blob(self, image_id: int, digest: str, size: int) -> bytes:
+        parts: list[bytes] = []
+        await self.copy_blob(image_id, digest, size, parts.append)
+        return b"".join(parts)
+
+    async def copy_raw_blob(self, image_id: int, digest: str, sink: Sink) -> int | None:
+        """GetRawBlob: data and error fds read concurrently; no FinishPipe. Returns the size or None.
+
+        An error document on the error fd raises ProxyError with its code (EPIPE means our own
+        early close and is not raised, as in the Rust client).
+        """
+        self._require((0, 2, 8), "GetRawBlob")
+        value, _, (data_fd, err_fd) = await self._call_fds("GetRawBlob", [image_id, digest], 2)
+        errors: list[bytes] = []
+        await _concurrently(lambda: self._drain(data_fd, sink), lambda: self._drain(err_fd, errors.append))
+        if errors:
+            _raise_error_document(b"".join(errors))
+        return value if isinstance(value, int) and value >= 0 else None
+
+    async def get_raw_blob(self, image_id: int, digest: str) -> tuple[int | None, bytes]:
+        parts: list[bytes] = []
+        size = await self.copy_raw_blob(image_id, digest, parts.append)
+        return size, b"".join(parts)
+
+
+async def _concurrently(*jobs: Callable[[], Awaitable[Any]]) -> None:
+    """Run jobs side by side; the first failure is raised as itself (not as an ExceptionGroup)
+    and cancels the rest."""
+    failures: list[BaseException] = []
+
+    async with trio.open_nursery() as nursery:
+
+        async def run(job: Callable[[], Awaitable[Any]]) -> None:
+            try:
+                await job()
+            except Exception as e:
+                failures.append(e)
+                nursery.cancel_scope.cancel()
+
+        for job in jobs:
+            nursery.start_soon(run, job)
+    if failures:
+        raise failures[0]
+
+
+def _raise_error_document(data: bytes) -> None:
+    try:
+        doc = json.loads(data)
+        code = ErrorCode(doc.get("code", "other"))
+        message = str(doc.get("message", ""))
+    except (ValueError, AttributeError):
+        raise ProtocolViolation(f"GetRawBlob: unparsable error document {data[:200]!r}") from None
+    if code is ErrorCode.EPIPE:
+        return
+    raise ProxyError(f"GetRawBlob: {message}", code)
+
+
+__all__ = ["DEFAULT_ARGV", "ImageProxy", "ProxyClosed", "parse_version"]

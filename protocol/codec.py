@@ -1,0 +1,144 @@
+"""Bytes in, messages out (and back): the packet codec.
+
+One JSON document per SOCK_SEQPACKET packet, at most ``MAX_MSG_SIZE`` bytes. Decoding never
+raises past this module: whatever arrives, the caller gets a message or a ``ProtocolViolation``
+it can turn into an error reply.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from protocol.errors import ErrorCode, ProtocolViolation
+from protocol.messages import Reply, Request
+
+MAX_MSG_SIZE = 32 * 1024
+
+_REPLY_KEYS = ("success", "value", "pipeid", "error_code", "error")
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def decode_request(data: bytes, truncated: bool = False) -> Request | ProtocolViolation:
+    """Decode one request packet. ``truncated`` says the kernel cut the packet (MSG_TRUNC)."""
+    if truncated or len(data) > MAX_MSG_SIZE:
+        return ProtocolViolation(f"invalid request: message exceeds the {MAX_MSG_SIZE} byte packet limit")
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        return ProtocolViolation(f"invalid request: not UTF-8: {e.reason} at byte {e.start}")
+    except (ValueError, RecursionError) as e:
+        return ProtocolViolation(f"invalid request: {_json_error_text(e)}")
+    if not isinstance(doc, dict):
+        return ProtocolViolation(f"invalid request: expected a JSON object, not {json_type_name(doc)}")
+    method = doc.get("method")
+    if not isinstance(method, str):
+        return ProtocolViolation(f'invalid request: "method" must be a string, not {json_type_name(method)}')
+    args = doc.get("args")
+    if args is None:
+        args = []
+    if not isinstance(args, list):
+        return ProtocolViolation(f'invalid request: "args" must be an array, not {json_type_name(args)}')
+    return Request(method=method, args=args)
+
+
+def _json_error_text(e: Exception) -> str:
+    if isinstance(e, json.JSONDecodeError):
+        return f"malformed JSON: {e.msg} at offset {e.pos}"
+    if isinstance(e, RecursionError):
+        return "malformed JSON: nested too deeply"
+    return f"malformed JSON: {e}"
+
+
+def json_type_name(value: Any) -> str:
+    """The JSON type of a decoded value, for error texts."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+def encode_reply(reply: Reply) -> bytes:
+    """Encode a reply with all five keys in the Go server's order, within the packet limit.
+
+    An error text too long for one packet is shortened (the reply must reach a client that
+    receives into a 32 KiB buffer); a successful value that does not fit is a bug of the
+    caller and raises ValueError.
+    """
+    doc = {
+        "success": reply.success,
+        "value": reply.value,
+        "pipeid": reply.pipeid,
+        "error_code": str(reply.error_code),
+        "error": reply.error,
+    }
+    data = _dumps(doc)
+    if len(data) <= MAX_MSG_SIZE:
+        return data
+    if reply.success:
+        raise ValueError(f"reply of {len(data)} bytes exceeds the {MAX_MSG_SIZE} byte packet limit")
+    doc["value"] = None
+    text = reply.error
+    while len(data) > MAX_MSG_SIZE:
+        excess = len(data) - MAX_MSG_SIZE
+        text = text[: max(0, len(text) - excess - 64)]
+        doc["error"] = text + " [error text truncated]"
+        data = _dumps(doc)
+    return data
+
+
+def encode_request(request: Request) -> bytes:
+    data = _dumps({"method": request.method, "args": request.args})
+    if len(data) > MAX_MSG_SIZE:
+        raise ValueError(f"request of {len(data)} bytes exceeds the {MAX_MSG_SIZE} byte packet limit")
+    return data
+
+
+def decode_reply(data: bytes) -> Reply:
+    """Decode a reply packet; raises ProtocolViolation for anything that is not a reply."""
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except (ValueError, RecursionError) as e:
+        raise ProtocolViolation(f"invalid reply: {_json_error_text(e)}") from None
+    if not isinstance(doc, dict):
+        raise ProtocolViolation(f"invalid reply: expected a JSON object, not {json_type_name(doc)}")
+    missing = [k for k in ("success", "value", "pipeid", "error") if k not in doc]
+    if missing:
+        raise ProtocolViolation(f"invalid reply: missing keys {missing}")
+    success, pipeid, error = doc["success"], doc["pipeid"], doc["error"]
+    if not isinstance(success, bool):
+        raise ProtocolViolation('invalid reply: "success" is not a boolean')
+    if not isinstance(pipeid, int) or isinstance(pipeid, bool) or not 0 <= pipeid < 2**32:
+        raise ProtocolViolation(f"invalid reply: bad pipeid {pipeid!r}")
+    if not isinstance(error, str):
+        raise ProtocolViolation('invalid reply: "error" is not a string')
+    raw_code = doc.get("error_code", "")
+    try:
+        code = ErrorCode(raw_code)
+    except ValueError:
+        code = ErrorCode.OTHER
+    if not success and code is ErrorCode.NONE:
+        code = ErrorCode.OTHER
+    return Reply(success=success, value=doc["value"], pipeid=pipeid, error_code=code, error=error)
+
+
+__all__ = [
+    "MAX_MSG_SIZE",
+    "decode_reply",
+    "decode_request",
+    "encode_reply",
+    "encode_request",
+    "json_type_name",
+]

@@ -1,0 +1,154 @@
+"""The methods of protocol 0.2.8 and the validation of their arguments.
+
+Each method has a table entry saying which arguments it takes, how many file descriptors its
+reply carries and whether it is answered at all. ``parse_args`` turns a decoded request into
+typed arguments or raises ``ProtocolViolation`` with a text that names what is wrong.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from typing import Any
+
+import attrs
+
+from protocol.codec import json_type_name
+from protocol.errors import ProtocolViolation
+from protocol.messages import Request
+
+MAX_SAFE_INTEGER = 2**53 - 1
+
+DIGEST_HEX_LENGTHS = {"sha256": 64, "sha512": 128}
+_DIGEST_RE = re.compile(r"^([a-z0-9]+(?:[.+_-][a-z0-9]+)*):([a-zA-Z0-9=_-]+)$")
+_HEX_RE = re.compile(r"^[a-f0-9]+$")
+MAX_REFERENCE_LENGTH = 4096
+
+
+class Param(enum.Enum):
+    """Kinds of arguments."""
+
+    IMAGE_ID = "imgid"
+    PIPE_ID = "pipeid"
+    DIGEST = "digest"
+    SIZE = "size"
+    IMAGE_REF = "imgref"
+
+
+@attrs.frozen
+class MethodSpec:
+    name: str
+    params: tuple[Param, ...]
+    since: str
+    fd_count: int = 0
+    replies: bool = True
+    needs_init: bool = True
+    strict_arity: bool = True
+
+
+METHODS: dict[str, MethodSpec] = {
+    spec.name: spec
+    for spec in (
+        MethodSpec("Initialize", (), "0.2.1", needs_init=False),
+        MethodSpec("OpenImage", (Param.IMAGE_REF,), "0.2.1"),
+        MethodSpec("OpenImageOptional", (Param.IMAGE_REF,), "0.2.4"),
+        MethodSpec("CloseImage", (Param.IMAGE_ID,), "0.2.1"),
+        MethodSpec("GetManifest", (Param.IMAGE_ID,), "0.2.1", fd_count=1),
+        MethodSpec("GetConfig", (Param.IMAGE_ID,), "0.2.2", fd_count=1),
+        MethodSpec("GetFullConfig", (Param.IMAGE_ID,), "0.2.3", fd_count=1),
+        MethodSpec("GetBlob", (Param.IMAGE_ID, Param.DIGEST, Param.SIZE), "0.2.1", fd_count=1),
+        MethodSpec("GetRawBlob", (Param.IMAGE_ID, Param.DIGEST), "0.2.8", fd_count=2),
+        MethodSpec("GetLayerInfo", (Param.IMAGE_ID,), "0.2.5"),
+        MethodSpec("GetLayerInfoPiped", (Param.IMAGE_ID,), "0.2.7", fd_count=1),
+        MethodSpec("FinishPipe", (Param.PIPE_ID,), "0.2.1", needs_init=False),
+        MethodSpec("Shutdown", (), "0.2.1", replies=False, needs_init=False, strict_arity=False),
+    )
+}
+
+
+def parse_uint(value: Any, what: str) -> int:
+    """An unsigned integer sent as a JSON number, at most 2^53-1 (as the Go server requires)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ProtocolViolation(f"expecting numeric, not {json_type_name(value)}")
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")) or not value.is_integer():
+            raise ProtocolViolation(f"{what}: expecting an integer, not {value!r}")
+        value = int(value)
+    if value < 0:
+        raise ProtocolViolation(f"{what}: expecting a non-negative integer, not {value}")
+    if value > MAX_SAFE_INTEGER:
+        raise ProtocolViolation(f"out of range integer for numeric {value}")
+    return value
+
+
+def parse_digest(value: Any) -> str:
+    """An ``algo:hex`` digest; only sha256 and sha512, with their exact lengths, lower-case hex."""
+    if not isinstance(value, str):
+        raise ProtocolViolation(f"expecting string blobid, not {json_type_name(value)}")
+    shown = value if len(value) <= 200 else value[:200] + "..."
+    m = _DIGEST_RE.match(value)
+    if m is None:
+        raise ProtocolViolation(f"invalid digest {shown!r}: invalid checksum digest format")
+    algo, hexpart = m.groups()
+    if algo not in DIGEST_HEX_LENGTHS:
+        raise ProtocolViolation(f"invalid digest {shown!r}: unsupported digest algorithm {algo!r}")
+    if not _HEX_RE.match(hexpart):
+        raise ProtocolViolation(f"invalid digest {shown!r}: invalid checksum digest format")
+    if len(hexpart) != DIGEST_HEX_LENGTHS[algo]:
+        raise ProtocolViolation(
+            f"invalid digest {shown!r}: invalid checksum digest length "
+            f"(expected {DIGEST_HEX_LENGTHS[algo]} hex digits for {algo}, got {len(hexpart)})"
+        )
+    return value
+
+
+def parse_image_ref(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ProtocolViolation(f"expecting string imageref, not {json_type_name(value)}")
+    if not value:
+        raise ProtocolViolation("invalid image reference: empty string")
+    if len(value) > MAX_REFERENCE_LENGTH:
+        raise ProtocolViolation(f"invalid image reference: longer than {MAX_REFERENCE_LENGTH} characters")
+    if "\x00" in value:
+        raise ProtocolViolation("invalid image reference: contains a NUL character")
+    return value
+
+
+def _parse_one(param: Param, value: Any) -> Any:
+    if param is Param.IMAGE_ID:
+        return parse_uint(value, "imgid")
+    if param is Param.PIPE_ID:
+        return parse_uint(value, "pipeid")
+    if param is Param.SIZE:
+        return parse_uint(value, "size")
+    if param is Param.DIGEST:
+        return parse_digest(value)
+    if param is Param.IMAGE_REF:
+        return parse_image_ref(value)
+    raise AssertionError(param)  # pragma: no cover
+
+
+def _arity_error(spec: MethodSpec, found: int) -> ProtocolViolation:
+    """The Go server's texts, with the expected parameters named."""
+    names = ", ".join(p.value for p in spec.params)
+    if not spec.params:
+        return ProtocolViolation("invalid request, expecting zero arguments")
+    if len(spec.params) == 1:
+        return ProtocolViolation(f"invalid request, expecting one argument ({names}), found {found}")
+    return ProtocolViolation(f"found {found} args, expecting ({names})")
+
+
+def parse_args(request: Request) -> tuple[MethodSpec, list[Any]]:
+    """Look up the method and validate its arguments.
+
+    Raises ProtocolViolation naming an unknown method, a wrong argument count or a bad value.
+    """
+    spec = METHODS.get(request.method)
+    if spec is None:
+        shown = request.method if len(request.method) <= 100 else request.method[:100] + "..."
+        raise ProtocolViolation(f"unknown method: {shown}")
+    if not spec.strict_arity:
+        return spec, []
+    if len(request.args) != len(spec.params):
+        raise _arity_error(spec, len(request.args))
+    return spec, [_parse_one(p, v) for p, v in zip(spec.params, request.args, strict=True)]
