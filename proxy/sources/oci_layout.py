@@ -1,0 +1,289 @@
+"""The ``oci:`` transport (an OCI image layout directory), and the file helpers other local
+transports share: confined opening of files and blobs read with ``pread`` off the trio thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import re
+import stat
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from proxy import gojson, manifest
+from proxy.gojson import GoJSONError, go_quote
+from proxy.sources.base import Blob, BlobNotFound, ImageNotFound, ImageSource, SourceError, SourceOptions
+
+#: largest JSON document (index.json, manifest) read into memory
+MAX_JSON_SIZE = 16 * 1024 * 1024
+
+_CHUNK = 1024 * 1024
+
+# oci/internal ValidateImageName: an image name annotation as the OCI spec allows it
+_COMPONENT = r"[A-Za-z0-9]+(?:(?:[-._:@+]|--)[A-Za-z0-9]+)*"
+_IMAGE_NAME_RE = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
+
+
+# ---- confined file access ----------------------------------------------------------------
+
+
+def open_inside(root: str, path: str) -> tuple[int, int]:
+    """Open ``path`` read-only if it resolves to a regular file inside ``root``; (fd, size).
+
+    Symlinks are followed only while they stay inside ``root``. Raises FileNotFoundError
+    when absent, PermissionError when the path leads out of ``root``, IsADirectoryError
+    (or OSError) when not a regular file.
+    """
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(path)
+    if os.path.commonpath([real_root, real]) != real_root:
+        raise PermissionError(errno.EACCES, "path leads outside the image directory", path)
+    fd = os.open(real, os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise IsADirectoryError(errno.EISDIR, "not a regular file", path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st.st_size
+
+
+def read_inside(root: str, path: str, limit: int = MAX_JSON_SIZE) -> bytes:
+    """The whole content of a (small) file confined to ``root``."""
+    fd, size = open_inside(root, path)
+    try:
+        if size > limit:
+            raise OSError(errno.EFBIG, f"file larger than {limit} bytes", path)
+        chunks = []
+        pos = 0
+        while True:
+            data = os.pread(fd, _CHUNK, pos)
+            if not data:
+                break
+            chunks.append(data)
+            pos += len(data)
+            if pos > limit:
+                raise OSError(errno.EFBIG, f"file larger than {limit} bytes", path)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def os_error_text(e: OSError) -> str:
+    """Go-like text for a failed file operation: ``open PATH: no such file or directory``."""
+    reason = (e.strerror or str(e)).lower()
+    return f"open {e.filename}: {reason}" if e.filename else reason
+
+
+class FileBlob(Blob):
+    """``length`` bytes of an open file from ``offset``, read with pread in a worker thread."""
+
+    def __init__(self, fd: int, offset: int, length: int) -> None:
+        self._fd: int | None = fd
+        self._pos = offset
+        self._end = offset + length
+        self.size = length
+
+    def read_sync(self, max_bytes: int) -> bytes:
+        if self._fd is None:
+            raise ValueError("blob is closed")
+        n = min(max_bytes, self._end - self._pos)
+        if n <= 0:
+            return b""
+        data = os.pread(self._fd, n, self._pos)
+        self._pos += len(data)
+        if not data:
+            self._end = self._pos  # the file shrank under us: end here, verification will tell
+        return data
+
+    async def read(self, max_bytes: int) -> bytes:
+        return await trio.to_thread.run_sync(self.read_sync, max_bytes)
+
+    def close_sync(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+
+    async def aclose(self) -> None:
+        self.close_sync()
+
+
+class FileSection(io.RawIOBase):
+    """A FileBlob as a synchronous file object (for decompressors)."""
+
+    def __init__(self, blob: FileBlob) -> None:
+        self._blob = blob
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        data = self._blob.read_sync(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+
+class StreamBlob(Blob):
+    """A blob produced by a synchronous reader (e.g. a decompressor), read in a worker thread."""
+
+    def __init__(self, reader: Any, size: int, close: Callable[[], None]) -> None:
+        self._reader = reader
+        self._close = close
+        self.size = size
+
+    async def read(self, max_bytes: int) -> bytes:
+        return await trio.to_thread.run_sync(self._reader.read, max_bytes)
+
+    async def aclose(self) -> None:
+        self._close()
+
+
+def open_file_blob(root: str, path: str) -> FileBlob:
+    fd, size = open_inside(root, path)
+    return FileBlob(fd, 0, size)
+
+
+# ---- the oci: transport ------------------------------------------------------------------
+
+
+def split_path_and_image(reference: str) -> tuple[str, str]:
+    """c/image ``SplitPathAndImage``: split at the first ':'."""
+    path, _, image = reference.partition(":")
+    return path, image
+
+
+class OCILayoutSource(ImageSource):
+    """An image in an OCI layout, chosen by tag, ``@N`` (index position) or ``@sha256:...``."""
+
+    def __init__(self, reference: str, root: str, descriptor: dict[str, Any], index: dict[str, Any], blob_dir: str):
+        self.reference = reference
+        self.root = root
+        self._descriptor = descriptor
+        self._index = index
+        self._blob_dir = blob_dir
+
+    @classmethod
+    async def open(cls, reference: str, root: str, image: str, options: SourceOptions) -> OCILayoutSource:
+        index = await trio.to_thread.run_sync(_read_index, reference, root)
+        descriptor = _choose_descriptor(reference, index, image)
+        blob_dir = options.shared_blob_dir or os.path.join(root, "blobs")
+        return cls(reference, root, descriptor, index, blob_dir)
+
+    def _blob_path(self, digest: str) -> str:
+        if not manifest.is_valid_digest(digest):
+            raise SourceError(f"{self.reference}: unexpected digest reference {go_quote(digest)}")
+        algo, _, hex_ = digest.partition(":")
+        return os.path.join(self._blob_dir, algo, hex_)
+
+    async def get_manifest(self, instance_digest: str | None = None) -> tuple[bytes, str]:
+        if instance_digest is None:
+            digest, mime = self._descriptor["digest"], self._descriptor["mediaType"]
+        else:
+            digest, mime = instance_digest, ""
+            for d in self._index["manifests"] or []:
+                if d["digest"] == digest:
+                    mime = d["mediaType"]
+                    break
+        path = self._blob_path(digest)
+        try:
+            raw = await trio.to_thread.run_sync(read_inside, self._blob_dir, path)
+        except FileNotFoundError as e:
+            raise SourceError(f"{self.reference}: manifest {digest} not found: {os_error_text(e)}") from None
+        except OSError as e:
+            raise SourceError(f"{self.reference}: reading manifest {digest}: {os_error_text(e)}") from None
+        return raw, mime or manifest.guess_mime_type(raw)
+
+    async def open_blob(self, digest: str) -> Blob:
+        path = self._blob_path(digest)
+        try:
+            return await trio.to_thread.run_sync(open_file_blob, self._blob_dir, path)
+        except FileNotFoundError:
+            raise BlobNotFound(f"{self.reference}: blob {digest} not found") from None
+        except OSError as e:
+            raise SourceError(f"{self.reference}: opening blob {digest}: {os_error_text(e)}") from None
+
+
+def _read_index(reference: str, root: str) -> dict[str, Any]:
+    path = os.path.join(root, "index.json")
+    try:
+        raw = read_inside(root, path)
+    except OSError as e:
+        raise SourceError(f"{reference}: {os_error_text(e)}") from None
+    try:
+        return gojson.unmarshal(raw, manifest.OCI_INDEX_STRUCT)
+    except GoJSONError as e:
+        raise SourceError(f"{reference}: parsing {path}: {e}") from None
+
+
+_LOOKUP_TYPES = (manifest.OCI_MANIFEST, manifest.OCI_INDEX, manifest.DOCKER_V2S2, manifest.DOCKER_V2_LIST)
+
+
+def _choose_descriptor(reference: str, index: dict[str, Any], image: str) -> dict[str, Any]:
+    """c/image ``getManifestDescriptor`` (plus ``@sha256:...`` to name a manifest by digest)."""
+    entries = index["manifests"] or []
+    if image.startswith("@") and manifest.is_valid_digest(image[1:]):
+        found = [d for d in entries if d["digest"] == image[1:]]
+        if not found:
+            raise ImageNotFound(f"{reference}: no descriptor found for digest {image[1:]}")
+        return _checked(reference, found[0])
+    if image.startswith("@"):
+        text = image[1:]
+        if not re.fullmatch(r"[+-]?[0-9]+", text):
+            raise SourceError(f"{reference}: Invalid source index @{text}: not an integer")
+        n = int(text)
+        if n < 0:
+            raise SourceError(f"{reference}: Invalid source index @{n}: must not be negative")
+        if n >= len(entries):
+            raise SourceError(f"{reference}: index {n} is too large, only {len(entries)} entries available")
+        return _checked(reference, entries[n])
+    if image:
+        if not _IMAGE_NAME_RE.fullmatch(image):
+            raise SourceError(f"{reference}: Invalid image {image}")
+        unsupported = []
+        for d in entries:
+            if (d["annotations"] or {}).get(manifest.ANNOTATION_REF_NAME) == image:
+                if d["mediaType"] in _LOOKUP_TYPES:
+                    return _checked(reference, d)
+                unsupported.append(d["mediaType"])
+        if unsupported:
+            listed = " ".join(go_quote(m) for m in unsupported)
+            raise SourceError(
+                f"{reference}: reference {go_quote(image)} matches unsupported manifest MIME types [{listed}]"
+            )
+        raise ImageNotFound(f"{reference}: no descriptor found for reference {go_quote(image)}")
+    if len(entries) != 1:
+        raise SourceError(f"{reference}: more than one image in oci, choose an image")
+    return _checked(reference, entries[0])
+
+
+def _checked(reference: str, d: dict[str, Any]) -> dict[str, Any]:
+    if not manifest.is_valid_digest(d["digest"]):
+        raise SourceError(f"{reference}: invalid digest {go_quote(d['digest'])} in index.json")
+    return d
+
+
+async def open_oci_layout(reference: str, within: str, options: SourceOptions) -> OCILayoutSource:
+    """Open ``oci:PATH[:IMAGE]`` (``within`` is what follows ``oci:``)."""
+    path, image = split_path_and_image(within)
+    if not path:
+        raise SourceError(f"{reference}: no path given")
+    return await OCILayoutSource.open(reference, path, image, options)
+
+
+__all__ = [
+    "FileBlob",
+    "FileSection",
+    "OCILayoutSource",
+    "StreamBlob",
+    "open_file_blob",
+    "open_inside",
+    "open_oci_layout",
+    "os_error_text",
+    "read_inside",
+    "split_path_and_image",
+]
