@@ -1,0 +1,1 @@
+"""image-proxy: the daemon side (session, handler, transports, blob streaming)."""

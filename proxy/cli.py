@@ -1,0 +1,185 @@
+"""The ``image-proxy`` command line.
+
+``image-proxy experimental-image-proxy`` (alias ``serve``) takes every flag that
+``skopeo experimental-image-proxy`` takes, before or after the subcommand, so a client's
+``skopeo_cmd`` can point here unchanged. Flags that have no effect yet are accepted and say so
+under ``--debug``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+from collections.abc import Sequence
+
+import trio
+
+from proxy.options import ProxyOptions
+from proxy.session import serve_socket
+from proxy.sources.base import SourceOptions
+
+log = logging.getLogger("image-proxy")
+
+SERVE_COMMANDS = ("experimental-image-proxy", "serve")
+
+#: flags skopeo accepts that change nothing here yet, with what will give them meaning
+_NOT_YET_EFFECTIVE = {
+    "authfile": "registry credentials (docker:// transport)",
+    "creds": "registry credentials (docker:// transport)",
+    "username": "registry credentials (docker:// transport)",
+    "password": "registry credentials (docker:// transport)",
+    "registry_token": "registry credentials (docker:// transport)",
+    "no_creds": "registry credentials (docker:// transport)",
+    "cert_dir": "registry TLS (docker:// transport)",
+    "tls_verify": "registry TLS (docker:// transport)",
+    "tls_details": "registry TLS (docker:// transport)",
+    "daemon_host": "the docker-daemon: transport, which image-proxy does not offer",
+    "policy": "signature policy enforcement",
+    "insecure_policy": "signature policy enforcement",
+    "require_signed": "signature policy enforcement",
+    "registries_d": "signature lookaside configuration",
+    "registries_conf": "registries.conf (docker:// transport)",
+    "user_agent_prefix": "the registry HTTP client",
+    "command_timeout": "nothing: skopeo's proxy ignores it too",
+}
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "t", "true", "yes"):
+        return True
+    if lowered in ("0", "f", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"invalid boolean value {text!r}")
+
+
+def _add_global_flags(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    """skopeo's persistent flags, valid before or after the subcommand."""
+    d = {"default": argparse.SUPPRESS} if suppress else {}
+    parser.add_argument("--debug", action="store_true", help="log every request and reply to stderr", **d)
+    parser.add_argument("--policy", metavar="FILE", help="signature policy file", **d)
+    parser.add_argument("--insecure-policy", action="store_true", help="accept any image", **d)
+    parser.add_argument("--require-signed", action="store_true", help="reject unsigned images", **d)
+    parser.add_argument("--registries.d", dest="registries_d", metavar="DIR", **d)
+    parser.add_argument("--registries-conf", metavar="FILE", help=argparse.SUPPRESS, **d)
+    parser.add_argument("--override-arch", metavar="ARCH", help="use ARCH instead of the host's", **d)
+    parser.add_argument("--override-os", metavar="OS", help="use OS instead of the host's", **d)
+    parser.add_argument("--override-variant", metavar="VARIANT", help="use VARIANT for the architecture", **d)
+    parser.add_argument("--tmpdir", metavar="DIR", help="where to unpack archives (default $TMPDIR)", **d)
+    parser.add_argument("--user-agent-prefix", metavar="PREFIX", **d)
+    parser.add_argument("--tls-details", metavar="FILE", **d)
+    parser.add_argument("--command-timeout", metavar="DURATION", **d)
+
+
+def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sockfd", type=int, default=0, help="the connected socket's fd (default 0, stdin)")
+    parser.add_argument("--authfile", default=os.environ.get("REGISTRY_AUTH_FILE"), metavar="PATH")
+    parser.add_argument("--creds", metavar="USERNAME[:PASSWORD]")
+    parser.add_argument("--username")
+    parser.add_argument("--password")
+    parser.add_argument("--registry-token", metavar="TOKEN")
+    parser.add_argument("--cert-dir", metavar="PATH")
+    parser.add_argument("--tls-verify", type=_parse_bool, nargs="?", const=True, default=None, metavar="BOOL")
+    parser.add_argument("--no-creds", action="store_true", help="access the registry anonymously")
+    parser.add_argument("--shared-blob-dir", metavar="DIR", help="blobs of oci: layouts live here")
+    parser.add_argument("--daemon-host", metavar="HOST")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="image-proxy",
+        description="A stall-proof, verifying drop-in for skopeo experimental-image-proxy.",
+    )
+    _add_global_flags(parser, suppress=False)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in SERVE_COMMANDS:
+        p = sub.add_parser(name, help="serve one client on a connected SOCK_SEQPACKET socket")
+        _add_global_flags(p, suppress=True)
+        _add_serve_flags(p)
+    p = sub.add_parser("inspect", help="print an image's manifest digest, config and layers")
+    _add_global_flags(p, suppress=True)
+    p.add_argument("reference", help="e.g. oci:examples/hello:latest")
+    p.add_argument("--raw", action="store_true", help="print the OCI manifest as the proxy sends it")
+    return parser
+
+
+def _validate_credentials(args: argparse.Namespace) -> str | None:
+    if args.creds and args.no_creds:
+        return "creds and no-creds cannot be specified at the same time"
+    if args.username and args.no_creds:
+        return "username and no-creds cannot be specified at the same time"
+    if args.creds and args.username:
+        return "creds and username cannot be specified at the same time"
+    if args.username and not args.password:
+        return "password must be specified when username is specified"
+    if args.password and not args.username:
+        return "username must be specified when password is specified"
+    if args.insecure_policy and args.require_signed:
+        return "--insecure-policy and --require-signed cannot be used together"
+    return None
+
+
+def options_from_args(args: argparse.Namespace) -> ProxyOptions:
+    return ProxyOptions(
+        source_options=SourceOptions(
+            tmpdir=args.tmpdir or None, shared_blob_dir=getattr(args, "shared_blob_dir", None)
+        ),
+        override_os=args.override_os,
+        override_arch=args.override_arch,
+        override_variant=args.override_variant,
+        debug=args.debug,
+    )
+
+
+def setup_logging(debug: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.WARNING,
+        format="image-proxy[%(process)d] %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _connected_socket(fd: int) -> socket.socket:
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as e:
+        raise SystemExit(f"image-proxy: --sockfd {fd}: not a socket: {e.strerror}") from None
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_SEQPACKET:
+        sock.detach()
+        raise SystemExit(f"image-proxy: --sockfd {fd}: expected a unix SOCK_SEQPACKET socket")
+    return sock
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    problem = _validate_credentials(args)
+    if problem:
+        print(f"image-proxy: {problem}", file=sys.stderr)
+        return 2
+    setup_logging(args.debug)
+    for name, what in _NOT_YET_EFFECTIVE.items():
+        value = getattr(args, name, None)
+        if value not in (None, False):
+            log.debug("--%s accepted; it has no effect yet (%s)", name.replace("_", "-"), what)
+    sock = _connected_socket(args.sockfd)
+    trio.run(serve_socket, sock, options_from_args(args))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command in SERVE_COMMANDS:
+        return run_serve(args)
+    if args.command == "inspect":
+        from proxy.inspect_command import run_inspect
+
+        setup_logging(args.debug)
+        return run_inspect(args)
+    raise AssertionError(args.command)  # pragma: no cover
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

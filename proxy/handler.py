@@ -1,0 +1,288 @@
+"""One method per protocol call: the state of a session (images, pipes) and what each call does.
+
+The handler never holds a lock: trio runs one task at a time, and no ``await`` sits between
+reading and updating the tables. The only call that waits for a producer is FinishPipe, and it
+waits on the producer's ``done`` event, never on anything the receive loop needs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import attrs
+import trio
+
+import protocol
+from protocol.errors import ErrorCode, ProtocolViolation, ProxyError
+from protocol.messages import Reply, Request
+from protocol.methods import parse_args
+from proxy import gojson
+from proxy import manifest as mf
+from proxy.options import ProxyOptions
+from proxy.pipes import DigestVerifier, Pipe, produce_blob, produce_bytes, produce_raw_blob
+from proxy.sources.base import Blob, BytesBlob, ImageNotFound, ImageSource
+from proxy.sources.reference import open_source
+
+log = logging.getLogger(__name__)
+
+#: the largest config blob GetConfig / GetFullConfig will read into memory
+MAX_CONFIG_SIZE = 32 << 20
+
+
+@attrs.frozen
+class Outcome:
+    """What a call produced: the reply and the fds to send with it (closed after sending)."""
+
+    reply: Reply | None
+    fds: tuple[int, ...] = ()
+
+
+@attrs.define(eq=False)
+class OpenedImage:
+    reference: str
+    source: ImageSource
+    manifest: bytes  # the chosen per-platform manifest, original bytes
+    manifest_mime: str
+    manifest_digest: str
+    parsed: mf.ImageManifest
+    #: (digest, bytes) of the OCI config a converted manifest names; the source does not store it
+    converted_config: tuple[str, bytes] | None = None
+
+
+class Handler:
+    """The protocol methods of one session. ``spawn`` starts producer tasks in the session nursery."""
+
+    def __init__(self, config: ProxyOptions, spawn: Callable[[Callable[[], Awaitable[None]]], None]) -> None:
+        self.config = config
+        self._spawn = spawn
+        self._initialized = False
+        self._images: dict[int, OpenedImage] = {}
+        self._next_image_id = 1
+        self._pipes: dict[int, Pipe] = {}
+        self._methods: dict[str, Callable[..., Awaitable[Outcome]]] = {
+            "Initialize": self.initialize,
+            "OpenImage": self.open_image,
+            "OpenImageOptional": self.open_image_optional,
+            "CloseImage": self.close_image,
+            "GetManifest": self.get_manifest,
+            "GetConfig": self.get_config,
+            "GetFullConfig": self.get_full_config,
+            "GetBlob": self.get_blob,
+            "GetRawBlob": self.get_raw_blob,
+            "GetLayerInfo": self.get_layer_info,
+            "GetLayerInfoPiped": self.get_layer_info_piped,
+            "FinishPipe": self.finish_pipe,
+        }
+
+    # ----------------------------------------------------------------- dispatch
+
+    async def handle(self, request: Request | ProtocolViolation) -> Outcome:
+        """Run one request; every failure becomes an error reply, nothing escapes but Cancelled."""
+        if isinstance(request, ProtocolViolation):
+            return Outcome(Reply.failure(request.message, request.code))
+        try:
+            spec, args = parse_args(request)
+            if spec.needs_init and not self._initialized:
+                raise ProxyError("client error: must invoke Initialize")
+            return await self._methods[spec.name](*args)
+        except ProxyError as e:
+            log.debug("%s failed: %s", request.method, e)
+            return Outcome(Reply.failure(e.message, e.code))
+        except Exception as e:
+            log.exception("%s: internal error", request.method)
+            return Outcome(Reply.failure(f"internal error in {request.method}: {type(e).__name__}: {e}"))
+
+    # ----------------------------------------------------------------- helpers
+
+    def _image(self, image_id: int) -> OpenedImage:
+        if image_id == 0:
+            raise ProxyError("invalid imageid value of zero")
+        image = self._images.get(image_id)
+        if image is None:
+            raise ProxyError(f"no image {image_id}")
+        return image
+
+    def _reply_with_pipe(self, value: Any, work: Callable[[Pipe], Awaitable[None]]) -> Outcome:
+        pipe = Pipe.create()
+        self._pipes[pipe.pipeid] = pipe
+        self._spawn(lambda: work(pipe))
+        return Outcome(Reply.ok(value, pipeid=pipe.pipeid), (pipe.read_fd,))
+
+    def _reply_with_bytes(self, value: Any, data: bytes) -> Outcome:
+        return self._reply_with_pipe(value, lambda pipe: produce_bytes(pipe, data))
+
+    async def _read_config(self, image: OpenedImage) -> bytes:
+        """The image's config blob, verified; refused for OCI artifacts (no image config)."""
+        try:
+            mf.require_image_config(image.parsed)
+        except mf.ManifestError as e:
+            raise ProxyError(f"{image.reference}: {e}") from None
+        desc = image.parsed.config
+        if desc.size > MAX_CONFIG_SIZE:
+            raise ProxyError(
+                f"{image.reference}: config {desc.digest} is {desc.size} bytes, over the {MAX_CONFIG_SIZE} limit"
+            )
+        blob = await image.source.open_blob(desc.digest)
+        verifier = DigestVerifier(desc.digest)
+        chunks = []
+        async with blob:
+            while chunk := await blob.read(1 << 20):
+                verifier.update(chunk)
+                chunks.append(chunk)
+                if verifier.size > MAX_CONFIG_SIZE:
+                    raise ProxyError(f"{image.reference}: config {desc.digest} exceeds {MAX_CONFIG_SIZE} bytes")
+        if not verifier.matches():
+            raise ProxyError(f"{image.reference}: config blob does not match its digest {desc.digest}")
+        return b"".join(chunks)
+
+    # ----------------------------------------------------------------- methods
+
+    async def initialize(self) -> Outcome:
+        if self._initialized:
+            raise ProxyError("already initialized")
+        self._initialized = True
+        return Outcome(Reply.ok(protocol.PROTOCOL_VERSION))
+
+    async def _open(self, reference: str, optional: bool) -> Outcome:
+        try:
+            source = await open_source(reference, self.config.source_options)
+        except ImageNotFound as e:
+            if optional:
+                log.debug("OpenImageOptional %s: not found: %s", reference, e)
+                return Outcome(Reply.ok(0))
+            raise
+        try:
+            image = await self._resolve(reference, source)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await source.aclose()
+            raise
+        image_id = self._next_image_id
+        self._next_image_id += 1
+        self._images[image_id] = image
+        log.debug("opened %s as image %d (manifest %s)", reference, image_id, image.manifest_digest)
+        return Outcome(Reply.ok(image_id))
+
+    async def _resolve(self, reference: str, source: ImageSource) -> OpenedImage:
+        raw, mime = await source.get_manifest(None)
+        try:
+            if mf.is_list(mime):
+                instance = mf.choose_instance(raw, mime, self.config.platforms)
+                raw, mime = await source.get_manifest(instance)
+                if mf.digest_of(raw, instance.split(":", 1)[0]) != instance:
+                    raise ProxyError(f"manifest {instance} chosen from the list does not match its digest")
+            parsed = mf.parse_image_manifest(raw, mime)
+        except mf.ManifestError as e:
+            raise ProxyError(f"{reference}: {e}") from None
+        return OpenedImage(
+            reference=reference,
+            source=source,
+            manifest=raw,
+            manifest_mime=mime,
+            manifest_digest=mf.manifest_digest(raw),
+            parsed=parsed,
+        )
+
+    async def open_image(self, reference: str) -> Outcome:
+        return await self._open(reference, optional=False)
+
+    async def open_image_optional(self, reference: str) -> Outcome:
+        return await self._open(reference, optional=True)
+
+    async def close_image(self, image_id: int) -> Outcome:
+        image = self._image(image_id)
+        del self._images[image_id]
+        with trio.CancelScope(shield=True):
+            await image.source.aclose()
+        return Outcome(Reply.ok())
+
+    async def get_manifest(self, image_id: int) -> Outcome:
+        image = self._image(image_id)
+        if image.manifest_mime == mf.OCI_MANIFEST:
+            return self._reply_with_bytes(image.manifest_digest, image.manifest)
+        # Converting to OCI re-serializes the config too: the converted manifest names that config,
+        # so remember it and serve it to GetBlob (skopeo fails there: the source does not have it).
+        original = await self._read_config(image)
+        config = mf.oci_full_config(original)
+        image.converted_config = (mf.digest_of(config), config)
+        data = mf.to_oci_manifest(image.manifest, image.manifest_mime, original)
+        return self._reply_with_bytes(image.manifest_digest, data)
+
+    async def get_config(self, image_id: int) -> Outcome:
+        image = self._image(image_id)
+        data = mf.oci_runtime_config(await self._read_config(image))
+        return self._reply_with_bytes(None, data)
+
+    async def get_full_config(self, image_id: int) -> Outcome:
+        image = self._image(image_id)
+        data = mf.oci_full_config(await self._read_config(image))
+        return self._reply_with_bytes(None, data)
+
+    async def get_layer_info(self, image_id: int) -> Outcome:
+        image = self._image(image_id)
+        infos = mf.layer_infos(image.parsed)
+        reply = Reply.ok(infos)
+        try:
+            protocol.encode_reply(reply)
+        except ValueError:
+            raise ProxyError(
+                f"{image.reference}: layer info of {len(infos)} layers does not fit in one packet; "
+                "use GetLayerInfoPiped"
+            ) from None
+        return Outcome(reply)
+
+    async def get_layer_info_piped(self, image_id: int) -> Outcome:
+        image = self._image(image_id)
+        data = gojson.marshal(mf.layer_infos(image.parsed))
+        return self._reply_with_bytes(None, data)
+
+    async def _open_blob(self, image: OpenedImage, digest: str) -> Blob:
+        if image.converted_config is not None and image.converted_config[0] == digest:
+            return BytesBlob(image.converted_config[1])
+        return await image.source.open_blob(digest)
+
+    async def get_blob(self, image_id: int, digest: str, size: int) -> Outcome:
+        image = self._image(image_id)
+        blob = await self._open_blob(image, digest)
+        return self._reply_with_pipe(blob.size, lambda pipe: produce_blob(pipe, blob, digest, size))
+
+    async def get_raw_blob(self, image_id: int, digest: str) -> Outcome:
+        image = self._image(image_id)
+        blob = await self._open_blob(image, digest)
+        data_pipe = Pipe.create()
+        err_pipe = Pipe.create()
+        self._spawn(lambda: produce_raw_blob(blob, digest, data_pipe.writer, err_pipe.writer))
+        return Outcome(Reply.ok(blob.size), (data_pipe.read_fd, err_pipe.read_fd))
+
+    async def finish_pipe(self, pipeid: int) -> Outcome:
+        pipe = self._pipes.get(pipeid)
+        if pipe is None:
+            raise ProxyError(f"finishpipe: no active pipe {pipeid}")
+        await pipe.done.wait()
+        # The pipe may have been finished meanwhile only by session teardown, which cancels us.
+        del self._pipes[pipeid]
+        with trio.CancelScope(shield=True):
+            await pipe.aclose()
+        if pipe.error is not None:
+            raise pipe.error
+        return Outcome(Reply.ok())
+
+    # ----------------------------------------------------------------- teardown
+
+    async def aclose(self) -> None:
+        """Close every pipe and image; runs shielded at session end."""
+        with trio.CancelScope(shield=True):
+            for pipe in list(self._pipes.values()):
+                await pipe.aclose()
+            self._pipes.clear()
+            for image in list(self._images.values()):
+                try:
+                    await image.source.aclose()
+                except Exception:
+                    log.exception("closing %s", image.reference)
+            self._images.clear()
+
+
+__all__ = ["ErrorCode", "Handler", "Outcome"]

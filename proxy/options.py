@@ -1,0 +1,24 @@
+"""The daemon's settings, as parsed from the command line (later also from config files)."""
+
+from __future__ import annotations
+
+import attrs
+
+from proxy import manifest as mf
+from proxy.sources.base import SourceOptions
+
+
+@attrs.frozen
+class ProxyOptions:
+    """Everything a session needs to know about how it was started."""
+
+    source_options: SourceOptions = attrs.field(factory=SourceOptions)
+    override_os: str | None = None
+    override_arch: str | None = None
+    override_variant: str | None = None
+    debug: bool = False
+
+    @property
+    def platforms(self) -> list[mf.Platform]:
+        """Platforms wanted when choosing from a manifest list, most preferred first."""
+        return mf.wanted_platforms(self.override_os, self.override_arch, self.override_variant)
