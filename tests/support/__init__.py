@@ -1,0 +1,1 @@
+"""Test support: an independent wire-level protocol driver and deterministic image builders."""
