@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Set up image-proxy on a fresh Debian machine.
+#   ./setup.sh          the daemon and its Python dependencies, in .venv/
+#   ./setup.sh --test   also the test tools: pytest & co. in .venv/, Debian skopeo and docker-registry
+set -euo pipefail
+cd "$(dirname "$0")"
+
+with_tests=false
+[ "${1:-}" = "--test" ] && with_tests=true
+
+python=${PYTHON:-python3}
+if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+    echo "setup.sh: Python >= 3.11 is required ($python is $("$python" --version 2>&1))" >&2
+    exit 1
+fi
+
+if $with_tests; then
+    missing=()
+    command -v skopeo >/dev/null || missing+=(skopeo)
+    command -v docker-registry >/dev/null || missing+=(docker-registry)
+    if [ ${#missing[@]} -gt 0 ]; then
+        if [ "$(id -u)" != 0 ]; then
+            echo "setup.sh: the tests need ${missing[*]}: run 'sudo apt-get install ${missing[*]}'" >&2
+            exit 1
+        fi
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    fi
+fi
+
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+.venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
+if $with_tests; then
+    .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+else
+    .venv/bin/python -m pip install -q --disable-pip-version-check -e .
+fi
