@@ -47,6 +47,7 @@ from proxy.sources.oci_layout import (
     OCILayoutSource,
     StreamBlob,
     os_error_text,
+    parse_source_index,
     split_path_and_image,
 )
 
@@ -452,13 +453,7 @@ def _parse_docker_archive_ref(reference: str, within: str) -> tuple[str, str | N
     if not rest:
         return path, None, -1
     if rest.startswith("@"):
-        text = rest[1:]
-        if not re.fullmatch(r"[+-]?[0-9]+", text):
-            raise SourceError(f"{reference}: Invalid source index @{text}: not an integer")
-        n = int(text)
-        if n < 0:
-            raise SourceError(f"{reference}: Invalid source index @{n}: must not be negative")
-        return path, None, n
+        return path, None, parse_source_index(reference, rest[1:])
     try:
         tag = normalize_docker_reference(rest)
     except ValueError as e:

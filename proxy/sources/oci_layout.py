@@ -31,6 +31,16 @@ _IMAGE_NAME_RE = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
 # ---- confined file access ----------------------------------------------------------------
 
 
+def parse_source_index(reference: str, text: str) -> int:
+    """The ``@N`` image index of ``oci:`` and ``docker-archive:`` references (c/image's texts)."""
+    if not re.fullmatch(r"[+-]?[0-9]+", text):
+        raise SourceError(f"{reference}: Invalid source index @{text}: not an integer")
+    n = int(text)
+    if n < 0:
+        raise SourceError(f"{reference}: Invalid source index @{n}: must not be negative")
+    return n
+
+
 def open_inside(root: str, path: str) -> tuple[int, int]:
     """Open ``path`` read-only if it resolves to a regular file inside ``root``; (fd, size).
 
@@ -232,12 +242,7 @@ def _choose_descriptor(reference: str, index: dict[str, Any], image: str) -> dic
             raise ImageNotFound(f"{reference}: no descriptor found for digest {image[1:]}")
         return _checked(reference, found[0])
     if image.startswith("@"):
-        text = image[1:]
-        if not re.fullmatch(r"[+-]?[0-9]+", text):
-            raise SourceError(f"{reference}: Invalid source index @{text}: not an integer")
-        n = int(text)
-        if n < 0:
-            raise SourceError(f"{reference}: Invalid source index @{n}: must not be negative")
+        n = parse_source_index(reference, image[1:])
         if n >= len(entries):
             raise SourceError(f"{reference}: index {n} is too large, only {len(entries)} entries available")
         return _checked(reference, entries[n])
