@@ -17,7 +17,6 @@ import gzip
 import lzma
 import os
 import posixpath
-import re
 import shutil
 import tarfile
 import tempfile
@@ -41,6 +40,7 @@ from proxy.gojson import (
     go_quote,
 )
 from proxy.sources.base import Blob, BlobNotFound, BytesBlob, ImageSource, SourceError, SourceOptions
+from proxy.sources.docker_reference import normalize_docker_reference
 from proxy.sources.oci_layout import (
     FileBlob,
     FileSection,
@@ -137,48 +137,6 @@ async def open_oci_archive(reference: str, within: str, options: SourceOptions) 
             await trio.to_thread.run_sync(shutil.rmtree, tmp, True)
         raise
     return OCIArchiveSource(reference, layout, tmp)
-
-
-# ---- docker-archive: references -------------------------------------------------------------
-
-_PATH_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
-_DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
-_DOMAIN = rf"(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|\[[0-9a-fA-F:.]+\])(?::[0-9]+)?"
-_TAG = r"[\w][\w.-]{0,127}"
-_DIGEST = r"[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}"
-_REFERENCE_RE = re.compile(
-    rf"(?P<name>(?:{_DOMAIN}/)?{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*)(?::(?P<tag>{_TAG}))?(?:@(?P<digest>{_DIGEST}))?",
-    re.ASCII,
-)
-
-
-def normalize_docker_reference(text: str, *, default_tag: bool = True) -> str:
-    """``reference.ParseNormalizedNamed`` (+ ``TagNameOnly``) rendered with ``String()``.
-
-    "busybox" -> "docker.io/library/busybox:latest". Raises ValueError with a Go-like text.
-    """
-    if re.fullmatch(r"[a-f0-9]{64}", text):
-        raise ValueError(f"invalid repository name ({text}), cannot specify 64-byte hexadecimal strings")
-    first, slash, rest = text.partition("/")
-    if not slash or (not any(c in first for c in ".:") and first != "localhost" and first.lower() == first):
-        domain, remainder = "docker.io", text
-    else:
-        domain, remainder = first, rest
-    if domain == "index.docker.io":
-        domain = "docker.io"
-    if domain == "docker.io" and "/" not in remainder.split(":")[0].split("@")[0]:
-        remainder = "library/" + remainder
-    name_part = remainder.split("@")[0].rsplit(":", 1)[0] if ":" in remainder.split("@")[0] else remainder.split("@")[0]
-    if name_part.lower() != name_part:
-        raise ValueError("repository name must be lowercase")
-    full = f"{domain}/{remainder}"
-    m = _REFERENCE_RE.fullmatch(full)
-    if m is None or len(m.group("name")) > 255:
-        raise ValueError("invalid reference format")
-    tag, dig = m.group("tag"), m.group("digest")
-    if tag is None and dig is None and default_tag:
-        tag = "latest"
-    return m.group("name") + (f":{tag}" if tag else "") + (f"@{dig}" if dig else "")
 
 
 # ---- docker-archive: the archive ------------------------------------------------------------
@@ -502,7 +460,6 @@ __all__ = [
     "DockerArchiveSource",
     "OCIArchiveSource",
     "detect_compression",
-    "normalize_docker_reference",
     "open_docker_archive",
     "open_oci_archive",
 ]
