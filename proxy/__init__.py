@@ -1,1 +1,3 @@
 """image-proxy: the daemon side (session, handler, transports, blob streaming)."""
+
+__version__ = "0.1.0"

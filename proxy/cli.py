@@ -17,9 +17,11 @@ from collections.abc import Sequence
 
 import trio
 
+from proxy import __version__
 from proxy.options import ProxyOptions
 from proxy.session import serve_socket
 from proxy.sources.base import SourceOptions
+from proxy.sources.registry_client import RegistrySettings
 
 log = logging.getLogger("image-proxy")
 
@@ -33,8 +35,6 @@ _NOT_YET_EFFECTIVE = {
     "password": "registry credentials (docker:// transport)",
     "registry_token": "registry credentials (docker:// transport)",
     "no_creds": "registry credentials (docker:// transport)",
-    "cert_dir": "registry TLS (docker:// transport)",
-    "tls_verify": "registry TLS (docker:// transport)",
     "tls_details": "registry TLS (docker:// transport)",
     "daemon_host": "the docker-daemon: transport, which image-proxy does not offer",
     "policy": "signature policy enforcement",
@@ -42,7 +42,6 @@ _NOT_YET_EFFECTIVE = {
     "require_signed": "signature policy enforcement",
     "registries_d": "signature lookaside configuration",
     "registries_conf": "registries.conf (docker:// transport)",
-    "user_agent_prefix": "the registry HTTP client",
     "command_timeout": "nothing: skopeo's proxy ignores it too",
 }
 
@@ -123,8 +122,20 @@ def _validate_credentials(args: argparse.Namespace) -> str | None:
     return None
 
 
+def registry_settings_from_args(args: argparse.Namespace) -> RegistrySettings:
+    agent = f"image-proxy/{__version__}"
+    if args.user_agent_prefix:
+        agent = f"{args.user_agent_prefix} {agent}"
+    return RegistrySettings(
+        tls_verify=getattr(args, "tls_verify", None) is not False,
+        cert_dir=getattr(args, "cert_dir", None),
+        user_agent=agent,
+    )
+
+
 def options_from_args(args: argparse.Namespace) -> ProxyOptions:
     return ProxyOptions(
+        registry=registry_settings_from_args(args),
         source_options=SourceOptions(
             tmpdir=args.tmpdir or None, shared_blob_dir=getattr(args, "shared_blob_dir", None)
         ),

@@ -24,6 +24,7 @@ from proxy.options import ProxyOptions
 from proxy.pipes import DigestVerifier, Pipe, produce_blob, produce_bytes, produce_raw_blob
 from proxy.sources.base import Blob, BytesBlob, ImageNotFound, ImageSource
 from proxy.sources.reference import open_source
+from proxy.sources.registry_client import RegistryClient
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +55,14 @@ class OpenedImage:
 class Handler:
     """The protocol methods of one session. ``spawn`` starts producer tasks in the session nursery."""
 
-    def __init__(self, config: ProxyOptions, spawn: Callable[[Callable[[], Awaitable[None]]], None]) -> None:
+    def __init__(
+        self,
+        config: ProxyOptions,
+        spawn: Callable[[Callable[[], Awaitable[None]]], None],
+        registry: RegistryClient | None = None,
+    ) -> None:
         self.config = config
+        self._registry = registry
         self._spawn = spawn
         self._initialized = False
         self._images: dict[int, OpenedImage] = {}
@@ -147,17 +154,17 @@ class Handler:
 
     async def _open(self, reference: str, optional: bool) -> Outcome:
         try:
-            source = await open_source(reference, self.config.source_options)
+            source = await open_source(reference, self.config.source_options, self._registry)
+            try:
+                image = await self._resolve(reference, source)
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await source.aclose()
+                raise
         except ImageNotFound as e:
             if optional:
                 log.debug("OpenImageOptional %s: not found: %s", reference, e)
                 return Outcome(Reply.ok(0))
-            raise
-        try:
-            image = await self._resolve(reference, source)
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                await source.aclose()
             raise
         image_id = self._next_image_id
         self._next_image_id += 1

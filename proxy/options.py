@@ -6,6 +6,7 @@ import attrs
 
 from proxy import manifest as mf
 from proxy.sources.base import SourceOptions
+from proxy.sources.registry_client import RegistrySettings
 
 
 @attrs.frozen
@@ -13,6 +14,7 @@ class ProxyOptions:
     """Everything a session needs to know about how it was started."""
 
     source_options: SourceOptions = attrs.field(factory=SourceOptions)
+    registry: RegistrySettings = attrs.field(factory=RegistrySettings)
     override_os: str | None = None
     override_arch: str | None = None
     override_variant: str | None = None

@@ -27,6 +27,7 @@ from protocol.errors import ProtocolViolation
 from protocol.messages import Request
 from proxy.handler import Handler, Outcome
 from proxy.options import ProxyOptions
+from proxy.sources.registry_client import RegistryClient
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +68,9 @@ class Session:
         self._receiving = True
 
     async def run(self) -> None:
+        registry = RegistryClient(self._options.registry)
         async with trio.open_nursery() as nursery:
-            handler = Handler(self._options, lambda work: nursery.start_soon(work))
+            handler = Handler(self._options, lambda work: nursery.start_soon(work), registry)
             try:
                 dispatcher_done = trio.Event()
 
@@ -89,6 +91,8 @@ class Session:
                 nursery.cancel_scope.cancel()
             finally:
                 await handler.aclose()
+                with trio.CancelScope(shield=True):
+                    await registry.aclose()
 
     def _enqueue(self, item: Request | ProtocolViolation) -> None:
         self._queue.append(item)

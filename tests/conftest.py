@@ -98,3 +98,12 @@ def skopeo_proxy_argv_amd64(skopeo_proxy_argv: list[str]) -> list[str]:
 def with_flags(argv: Sequence[str], *flags: str) -> list[str]:
     """``argv`` plus flags (both servers accept skopeo's global flags after the subcommand)."""
     return [*argv, *flags]
+
+
+@pytest.fixture(scope="session")
+def registry_images(built: StandardImages, skopeo: str, tmp_path_factory: pytest.TempPathFactory):
+    """A plain-HTTP docker-registry on 127.0.0.1 holding the standard images (pushed with skopeo copy)."""
+    from tests.support.registry import push_standard_images, registry_process
+
+    with registry_process(tmp_path_factory.mktemp("registry")) as registry:
+        yield push_standard_images(registry, built)

@@ -7,6 +7,8 @@ from proxy.sources.archive import open_docker_archive, open_oci_archive
 from proxy.sources.base import ImageSource, SourceError, SourceOptions
 from proxy.sources.dir import open_dir
 from proxy.sources.oci_layout import open_oci_layout
+from proxy.sources.registry import open_registry
+from proxy.sources.registry_client import RegistryClient
 
 _OPENERS = {
     "oci": open_oci_layout,
@@ -25,8 +27,11 @@ _NO_ENGINE = {
 }
 
 
-async def open_source(ref: str, options: SourceOptions) -> ImageSource:
-    """Open the image ``ref`` names; SourceError (or ImageNotFound) naming ``ref`` on failure."""
+async def open_source(ref: str, options: SourceOptions, registry: RegistryClient | None = None) -> ImageSource:
+    """Open the image ``ref`` names; SourceError (or ImageNotFound) naming ``ref`` on failure.
+
+    ``registry`` is the session's registry client, for ``docker://`` references.
+    """
     transport, sep, within = ref.partition(":")
     if not sep:
         raise SourceError(f"Invalid image name {go_quote(ref)}, expected colon-separated transport:reference")
@@ -36,7 +41,7 @@ async def open_source(ref: str, options: SourceOptions) -> ImageSource:
     if transport in _NO_ENGINE:
         raise SourceError(f"{ref}: the {transport}: transport cannot work in image-proxy: {_NO_ENGINE[transport]}")
     if transport == "docker":
-        raise SourceError(f"{ref}: the docker:// transport is not implemented yet")
+        return await open_registry(ref, within, registry)
     raise SourceError(f"Invalid image name {go_quote(ref)}, unknown transport {go_quote(transport)}")
 
 

@@ -302,7 +302,7 @@ async def test_docker_archive_errors(tmp_path: Path):
             r"^containers-storage:busybox: .*containers-storage.*cannot work in image-proxy",
         ),
         ("docker-daemon:busybox:latest", r"^docker-daemon:busybox:latest: .*docker-daemon.*cannot work in image-proxy"),
-        ("docker://quay.io/x/y", r"^docker://quay.io/x/y: the docker:// transport is not implemented yet"),
+        ("docker://quay.io/x/y", r"^docker://quay.io/x/y: the docker:// transport is not available in this context"),
     ],
 )
 async def test_reference_errors_name_the_reference(ref, message):

@@ -1,0 +1,227 @@
+"""The ``docker://`` transport: an image in a registry, reached through its pull sources.
+
+A pull source is a mirror or the primary location (registries.conf); the manifest comes from the first
+source that has it, and **each blob chooses its source anew**: a mirror that answers 404, 5xx, 429 or
+fails for a blob is passed over for the next one. A 404 is final only from the primary registry, with
+a distribution "unknown" code, and for a blob the manifest names only after a second try later than a
+pull-through proxy's negative cache (Kraken answers 404 for "backend unavailable"). Nothing negative is
+remembered across requests.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import attrs
+import trio
+
+from protocol.errors import ErrorCode
+from proxy import manifest as mf
+from proxy.http.errors import HTTPError
+from proxy.sources.base import Blob, BlobNotFound, ImageNotFound, ImageSource, SourceError
+from proxy.sources.docker_reference import DockerReference, parse_docker_reference
+from proxy.sources.registry_client import RegistryClient, RegistryError
+
+log = logging.getLogger(__name__)
+
+MAX_MANIFEST_SIZE = 4 << 20
+MANIFEST_TYPES = (
+    mf.OCI_MANIFEST,
+    mf.OCI_INDEX,
+    mf.DOCKER_V2S2,
+    mf.DOCKER_V2_LIST,
+    mf.DOCKER_V2S1_SIGNED,
+    mf.DOCKER_V2S1,
+)
+MANIFEST_ACCEPT = ", ".join(MANIFEST_TYPES)
+#: a 404 for a blob the manifest names is asked again after this long (longer than a proxy's 1 s cache)
+NEGATIVE_CACHE_DELAY = 1.5
+#: how many times such a 404 is asked again before it is believed
+BLOB_404_RETRIES = 1
+
+
+@attrs.frozen
+class PullSource:
+    """Where to ask: the registry host and the repository there (a mirror may rename it)."""
+
+    reference: DockerReference
+    is_mirror: bool = False
+
+    @property
+    def authority(self) -> str:
+        return self.reference.domain
+
+    @property
+    def repository(self) -> str:
+        return self.reference.path
+
+
+class RegistryBlob(Blob):
+    """A blob body being received; closing it early closes (never drains) the connection."""
+
+    def __init__(self, response) -> None:
+        self._response = response
+        length = response.content_length
+        self.size = length if length is not None else -1
+
+    async def read(self, max_bytes: int) -> bytes:
+        return await self._response.read_some(max_bytes)
+
+    async def aclose(self) -> None:
+        if self._response.complete:
+            await self._response.aclose()
+        else:
+            await self._response.abandon()
+
+
+def _referenced_digests(raw: bytes) -> set[str]:
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        return set()
+    found = set()
+    if isinstance(doc, dict):
+        for key in ("config",):
+            if isinstance(doc.get(key), dict) and isinstance(doc[key].get("digest"), str):
+                found.add(doc[key]["digest"])
+        for key in ("layers", "manifests"):
+            for entry in doc.get(key) or []:
+                if isinstance(entry, dict) and isinstance(entry.get("digest"), str):
+                    found.add(entry["digest"])
+    return found
+
+
+def _content_type(value: str | None) -> str:
+    return (value or "").split(";")[0].strip().lower()
+
+
+class RegistrySource(ImageSource):
+    def __init__(self, reference: str, image: DockerReference, sources: list[PullSource], client: RegistryClient):
+        self.reference = reference
+        self._image = image
+        self._sources = sources
+        self._client = client
+        #: blobs named by manifests fetched here: a 404 for one of them is not believed at once
+        self._named: set[str] = set()
+
+    # ------------------------------------------------------------------ manifests
+
+    async def get_manifest(self, instance_digest: str | None = None) -> tuple[bytes, str]:
+        wanted = instance_digest or self._image.digest or self._image.tag or "latest"
+        failures: list[RegistryError] = []
+        for source in self._sources:
+            try:
+                raw, mime = await self._fetch_manifest(source, wanted)
+            except RegistryError as e:
+                if source.is_mirror:
+                    log.info("%s: mirror %s: %s; trying the next source", self.reference, source.authority, e)
+                    failures.append(e)
+                    continue
+                if e.not_found and instance_digest is None:
+                    raise ImageNotFound(f"{self.reference}: {e}") from None
+                failures.append(e)
+                break
+            self._named |= _referenced_digests(raw)
+            return raw, mime
+        retryable = bool(failures) and all(f.code is ErrorCode.RETRYABLE for f in failures)
+        text = "; ".join(str(f) for f in failures) or "no pull source"
+        raise SourceError(
+            f"{self.reference}: reading manifest {wanted}: {text}",
+            ErrorCode.RETRYABLE if retryable else ErrorCode.OTHER,
+        )
+
+    async def _fetch_manifest(self, source: PullSource, wanted: str) -> tuple[bytes, str]:
+        response = await self._client.get(
+            source.authority, source.repository, f"manifests/{wanted}", [("Accept", MANIFEST_ACCEPT)]
+        )
+        what = f"reading manifest {wanted} in {source.reference.name}"
+        if response.status != 200:
+            raise await self._client.failure(response, what, source.authority)
+        async with response:
+            try:
+                raw = await response.read_all(MAX_MANIFEST_SIZE)
+            except HTTPError as e:
+                raise RegistryError(f"{what}: {e}", retryable=e.retryable) from None
+        if ":" in wanted:  # by digest: the bytes must be what was asked for
+            algo = wanted.split(":", 1)[0]
+            if mf.digest_of(raw, algo) != wanted:
+                raise RegistryError(f"{what}: the registry sent a manifest whose digest is {mf.digest_of(raw, algo)}")
+        mime = self._manifest_type(raw, _content_type(response.headers.get("content-type")), what)
+        return raw, mime
+
+    @staticmethod
+    def _manifest_type(raw: bytes, content_type: str, what: str) -> str:
+        guessed = mf.guess_mime_type(raw)
+        try:
+            declared = json.loads(raw).get("mediaType")
+        except (ValueError, AttributeError):
+            raise RegistryError(f"{what}: the registry sent a manifest that is not a JSON object") from None
+        known = {
+            mf.OCI_MANIFEST,
+            mf.OCI_INDEX,
+            mf.DOCKER_V2S2,
+            mf.DOCKER_V2_LIST,
+            mf.DOCKER_V2S1_SIGNED,
+            mf.DOCKER_V2S1,
+        }
+        if isinstance(declared, str) and declared and content_type in known and declared != content_type:
+            raise RegistryError(f"{what}: Content-Type {content_type} contradicts the manifest's mediaType {declared}")
+        if content_type in MANIFEST_TYPES and not declared:
+            return content_type
+        return guessed
+
+    # ------------------------------------------------------------------ blobs
+
+    async def open_blob(self, digest: str) -> Blob:
+        failures: list[str] = []
+        retryable = True
+        for source in self._sources:
+            retries = BLOB_404_RETRIES if (not source.is_mirror and digest in self._named) else 0
+            for attempt in range(retries + 1):
+                try:
+                    response = await self._client.get(
+                        source.authority, source.repository, f"blobs/{digest}", [("Accept-Encoding", "identity")]
+                    )
+                except RegistryError as e:
+                    failures.append(f"{source.authority}: {e}")
+                    retryable = retryable and e.code is ErrorCode.RETRYABLE
+                    break
+                if 200 <= response.status < 300:
+                    return RegistryBlob(response)
+                error = await self._client.failure(response, f"fetching blob {digest}", source.authority)
+                if response.status == 404 and attempt < retries:
+                    log.info("%s: %s; asking again in %.1f s", self.reference, error, NEGATIVE_CACHE_DELAY)
+                    await trio.sleep(NEGATIVE_CACHE_DELAY)
+                    continue
+                failures.append(f"{source.authority}: {error}")
+                if response.status == 404 and not source.is_mirror:
+                    retryable = False
+                elif error.code is not ErrorCode.RETRYABLE:
+                    retryable = retryable and source.is_mirror
+                break
+        text = "; ".join(failures)
+        if not retryable and all("404" in f for f in failures):
+            raise BlobNotFound(f"{self.reference}: blob {digest} not found: {text}")
+        raise SourceError(
+            f"{self.reference}: fetching blob {digest}: {text}", ErrorCode.RETRYABLE if retryable else ErrorCode.OTHER
+        )
+
+
+async def open_registry(reference: str, within: str, client: RegistryClient | None) -> RegistrySource:
+    """``docker://host/repo[:tag][@digest]``."""
+    if client is None:
+        raise SourceError(f"{reference}: the docker:// transport is not available in this context")
+    if not within.startswith("//"):
+        raise SourceError(f'Invalid image name "{reference}": docker: image reference {within} does not start with //')
+    try:
+        image = parse_docker_reference(within[2:])
+    except ValueError as e:
+        raise SourceError(f'Invalid image name "{reference}": {e}') from None
+    if image.tag and image.digest:
+        raise SourceError(
+            f'Invalid image name "{reference}": '
+            "Docker references with both a tag and digest are currently not supported"
+        )
+    image = image.with_default_tag()
+    return RegistrySource(reference, image, [PullSource(image)], client)

@@ -1,0 +1,110 @@
+"""The docker:// transport against the real docker-registry, side by side with skopeo's proxy."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+
+from protocol.client import ImageProxy
+from protocol.errors import ErrorCode, ProxyError
+from tests.integration.test_differential import (
+    assert_five_keys,
+    assert_transcripts_agree,
+    expect_image,
+    read_image,
+    run,
+    to_image_spec_1_1,
+)
+from tests.support.images import AMD64, ARM64
+
+INSECURE = ["--tls-verify=false"]
+
+
+def sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.parametrize(
+    ("repository", "image", "flags"),
+    [
+        ("test/single", "single", AMD64),
+        ("test/v2s2", "v2s2", AMD64),
+        ("test/multi", "multi-amd64", AMD64),
+        ("test/multi", "multi-arm64", ARM64),
+    ],
+)
+def test_ours_matches_skopeo_on_a_registry(
+    repository, image, flags, registry_images, skopeo_proxy_argv, our_proxy_argv
+):
+    images = registry_images.images
+    built = {
+        "single": images.single,
+        "v2s2": images.v2s2,
+        "multi-amd64": images.multi.instances["amd64"],
+        "multi-arm64": images.multi.instances["arm64"],
+    }[image]
+    extra = {"ref": registry_images.ref(repository), "config": (built.config_digest, built.config_size)}
+    theirs, _ = run(read_image, [*skopeo_proxy_argv, *INSECURE, *flags], images, extra)
+    ours, received = run(read_image, [*our_proxy_argv, *INSECURE, *flags], images, extra)
+    assert_five_keys(received)
+    expect_image(built, converted=image == "v2s2")({s.label: s for s in ours}, images)
+    assert_transcripts_agree(to_image_spec_1_1(theirs), ours)
+
+
+async def test_every_blob_and_raw_blob_from_the_registry(registry_images):
+    big = registry_images.images.big
+    async with ImageProxy.spawn(extra_args=INSECURE) as proxy:
+        img = await proxy.open_image(registry_images.ref("test/big"))
+        digest, _ = await proxy.get_manifest(img)
+        assert digest == big.manifest_digest
+        layer = big.layers[0]
+        assert sha256(await proxy.get_blob(img, layer.digest, layer.size)) == layer.digest
+        size, data = await proxy.get_raw_blob(img, layer.digest)
+        assert size == layer.size and sha256(data) == layer.digest
+
+
+async def test_open_image_optional_is_zero_only_for_a_real_manifest_unknown(registry_images):
+    async with ImageProxy.spawn(extra_args=INSECURE) as proxy:
+        assert await proxy.open_image_optional(registry_images.ref("test/single", "no-such-tag")) is None
+        assert await proxy.open_image_optional(registry_images.ref("test/no-such-repo")) is None
+        assert await proxy.open_image_optional(registry_images.ref("test/single")) == 1
+        with pytest.raises(ProxyError, match="manifest unknown") as info:
+            await proxy.open_image(registry_images.ref("test/single", "no-such-tag"))
+        assert info.value.code is ErrorCode.OTHER
+
+
+async def test_unknown_blob_is_an_error_naming_it(registry_images):
+    missing = "sha256:" + "0" * 64
+    async with ImageProxy.spawn(extra_args=INSECURE) as proxy:
+        img = await proxy.open_image(registry_images.ref("test/single"))
+        with pytest.raises(ProxyError, match=f"blob {missing} not found"):
+            await proxy.get_blob(img, missing, 1)
+
+
+async def test_plain_http_registry_without_tls_verify_false_says_what_to_do(registry_images):
+    async with ImageProxy.spawn() as proxy:
+        with pytest.raises(ProxyError, match="--tls-verify=false") as info:
+            await proxy.open_image(registry_images.ref("test/single"))
+        assert registry_images.registry.authority in str(info.value)
+
+
+async def test_unreachable_registry_is_retryable_and_names_the_host():
+    from tests.http.registry import free_port
+
+    authority = f"127.0.0.1:{free_port()}"
+    async with ImageProxy.spawn(extra_args=INSECURE) as proxy:
+        with pytest.raises(ProxyError) as info:
+            await proxy.open_image(f"docker://{authority}/x/y:latest")
+    assert info.value.code is ErrorCode.RETRYABLE
+    assert authority in str(info.value)
+
+
+async def test_docker_schema2_manifest_from_the_registry_converts_like_skopeo(registry_images):
+    v2s2 = registry_images.images.v2s2
+    async with ImageProxy.spawn(extra_args=INSECURE) as proxy:
+        img = await proxy.open_image(registry_images.ref("test/v2s2"))
+        digest, manifest = await proxy.get_manifest(img)
+        assert digest == v2s2.manifest_digest
+        assert json.loads(manifest)["mediaType"] == "application/vnd.oci.image.manifest.v1+json"
