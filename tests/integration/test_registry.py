@@ -108,3 +108,56 @@ async def test_docker_schema2_manifest_from_the_registry_converts_like_skopeo(re
         digest, manifest = await proxy.get_manifest(img)
         assert digest == v2s2.manifest_digest
         assert json.loads(manifest)["mediaType"] == "application/vnd.oci.image.manifest.v1+json"
+
+
+@pytest.fixture(scope="module")
+def tls_registry(tmp_path_factory, built, skopeo):
+    """A TLS registry whose certificate is signed by a throwaway trustme CA, holding test/single."""
+    import trustme
+
+    from tests.http.registry import RegistryOptions
+    from tests.support.images import skopeo_copy
+    from tests.support.registry import registry_process
+
+    workdir = tmp_path_factory.mktemp("tls-registry")
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert.private_key_and_cert_chain_pem.write_to_path(str(workdir / "server.pem"))
+    cert.private_key_pem.write_to_path(str(workdir / "server.key"))
+    certs = workdir / "certs"
+    certs.mkdir()
+    ca.cert_pem.write_to_path(str(certs / "ca.crt"))
+    options = RegistryOptions(tls_cert=workdir / "server.pem", tls_key=workdir / "server.key")
+    with registry_process(workdir / "registry", options) as registry:
+        skopeo_copy(
+            f"oci:{built.layout.path}:latest",
+            f"docker://{registry.authority}/test/single:latest",
+            f"--dest-cert-dir={certs}",
+        )
+        yield registry, certs
+
+
+async def test_tls_registry_with_cert_dir(tls_registry, built):
+    registry, certs = tls_registry
+    ref = f"docker://{registry.authority}/test/single:latest"
+    async with ImageProxy.spawn(extra_args=["--cert-dir", str(certs)]) as proxy:
+        img = await proxy.open_image(ref)
+        assert (await proxy.get_manifest(img))[0] == built.single.manifest_digest
+        layer = built.single.layers[-1]
+        assert sha256(await proxy.get_blob(img, layer.digest, layer.size)) == layer.digest
+
+
+async def test_tls_registry_unknown_ca_is_a_final_error_naming_the_host(tls_registry):
+    registry, _ = tls_registry
+    async with ImageProxy.spawn() as proxy:
+        with pytest.raises(ProxyError, match="certificate verify failed") as info:
+            await proxy.open_image(f"docker://{registry.authority}/test/single:latest")
+    assert info.value.code is ErrorCode.OTHER
+    assert registry.authority in str(info.value)
+
+
+async def test_tls_registry_with_tls_verify_false(tls_registry, built):
+    registry, _ = tls_registry
+    async with ImageProxy.spawn(extra_args=INSECURE) as proxy:
+        img = await proxy.open_image(f"docker://{registry.authority}/test/single:latest")
+        assert (await proxy.get_manifest(img))[0] == built.single.manifest_digest

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import ssl
 import subprocess
 import time
 from collections.abc import Iterator
@@ -22,8 +23,13 @@ from tests.support.images import BuiltImage, BuiltIndex, StandardImages, skopeo_
 READY_TIMEOUT = 30.0
 
 
-def _answers(port: int) -> bool:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+def _answers(port: int, tls: bool) -> bool:
+    if tls:
+        conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+            "127.0.0.1", port, timeout=2, context=ssl._create_unverified_context()
+        )
+    else:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
     try:
         conn.request("GET", "/v2/")
         return conn.getresponse().status in (200, 401)
@@ -35,7 +41,7 @@ def _answers(port: int) -> bool:
 
 @contextlib.contextmanager
 def registry_process(workdir: Path, options: RegistryOptions | None = None) -> Iterator[Registry]:
-    """A plain-HTTP docker-registry on 127.0.0.1 until the block ends (TLS options: not polled here)."""
+    """A docker-registry on 127.0.0.1 (plain HTTP, or TLS with ``options``) until the block ends."""
     options = options or RegistryOptions()
     workdir.mkdir(parents=True, exist_ok=True)
     root = workdir / "storage"
@@ -48,7 +54,7 @@ def registry_process(workdir: Path, options: RegistryOptions | None = None) -> I
         process = subprocess.Popen([find_binary(), "serve", str(config)], stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + READY_TIMEOUT
-        while not _answers(port):
+        while not _answers(port, options.tls_cert is not None):
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"docker-registry did not start:\n{log.read_text(errors='replace')[-2000:]}")
             time.sleep(0.05)  # polling interval, not synchronisation
