@@ -2,8 +2,9 @@
 
 ``run_registry(workdir, options)`` starts one on 127.0.0.1 (a free port, storage under ``workdir``), waits until
 ``GET /v2/`` answers (any status: 401 counts, for the htpasswd variant), yields a :class:`Registry`, and stops the
-process afterwards. :class:`RegistryOptions` has TLS and htpasswd settings for later tests. The ``docker_registry``
-fixture is the plain-HTTP, no-auth variant.
+process afterwards. :class:`RegistryOptions` has TLS, htpasswd (see :func:`write_htpasswd`) and token-auth
+(:class:`TokenAuth`, e.g. from ``tests.http.token_issuer``) settings. The ``docker_registry`` fixture is the
+plain-HTTP, no-auth variant.
 
 A missing binary fails the test (it does not skip): the suite is meant to run against the real thing.
 Readiness is checked with a minimal h11 exchange written here, independent of the client under test.
@@ -11,6 +12,8 @@ Readiness is checked with a minimal h11 exchange written here, independent of th
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import os
 import shutil
@@ -38,13 +41,30 @@ STOP_TIMEOUT = 5.0
 
 
 @attrs.frozen
+class TokenAuth:
+    """``auth: token:``: the registry sends clients to ``realm`` and trusts tokens that ``issuer`` signed for
+    ``service`` with a key certified by ``rootcertbundle`` (a PEM file)."""
+
+    realm: str
+    service: str
+    issuer: str
+    rootcertbundle: Path
+
+    @classmethod
+    def from_config(cls, config: dict[str, str]) -> TokenAuth:
+        return cls(config["realm"], config["service"], config["issuer"], Path(config["rootcertbundle"]))
+
+
+@attrs.frozen
 class RegistryOptions:
-    """What to turn on. TLS needs both files; htpasswd is a file made with ``htpasswd -B`` (bcrypt)."""
+    """What to turn on. TLS needs both files; htpasswd is a bcrypt file (:func:`write_htpasswd`, or
+    ``htpasswd -B``); ``token`` turns on token auth (exclusive with htpasswd)."""
 
     tls_cert: Path | None = None
     tls_key: Path | None = None
     htpasswd: Path | None = None
     realm: str = "test-registry"
+    token: TokenAuth | None = None
     #: merged into the generated configuration last (nested dicts are merged key by key)
     extra: dict[str, Any] = attrs.field(factory=dict)
 
@@ -110,9 +130,52 @@ def registry_config(root: Path, port: int, options: RegistryOptions) -> dict[str
         "storage": {"filesystem": {"rootdirectory": str(root)}, "delete": {"enabled": True}},
         "http": http,
     }
+    if options.htpasswd is not None and options.token is not None:
+        raise ValueError("htpasswd and token auth are exclusive")
     if options.htpasswd is not None:
         config["auth"] = {"htpasswd": {"realm": options.realm, "path": str(options.htpasswd)}}
+    if options.token is not None:
+        token = options.token
+        config["auth"] = {
+            "token": {
+                "realm": token.realm,
+                "service": token.service,
+                "issuer": token.issuer,
+                "rootcertbundle": str(token.rootcertbundle),
+            }
+        }
     return _merge(config, options.extra)
+
+
+BCRYPT_HINT = (
+    "writing an htpasswd file needs bcrypt: the system's libcrypt (libxcrypt, Debian package libcrypt1) "
+    "provides it; it was not found or does not support $2b$"
+)
+
+
+def bcrypt_hash(password: str, cost: int = 5) -> str:
+    """A bcrypt (``$2b$``) hash from the system's libcrypt (libxcrypt), as ``htpasswd -B`` writes.
+
+    No Python dependency: Python's ``crypt`` module is deprecated (removed in 3.13) and ``bcrypt`` is not installed;
+    libxcrypt has done bcrypt for years. Cost 5 keeps tests fast (the registry checks any cost)."""
+    name = ctypes.util.find_library("crypt")
+    if name is None:
+        pytest.fail(BCRYPT_HINT, pytrace=False)
+    library = ctypes.CDLL(name)
+    library.crypt.restype = ctypes.c_char_p
+    library.crypt.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+    alphabet = "./ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+    salt = "".join(alphabet[b % 64] for b in os.urandom(21)) + alphabet[os.urandom(1)[0] % 4 * 16]
+    result = library.crypt(password.encode(), f"$2b${cost:02d}${salt}".encode())
+    if not result or not result.startswith(b"$2b$"):
+        pytest.fail(BCRYPT_HINT, pytrace=False)
+    return result.decode()
+
+
+def write_htpasswd(path: Path, users: dict[str, str]) -> Path:
+    """Write an htpasswd file with a bcrypt entry per user."""
+    path.write_text("".join(f"{user}:{bcrypt_hash(password)}\n" for user, password in users.items()))
+    return path
 
 
 def _environment() -> dict[str, str]:

@@ -1,0 +1,723 @@
+"""Registry authentication: ``WWW-Authenticate`` challenges, Basic, and Bearer tokens from a token server.
+
+- :func:`parse_www_authenticate`: an RFC 7235 challenge parser (several challenges per header, quoted strings with
+  escapes, token68) that tolerates garbage and never raises. No I/O.
+- :class:`RegistryAuth`: one per registry host. :meth:`RegistryAuth.authorization` turns the registry's challenges,
+  the scopes a request needs and (optional) credentials into an ``Authorization`` value: Basic, a static registry
+  token, or a Bearer token fetched from the challenge's realm (docker token GET, or OAuth2 POST with an identity
+  token) and cached per (realm, service, scopes, credentials) until shortly before it expires. Concurrent callers
+  wanting the same token share one fetch. :meth:`RegistryAuth.invalidate` drops a token the registry refused.
+- :func:`send_authorized`: a request with auth and redirects; a 401 with a challenge is retried once.
+
+Credentials go only to the registry (Basic) and to the realm (token GET/POST); never to a redirect target on
+another origin. Errors (:class:`AuthError`) name the realm and the registry and say whether credentials were
+sent; passwords and tokens never appear in messages or logs.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import datetime
+import hashlib
+import json
+import logging
+import time
+import urllib.parse
+from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol
+
+import attrs
+import trio
+
+from protocol.errors import ErrorCode, ProxyError
+
+from .connection import Response
+from .errors import HTTPError
+from .headers import HeaderInput, header_pairs, without
+from .pool import ConnectionPool
+from .redirects import request_following_redirects
+from .url import URL, Origin
+
+log = logging.getLogger(__name__)
+
+#: token answers are read up to this size (containers/image: iolimits.MaxAuthTokenBodySize)
+MAX_TOKEN_BODY = 1 << 20
+#: error answers from the token server: read this much for the message
+MAX_ERROR_BODY = 64 * 1024
+#: distribution's minimum token lifetime; also the default when ``expires_in`` is missing
+MIN_TOKEN_LIFETIME = 60.0
+#: refresh a token this long before it expires (at most a quarter of its lifetime)
+REFRESH_MARGIN = 10.0
+#: statuses from the token server worth trying again
+RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504, 499, 522})
+#: the OAuth2 ``client_id``
+CLIENT_ID = "image-proxy"
+#: at most this many cached tokens per registry; expired ones go first when it is full
+MAX_CACHED_TOKENS = 256
+
+
+# -- challenges ------------------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Challenge:
+    """One ``WWW-Authenticate`` challenge: a lower-case scheme, lower-case parameter names."""
+
+    scheme: str
+    params: dict[str, str] = attrs.field(factory=dict, hash=False)
+    #: the token68 form (``Negotiate abc==``), rare for registries
+    token68: str = ""
+
+    @property
+    def realm(self) -> str | None:
+        return self.params.get("realm")
+
+    @property
+    def service(self) -> str:
+        return self.params.get("service", "")
+
+
+_TCHARS = frozenset("!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+# token68 adds "/" (and trailing "="); accepted in names too, so ``Basic dXNl/cg==`` reads as one word
+_WORD_CHARS = _TCHARS | {"/"}
+_SPACE = " \t"
+
+
+class _Cursor:
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.pos = 0
+
+    def peek(self) -> str:
+        return self.text[self.pos] if self.pos < len(self.text) else ""
+
+    def skip(self, chars: str) -> bool:
+        """Skip any of ``chars``; True if a comma was among the skipped ones."""
+        comma = False
+        while self.pos < len(self.text) and self.text[self.pos] in chars:
+            comma = comma or self.text[self.pos] == ","
+            self.pos += 1
+        return comma
+
+    def word(self) -> str:
+        start = self.pos
+        while self.pos < len(self.text) and self.text[self.pos] in _WORD_CHARS:
+            self.pos += 1
+        return self.text[start : self.pos]
+
+    def quoted(self) -> str:
+        """A quoted string starting at the cursor (on the opening quote); an unterminated one runs to the end."""
+        self.pos += 1
+        out: list[str] = []
+        while self.pos < len(self.text):
+            char = self.text[self.pos]
+            self.pos += 1
+            if char == '"':
+                break
+            if char == "\\":
+                if self.pos < len(self.text):
+                    out.append(self.text[self.pos])
+                    self.pos += 1
+                continue
+            out.append(char)
+        return "".join(out)
+
+    def bare_value(self) -> str:
+        """An unquoted value: lenient, up to whitespace or a comma (servers send unquoted URLs)."""
+        start = self.pos
+        while self.pos < len(self.text) and self.text[self.pos] not in " \t,":
+            self.pos += 1
+        return self.text[start : self.pos]
+
+
+def parse_www_authenticate(value: str) -> list[Challenge]:
+    """Every challenge in one ``WWW-Authenticate`` value. Never raises: what cannot be parsed is skipped.
+
+    The first occurrence of a parameter wins. A parameter before any scheme is dropped."""
+    cursor = _Cursor(value)
+    challenges: list[Challenge] = []
+    scheme: str | None = None
+    params: dict[str, str] = {}
+    token68 = ""
+    fresh = False  # right after the scheme: a lone word is token68
+
+    def finish() -> None:
+        if scheme is not None:
+            challenges.append(Challenge(scheme, dict(params), token68))
+
+    while True:
+        comma = cursor.skip(_SPACE + ",")
+        if not cursor.peek():
+            break
+        word = cursor.word()
+        if not word:  # garbage: skip it (a whole quoted string, or one character)
+            if cursor.peek() == '"':
+                cursor.quoted()
+            else:
+                cursor.pos += 1
+            continue
+        cursor.skip(_SPACE)
+        if cursor.peek() == "=":
+            cursor.pos += 1
+            cursor.skip(_SPACE)
+            following = cursor.peek()
+            if following == '"':
+                param_value: str | None = cursor.quoted()
+            elif following in ("", ",", "="):
+                equals = cursor.pos
+                cursor.skip("=")
+                if fresh and scheme is not None and not params and not comma:
+                    token68 = word + "=" * (cursor.pos - equals + 1)
+                    fresh = False
+                    continue
+                param_value = ""
+            else:
+                param_value = cursor.bare_value()
+            if scheme is not None and param_value is not None:
+                params.setdefault(word.lower(), param_value)
+            fresh = False
+            continue
+        if fresh and scheme is not None and not comma:
+            token68 = word
+            fresh = False
+            continue
+        finish()
+        scheme, params, token68, fresh = word.lower(), {}, "", True
+    finish()
+    return challenges
+
+
+def parse_challenges(values: Iterable[str]) -> list[Challenge]:
+    """The challenges of every ``WWW-Authenticate`` field of a response, in order."""
+    return [challenge for value in values for challenge in parse_www_authenticate(value)]
+
+
+def response_challenges(response: Response) -> list[Challenge]:
+    return parse_challenges(response.headers.get_all("www-authenticate"))
+
+
+# -- scopes and credentials ------------------------------------------------------------------------------------
+
+
+@attrs.frozen(order=True)
+class Scope:
+    """A token scope: ``repository:ns/app:pull`` (``str()`` renders it)."""
+
+    repository: str
+    actions: tuple[str, ...] = ("pull",)
+    resource_type: str = "repository"
+
+    def __str__(self) -> str:
+        return f"{self.resource_type}:{self.repository}:{','.join(self.actions)}"
+
+    @classmethod
+    def parse(cls, text: str) -> Scope | None:
+        """``type:name:actions``; the name may contain ``:`` (a host with a port). None if malformed."""
+        kind, _, rest = text.partition(":")
+        name, _, actions = rest.rpartition(":")
+        if not kind or not name or not actions:
+            return None
+        return cls(name, tuple(a for a in actions.split(",") if a), kind)
+
+    @classmethod
+    def parse_list(cls, text: str) -> list[Scope]:
+        """A challenge's ``scope`` parameter: space-separated scopes; malformed ones are skipped."""
+        return [scope for scope in (cls.parse(part) for part in text.split()) if scope is not None]
+
+
+def pull(repository: str) -> Scope:
+    return Scope(repository, ("pull",))
+
+
+class Credentials(Protocol):
+    """What :class:`RegistryAuth` needs from credentials (``proxy.config.auth_files.Credentials`` fits).
+
+    An ``identity_token`` attribute (optional, may be None) selects the OAuth2 refresh-token flow."""
+
+    @property
+    def username(self) -> str: ...
+
+    @property
+    def password(self) -> str: ...
+
+
+def _identity_token(credentials: Credentials | None) -> str | None:
+    token = getattr(credentials, "identity_token", None)
+    return token if isinstance(token, str) and token else None
+
+
+def _has_password(credentials: Credentials | None) -> bool:
+    return credentials is not None and bool(credentials.username or credentials.password)
+
+
+def basic_authorization(username: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
+
+
+def _credential_id(credentials: Credentials | None) -> str:
+    """A key for the token cache that tells credentials apart without keeping them readable."""
+    if credentials is None:
+        return ""
+    material = "\0".join((credentials.username, credentials.password, _identity_token(credentials) or ""))
+    return hashlib.sha256(material.encode()).hexdigest()
+
+
+# -- errors ----------------------------------------------------------------------------------------------------
+
+
+class AuthError(ProxyError):
+    """Authentication failed: which realm and registry, whether credentials were sent, whether to retry."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        registry: str,
+        realm: str = "",
+        status: int | None = None,
+        credentials_sent: bool = False,
+        retryable: bool = False,
+    ) -> None:
+        super().__init__(message, ErrorCode.RETRYABLE if retryable else ErrorCode.OTHER)
+        self.registry = registry
+        self.realm = realm
+        self.status = status
+        self.credentials_sent = credentials_sent
+        self.retryable = retryable
+
+
+def _redact(text: str, secrets: Iterable[str | None]) -> str:
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+def _snippet(body: bytes, secrets: Iterable[str | None]) -> str:
+    text = " ".join(body[:300].decode("utf-8", "replace").split())
+    text = "".join(c if c.isprintable() else "?" for c in text)[:200]
+    return _redact(text, secrets)
+
+
+# -- tokens ----------------------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Token:
+    """A bearer token and the wall-clock second (``clock()``) from which it should no longer be used."""
+
+    value: str = attrs.field(repr=False)
+    expires_at: float
+    #: an OAuth2 refresh token from the answer (kept, not used yet)
+    refresh_token: str | None = attrs.field(default=None, repr=False)
+
+
+def _parse_issued_at(text: object) -> float | None:
+    if not isinstance(text, str) or not text:
+        return None
+    cleaned = text.strip().replace("Z", "+00:00").replace("z", "+00:00")
+    # fromisoformat wants at most 6 fractional digits; Go writes 9
+    head, dot, tail = cleaned.partition(".")
+    if dot:
+        digits = len(tail) - len(tail.lstrip("0123456789"))
+        tail = tail[: min(digits, 6)] + tail[digits:]
+        cleaned = f"{head}.{tail}"
+    try:
+        moment = datetime.datetime.fromisoformat(cleaned)
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.UTC)
+    return moment.timestamp()
+
+
+def parse_token_response(body: bytes, now: float) -> Token:
+    """A token server's JSON answer. ``expires_in`` is raised to at least 60 s (missing: 60 s); ``issued_at`` is
+    used when it is plausible (not in the future, not older than the lifetime), else ``now`` (clock skew).
+
+    Raises ValueError (without the body's content: it may hold a token)."""
+    try:
+        answer = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"the answer is not JSON ({type(e).__name__})") from None
+    if not isinstance(answer, dict):
+        raise ValueError("the answer is not a JSON object")
+    value = answer.get("token") or answer.get("access_token")
+    if not isinstance(value, str) or not value:
+        raise ValueError("the answer has no token or access_token")
+    if any(c.isspace() or not c.isprintable() for c in value):
+        raise ValueError("the token holds characters a header cannot carry")
+    expires_in = answer.get("expires_in")
+    lifetime = MIN_TOKEN_LIFETIME
+    if isinstance(expires_in, int | float) and not isinstance(expires_in, bool):
+        lifetime = max(float(expires_in), MIN_TOKEN_LIFETIME)
+    issued = _parse_issued_at(answer.get("issued_at"))
+    if issued is None or not now - lifetime <= issued <= now:
+        issued = now
+    refresh = answer.get("refresh_token")
+    return Token(value, issued + lifetime, refresh if isinstance(refresh, str) and refresh else None)
+
+
+@attrs.define
+class _Slot:
+    lock: trio.Lock = attrs.Factory(trio.Lock)
+    token: Token | None = None
+
+
+CacheKey = tuple[str, str, tuple[str, ...], str]
+
+
+def _scope_strings(scopes: Iterable[Scope | str]) -> list[str]:
+    """Scopes as strings, duplicates removed, order kept (the first one matters to some servers)."""
+    seen: dict[str, None] = {}
+    for scope in scopes:
+        seen.setdefault(str(scope), None)
+    return list(seen)
+
+
+class RegistryAuth:
+    """Authorization for one registry (``https://host:port``).
+
+    ``insecure``: the registry is reached over plain http or without TLS verification, so an http realm is
+    acceptable. ``registry_token``: a static bearer token, sent as it is to bearer challenges (no token fetch).
+    ``clock``: wall-clock seconds (``issued_at`` is wall-clock), injectable for tests.
+    ``oauth2_password_grant``: fetch tokens with an OAuth2 ``password`` grant POST (falling back to GET on 404)
+    instead of a GET with Basic credentials (the docker/containers default)."""
+
+    def __init__(
+        self,
+        registry: str | URL | Origin,
+        *,
+        insecure: bool = False,
+        registry_token: str | None = None,
+        clock: Callable[[], float] = time.time,
+        refresh_margin: float = REFRESH_MARGIN,
+        oauth2_password_grant: bool = False,
+        user_agent: str | None = None,
+    ) -> None:
+        if isinstance(registry, str):
+            registry = URL.parse(registry if "://" in registry else f"https://{registry}/")
+        self.origin = registry.origin if isinstance(registry, URL) else registry
+        self.insecure = insecure
+        self.registry_token = registry_token
+        self.clock = clock
+        self.refresh_margin = refresh_margin
+        self.oauth2_password_grant = oauth2_password_grant
+        self.user_agent = user_agent
+        #: the challenges last seen from this registry (kept by :func:`send_authorized`)
+        self.challenges: list[Challenge] = []
+        #: how many token requests went out (for tests and diagnostics)
+        self.token_fetches = 0
+        self._slots: dict[CacheKey, _Slot] = {}
+
+    @property
+    def registry(self) -> str:
+        return self.origin.authority
+
+    # -- public ----------------------------------------------------------------------------------------------
+
+    async def authorization(
+        self,
+        pool: ConnectionPool,
+        challenges: Sequence[Challenge],
+        scopes: Sequence[Scope | str],
+        credentials: Credentials | None = None,
+    ) -> str | None:
+        """The ``Authorization`` value for a request needing ``scopes``, or None (no usable challenge, or a
+        basic challenge without credentials). The first basic or bearer challenge decides, as in
+        containers/image."""
+        for challenge in challenges:
+            if challenge.scheme == "basic":
+                if credentials is None or not _has_password(credentials):
+                    return None
+                return basic_authorization(credentials.username, credentials.password)
+            if challenge.scheme == "bearer":
+                if self.registry_token:
+                    return f"Bearer {self.registry_token}"
+                token = await self.token(pool, challenge, scopes, credentials)
+                return f"Bearer {token.value}"
+            log.debug("registry %s: ignoring the %r challenge", self.registry, challenge.scheme)
+        return None
+
+    async def token(
+        self,
+        pool: ConnectionPool,
+        challenge: Challenge,
+        scopes: Sequence[Scope | str],
+        credentials: Credentials | None = None,
+    ) -> Token:
+        """A cached or freshly fetched token for ``scopes`` from ``challenge``'s realm."""
+        realm = self._realm_url(challenge)
+        scope_list = _scope_strings(scopes)
+        key = (str(realm), challenge.service, tuple(sorted(scope_list)), _credential_id(credentials))
+        slot = self._slots.get(key)
+        if slot is None:
+            self._make_room()
+            slot = self._slots[key] = _Slot()
+        if (token := self._usable(slot)) is not None:
+            return token
+        async with slot.lock:  # one fetch per key; the others wait for it and use its result
+            if (token := self._usable(slot)) is not None:
+                return token
+            slot.token = await self._fetch(pool, realm, challenge.service, scope_list, credentials)
+            return slot.token
+
+    def invalidate(self, challenges: Sequence[Challenge], scopes: Sequence[Scope | str]) -> list[Scope | str]:
+        """The registry refused a request made for ``scopes`` and sent ``challenges``: forget the tokens for those
+        scopes (any realm, any credentials) and return the scopes to ask for next: the scopes the challenges
+        name that are missing (``insufficient_scope``) first, then ``scopes``."""
+        wanted = tuple(sorted(_scope_strings(scopes)))
+        for key, slot in self._slots.items():
+            if key[2] == wanted:
+                slot.token = None
+        self.challenges = list(challenges)
+        named: list[Scope | str] = []
+        for challenge in challenges:
+            if challenge.scheme == "bearer" and "scope" in challenge.params:
+                named.extend(Scope.parse_list(challenge.params["scope"]))
+        have = set(_scope_strings(scopes))
+        extra = [scope for scope in named if str(scope) not in have]
+        merged: list[Scope | str] = []
+        for scope in [*extra, *scopes]:
+            if str(scope) not in {str(s) for s in merged}:
+                merged.append(scope)
+        return merged
+
+    def clear(self) -> None:
+        self._slots.clear()
+
+    # -- internals -------------------------------------------------------------------------------------------
+
+    def _usable(self, slot: _Slot) -> Token | None:
+        token = slot.token
+        if token is None:
+            return None
+        now = self.clock()
+        lifetime_left = token.expires_at - now
+        margin = min(self.refresh_margin, MIN_TOKEN_LIFETIME / 4)
+        return token if lifetime_left > margin else None
+
+    def _make_room(self) -> None:
+        if len(self._slots) < MAX_CACHED_TOKENS:
+            return
+        now = self.clock()
+        for key in [
+            k for k, s in self._slots.items() if not s.lock.locked() and (s.token is None or s.token.expires_at <= now)
+        ]:
+            del self._slots[key]
+        while len(self._slots) >= MAX_CACHED_TOKENS:
+            victim = next((k for k, s in self._slots.items() if not s.lock.locked()), None)
+            if victim is None:
+                break
+            del self._slots[victim]
+
+    def _realm_url(self, challenge: Challenge) -> URL:
+        realm = challenge.realm
+        if not realm:
+            raise AuthError(f"registry {self.registry} sent a bearer challenge without a realm", registry=self.registry)
+        try:
+            url = URL.parse(realm)
+        except HTTPError as e:
+            raise AuthError(
+                f"registry {self.registry} sent an unusable token realm {realm!r}: {e}",
+                registry=self.registry,
+                realm=realm,
+            ) from None
+        if url.scheme == "http" and self.origin.scheme == "https" and not self.insecure:
+            raise AuthError(
+                f"refusing the plain-http token realm {realm} of the https registry {self.registry} "
+                "(credentials and tokens would travel unencrypted; mark the registry insecure to allow it)",
+                registry=self.registry,
+                realm=realm,
+            )
+        return url
+
+    def _headers(self) -> list[tuple[str, str]]:
+        headers = [("Accept", "application/json"), ("Accept-Encoding", "identity")]
+        if self.user_agent:
+            headers.append(("User-Agent", self.user_agent))
+        return headers
+
+    async def _fetch(
+        self, pool: ConnectionPool, realm: URL, service: str, scopes: list[str], credentials: Credentials | None
+    ) -> Token:
+        identity = _identity_token(credentials)
+        if identity is not None or (self.oauth2_password_grant and _has_password(credentials)):
+            token = await self._fetch_oauth2(pool, realm, service, scopes, credentials)
+            if token is not None:
+                return token
+        return await self._fetch_get(pool, realm, service, scopes, credentials if identity is None else None)
+
+    async def _fetch_get(
+        self, pool: ConnectionPool, realm: URL, service: str, scopes: list[str], credentials: Credentials | None
+    ) -> Token:
+        """``GET realm?service=..&scope=..&account=..`` with Basic credentials when there are any."""
+        query = urllib.parse.parse_qsl(urllib.parse.urlsplit(realm.target).query, keep_blank_values=True)
+        if service:
+            query.append(("service", service))
+        query.extend(("scope", scope) for scope in scopes)
+        headers = self._headers()
+        sent = credentials is not None and _has_password(credentials)
+        if credentials is not None and sent:
+            if credentials.username:
+                query.append(("account", credentials.username))
+            headers.append(("Authorization", basic_authorization(credentials.username, credentials.password)))
+        path = realm.target.partition("?")[0]
+        url = attrs.evolve(realm, target=path + ("?" + urllib.parse.urlencode(query) if query else ""))
+        status, body = await self._exchange(pool, "GET", url, headers, b"", realm, credentials, sent)
+        return self._token_from(status, body, realm, credentials, sent)
+
+    async def _fetch_oauth2(
+        self, pool: ConnectionPool, realm: URL, service: str, scopes: list[str], credentials: Credentials | None
+    ) -> Token | None:
+        """The OAuth2 POST (refresh_token grant with an identity token, else password grant). None on 404:
+        the server does not do OAuth2, use GET."""
+        assert credentials is not None
+        form = [("grant_type", ""), ("service", service), ("client_id", CLIENT_ID)]
+        identity = _identity_token(credentials)
+        if identity is not None:
+            form[0] = ("grant_type", "refresh_token")
+            form.append(("refresh_token", identity))
+        else:
+            form[0] = ("grant_type", "password")
+            form += [("username", credentials.username), ("password", credentials.password)]
+            form.append(("access_type", "online"))
+        if scopes:
+            form.append(("scope", " ".join(scopes)))
+        headers = [*self._headers(), ("Content-Type", "application/x-www-form-urlencoded")]
+        body = urllib.parse.urlencode(form).encode()
+        status, answer = await self._exchange(pool, "POST", realm, headers, body, realm, credentials, True)
+        if status in (404, 405):
+            log.debug("token server %s does not do OAuth2 (%d), using GET", _realm_name(realm), status)
+            return None
+        return self._token_from(status, answer, realm, credentials, True)
+
+    async def _exchange(
+        self,
+        pool: ConnectionPool,
+        method: str,
+        url: URL,
+        headers: list[tuple[str, str]],
+        body: bytes,
+        realm: URL,
+        credentials: Credentials | None,
+        sent: bool,
+    ) -> tuple[int, bytes]:
+        self.token_fetches += 1
+        try:
+            if method == "GET":
+                response = await request_following_redirects(pool, method, url, headers)
+            else:
+                response = await pool.send(method, url, headers, body)
+            async with response:
+                limit = MAX_TOKEN_BODY if response.status == 200 else MAX_ERROR_BODY
+                return response.status, await response.read_all(limit)
+        except HTTPError as e:
+            raise AuthError(
+                f"cannot get a token from {_realm_name(realm)} for registry {self.registry} "
+                f"({_sent_text(credentials, sent)}): {_redact(str(e), _secrets(credentials))}",
+                registry=self.registry,
+                realm=_realm_name(realm),
+                credentials_sent=sent,
+                retryable=e.retryable,
+            ) from e
+
+    def _token_from(self, status: int, body: bytes, realm: URL, credentials: Credentials | None, sent: bool) -> Token:
+        where = f"token server {_realm_name(realm)} for registry {self.registry}"
+        if status != 200:
+            hint = ""
+            if status in (401, 403):
+                hint = " (check the credentials)" if sent else " (no credentials were found for this registry)"
+            detail = _snippet(body, _secrets(credentials))
+            raise AuthError(
+                f"{where} answered {status} ({_sent_text(credentials, sent)}){hint}"
+                + (f": {detail}" if detail else ""),
+                registry=self.registry,
+                realm=_realm_name(realm),
+                status=status,
+                credentials_sent=sent,
+                retryable=status in RETRYABLE_STATUSES,
+            )
+        try:
+            token = parse_token_response(body, self.clock())
+        except ValueError as e:
+            raise AuthError(
+                f"{where} sent an unusable answer: {e}",
+                registry=self.registry,
+                realm=_realm_name(realm),
+                status=status,
+                credentials_sent=sent,
+            ) from None
+        log.debug(
+            "token from %s for registry %s, %.0f s left",
+            _realm_name(realm),
+            self.registry,
+            token.expires_at - self.clock(),
+        )
+        return token
+
+
+def _realm_name(realm: URL) -> str:
+    """The realm without its query (short, and free of anything a server may have put there)."""
+    return f"{realm.scheme}://{realm.authority}{realm.target.partition('?')[0]}"
+
+
+def _sent_text(credentials: Credentials | None, sent: bool) -> str:
+    if not sent or credentials is None:
+        return "anonymously, no credentials sent"
+    if _identity_token(credentials) is not None:
+        return "with an identity token"
+    return f"with the credentials of user {credentials.username!r}"
+
+
+def _secrets(credentials: Credentials | None) -> list[str | None]:
+    if credentials is None:
+        return []
+    return [credentials.password, _identity_token(credentials)]
+
+
+# -- requests --------------------------------------------------------------------------------------------------
+
+
+async def send_authorized(
+    pool: ConnectionPool,
+    auth: RegistryAuth,
+    method: str,
+    url: str | URL,
+    scopes: Sequence[Scope | str],
+    credentials: Credentials | None = None,
+    headers: HeaderInput = (),
+    *,
+    max_hops: int = 10,
+) -> Response:
+    """Send a GET/HEAD-like request (no body) to the registry with the ``Authorization`` that ``auth.challenges``
+    call for, following redirects (which drop ``Authorization`` on leaving the registry's origin). A 401 carrying a
+    challenge is answered once: the challenges are kept, the refused token is dropped, scopes the challenge names
+    are added, and the request is sent again. The caller closes the returned response."""
+    target = url if isinstance(url, URL) else URL.parse(url)
+    pairs = without(header_pairs(headers), "authorization")
+    current_scopes: Sequence[Scope | str] = list(scopes)
+    for attempt in range(2):
+        request_headers = list(pairs)
+        if target.origin == auth.origin and auth.challenges:
+            value = await auth.authorization(pool, auth.challenges, current_scopes, credentials)
+            if value is not None:
+                request_headers.append(("Authorization", value))
+        response = await request_following_redirects(pool, method, target, request_headers, max_hops)
+        if response.status != 401 or attempt == 1 or response.url != str(target):
+            return response
+        challenges = response_challenges(response)
+        if not challenges:
+            return response
+        await _drain(response)
+        current_scopes = auth.invalidate(challenges, current_scopes)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def _drain(response: Response) -> None:
+    length = response.content_length
+    if length is not None and length <= MAX_ERROR_BODY:
+        with contextlib.suppress(HTTPError):
+            await response.read_all(MAX_ERROR_BODY)
+    await response.aclose()
