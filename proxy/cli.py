@@ -15,9 +15,11 @@ import socket
 import sys
 from collections.abc import Sequence
 
+import attrs
 import trio
 
 from proxy import __version__
+from proxy.config import ConfigError, CredentialSource, RegistriesConf, load_registries_conf
 from proxy.options import ProxyOptions
 from proxy.session import serve_socket
 from proxy.sources.base import SourceOptions
@@ -29,19 +31,12 @@ SERVE_COMMANDS = ("experimental-image-proxy", "serve")
 
 #: flags skopeo accepts that change nothing here yet, with what will give them meaning
 _NOT_YET_EFFECTIVE = {
-    "authfile": "registry credentials (docker:// transport)",
-    "creds": "registry credentials (docker:// transport)",
-    "username": "registry credentials (docker:// transport)",
-    "password": "registry credentials (docker:// transport)",
-    "registry_token": "registry credentials (docker:// transport)",
-    "no_creds": "registry credentials (docker:// transport)",
     "tls_details": "registry TLS (docker:// transport)",
     "daemon_host": "the docker-daemon: transport, which image-proxy does not offer",
     "policy": "signature policy enforcement",
     "insecure_policy": "signature policy enforcement",
     "require_signed": "signature policy enforcement",
     "registries_d": "signature lookaside configuration",
-    "registries_conf": "registries.conf (docker:// transport)",
     "command_timeout": "nothing: skopeo's proxy ignores it too",
 }
 
@@ -106,36 +101,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _validate_credentials(args: argparse.Namespace) -> str | None:
-    if args.creds and args.no_creds:
-        return "creds and no-creds cannot be specified at the same time"
-    if args.username and args.no_creds:
-        return "username and no-creds cannot be specified at the same time"
-    if args.creds and args.username:
-        return "creds and username cannot be specified at the same time"
-    if args.username and not args.password:
-        return "password must be specified when username is specified"
-    if args.password and not args.username:
-        return "username must be specified when password is specified"
-    if args.insecure_policy and args.require_signed:
-        return "--insecure-policy and --require-signed cannot be used together"
-    return None
-
-
 def registry_settings_from_args(args: argparse.Namespace) -> RegistrySettings:
+    """Registry settings; a registries.conf that cannot be read makes every docker:// open fail with the
+    reason (local transports keep working), as the error is the user's to fix, not a reason not to start."""
     agent = f"image-proxy/{__version__}"
     if args.user_agent_prefix:
         agent = f"{args.user_agent_prefix} {agent}"
-    return RegistrySettings(
+    settings = RegistrySettings(
         tls_verify=getattr(args, "tls_verify", None) is not False,
         cert_dir=getattr(args, "cert_dir", None),
         user_agent=agent,
     )
+    try:
+        registries = load_registries_conf(args.registries_conf or None)
+    except ConfigError as e:
+        log.error("%s", e)
+        return attrs.evolve(settings, registries_error=str(e))
+    return attrs.evolve(settings, registries=registries)
+
+
+def credentials_from_args(args: argparse.Namespace, registries: RegistriesConf) -> CredentialSource:
+    return CredentialSource.from_options(
+        authfile=getattr(args, "authfile", None),
+        creds=getattr(args, "creds", None),
+        username=getattr(args, "username", None),
+        password=getattr(args, "password", None),
+        registry_token=getattr(args, "registry_token", None),
+        no_creds=getattr(args, "no_creds", False),
+        credential_helpers=registries.credential_helpers,
+    )
 
 
 def options_from_args(args: argparse.Namespace) -> ProxyOptions:
+    registry = registry_settings_from_args(args)
     return ProxyOptions(
-        registry=registry_settings_from_args(args),
+        registry=registry,
+        credentials=credentials_from_args(args, registry.registries),
         source_options=SourceOptions(
             tmpdir=args.tmpdir or None, shared_blob_dir=getattr(args, "shared_blob_dir", None)
         ),
@@ -166,17 +167,21 @@ def _connected_socket(fd: int) -> socket.socket:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    problem = _validate_credentials(args)
-    if problem:
-        print(f"image-proxy: {problem}", file=sys.stderr)
+    if args.insecure_policy and args.require_signed:
+        print("image-proxy: --insecure-policy and --require-signed cannot be used together", file=sys.stderr)
         return 2
     setup_logging(args.debug)
     for name, what in _NOT_YET_EFFECTIVE.items():
         value = getattr(args, name, None)
         if value not in (None, False):
             log.debug("--%s accepted; it has no effect yet (%s)", name.replace("_", "-"), what)
+    try:
+        options = options_from_args(args)
+    except ConfigError as e:
+        print(f"image-proxy: {e}", file=sys.stderr)
+        return 2
     sock = _connected_socket(args.sockfd)
-    trio.run(serve_socket, sock, options_from_args(args))
+    trio.run(serve_socket, sock, options)
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import attrs
 
 from proxy import manifest as mf
+from proxy.config import CredentialSource
 from proxy.sources.base import SourceOptions
 from proxy.sources.registry_client import RegistrySettings
 
@@ -15,6 +16,8 @@ class ProxyOptions:
 
     source_options: SourceOptions = attrs.field(factory=SourceOptions)
     registry: RegistrySettings = attrs.field(factory=RegistrySettings)
+    #: registry credentials (flags, auth files, helpers); None: anonymous everywhere
+    credentials: CredentialSource | None = None
     override_os: str | None = None
     override_arch: str | None = None
     override_variant: str | None = None

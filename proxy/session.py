@@ -68,7 +68,7 @@ class Session:
         self._receiving = True
 
     async def run(self) -> None:
-        registry = RegistryClient(self._options.registry)
+        registry = RegistryClient(self._options.registry, self._options.credentials)
         async with trio.open_nursery() as nursery:
             handler = Handler(self._options, lambda work: nursery.start_soon(work), registry)
             try:

@@ -13,12 +13,13 @@ from __future__ import annotations
 import json
 import logging
 
-import attrs
 import trio
 
 from protocol.errors import ErrorCode
 from proxy import manifest as mf
+from proxy.config import ConfigError, PullSource
 from proxy.http.errors import HTTPError
+from proxy.http.retry import RetryPolicy
 from proxy.sources.base import Blob, BlobNotFound, ImageNotFound, ImageSource, SourceError
 from proxy.sources.docker_reference import DockerReference, parse_docker_reference
 from proxy.sources.registry_client import RegistryClient, RegistryError
@@ -37,24 +38,10 @@ MANIFEST_TYPES = (
 MANIFEST_ACCEPT = ", ".join(MANIFEST_TYPES)
 #: a 404 for a blob the manifest names is asked again after this long (longer than a proxy's 1 s cache)
 NEGATIVE_CACHE_DELAY = 1.5
+#: a failing mirror is passed over at once for the next source (the primary gets the full retry policy)
+MIRROR_RETRY = RetryPolicy(attempts=1)
 #: how many times such a 404 is asked again before it is believed
 BLOB_404_RETRIES = 1
-
-
-@attrs.frozen
-class PullSource:
-    """Where to ask: the registry host and the repository there (a mirror may rename it)."""
-
-    reference: DockerReference
-    is_mirror: bool = False
-
-    @property
-    def authority(self) -> str:
-        return self.reference.domain
-
-    @property
-    def repository(self) -> str:
-        return self.reference.path
 
 
 class RegistryBlob(Blob):
@@ -115,7 +102,7 @@ class RegistrySource(ImageSource):
                 raw, mime = await self._fetch_manifest(source, wanted)
             except RegistryError as e:
                 if source.is_mirror:
-                    log.info("%s: mirror %s: %s; trying the next source", self.reference, source.authority, e)
+                    log.info("%s: mirror %s: %s; trying the next source", self.reference, source.reference.domain, e)
                     failures.append(e)
                     continue
                 if e.not_found and instance_digest is None:
@@ -125,19 +112,21 @@ class RegistrySource(ImageSource):
             self._named |= _referenced_digests(raw)
             return raw, mime
         retryable = bool(failures) and all(f.code is ErrorCode.RETRYABLE for f in failures)
-        text = "; ".join(str(f) for f in failures) or "no pull source"
-        raise SourceError(
-            f"{self.reference}: reading manifest {wanted}: {text}",
-            ErrorCode.RETRYABLE if retryable else ErrorCode.OTHER,
-        )
+        text = "; ".join(str(f) for f in failures) or f"reading manifest {wanted}: no pull source"
+        raise SourceError(f"{self.reference}: {text}", ErrorCode.RETRYABLE if retryable else ErrorCode.OTHER)
 
     async def _fetch_manifest(self, source: PullSource, wanted: str) -> tuple[bytes, str]:
         response = await self._client.get(
-            source.authority, source.repository, f"manifests/{wanted}", [("Accept", MANIFEST_ACCEPT)]
+            source.reference.domain,
+            source.reference.path,
+            f"manifests/{wanted}",
+            [("Accept", MANIFEST_ACCEPT)],
+            logical_host=self._image.domain,
+            retry=MIRROR_RETRY if source.is_mirror else None,
         )
         what = f"reading manifest {wanted} in {source.reference.name}"
         if response.status != 200:
-            raise await self._client.failure(response, what, source.authority)
+            raise await self._client.failure(response, what, source.reference.domain)
         async with response:
             try:
                 raw = await response.read_all(MAX_MANIFEST_SIZE)
@@ -181,20 +170,25 @@ class RegistrySource(ImageSource):
             for attempt in range(retries + 1):
                 try:
                     response = await self._client.get(
-                        source.authority, source.repository, f"blobs/{digest}", [("Accept-Encoding", "identity")]
+                        source.reference.domain,
+                        source.reference.path,
+                        f"blobs/{digest}",
+                        [("Accept-Encoding", "identity")],
+                        logical_host=self._image.domain,
+                        retry=MIRROR_RETRY if source.is_mirror else None,
                     )
                 except RegistryError as e:
-                    failures.append(f"{source.authority}: {e}")
+                    failures.append(f"{source.reference.domain}: {e}")
                     retryable = retryable and e.code is ErrorCode.RETRYABLE
                     break
                 if 200 <= response.status < 300:
                     return RegistryBlob(response)
-                error = await self._client.failure(response, f"fetching blob {digest}", source.authority)
+                error = await self._client.failure(response, f"fetching blob {digest}", source.reference.domain)
                 if response.status == 404 and attempt < retries:
                     log.info("%s: %s; asking again in %.1f s", self.reference, error, NEGATIVE_CACHE_DELAY)
                     await trio.sleep(NEGATIVE_CACHE_DELAY)
                     continue
-                failures.append(f"{source.authority}: {error}")
+                failures.append(f"{source.reference.domain}: {error}")
                 if response.status == 404 and not source.is_mirror:
                     retryable = False
                 elif error.code is not ErrorCode.RETRYABLE:
@@ -224,4 +218,11 @@ async def open_registry(reference: str, within: str, client: RegistryClient | No
             "Docker references with both a tag and digest are currently not supported"
         )
     image = image.with_default_tag()
-    return RegistrySource(reference, image, [PullSource(image)], client)
+    settings = client.settings
+    if settings.registries_error is not None:
+        raise SourceError(f"{reference}: {settings.registries_error}")
+    try:
+        sources = settings.registries.pull_sources(image)
+    except ConfigError as e:
+        raise SourceError(f"{reference}: {e}") from None
+    return RegistrySource(reference, image, sources, client)

@@ -13,14 +13,18 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import ssl
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import attrs
 import trio
 
 from protocol.errors import ErrorCode, ProxyError
+from proxy.config import Credentials, CredentialSource, RegistriesConf, RegistryToken, cert_dirs_for
+from proxy.http.auth import Challenge, RegistryAuth, Scope, pull, response_challenges
+from proxy.http.connection import Response
 from proxy.http.errors import HTTPError
 from proxy.http.pool import ConnectionPool
 from proxy.http.redirects import request_following_redirects
@@ -55,41 +59,38 @@ class RegistryError(ProxyError):
         return self.status == 404 and any(code in NOT_FOUND_CODES for code in self.codes)
 
 
-class AuthProvider(Protocol):
-    """Turns a registry's 401 challenge into an ``Authorization`` header value (see proxy/http/auth.py)."""
-
-    async def authorization(
-        self, pool: ConnectionPool, authority: str, challenge: str, scopes: Sequence[str]
-    ) -> str | None: ...
-
-    def invalidate(self, authority: str, scopes: Sequence[str]) -> None: ...
-
-    def has_credentials(self, authority: str) -> bool: ...
-
-
 @attrs.frozen
 class RegistrySettings:
-    """How to reach registries: from the command line (and later registries.conf / the daemon config)."""
+    """How to reach registries: from the command line and registries.conf (later the daemon config)."""
 
     #: False: plain HTTP and unverified TLS allowed for every registry (``--tls-verify=false``)
     tls_verify: bool = True
-    #: hosts (``host[:port]``) that may use plain HTTP / unverified TLS (registries.conf ``insecure``)
-    insecure_hosts: frozenset[str] = frozenset()
+    #: registries.conf; its ``insecure`` endpoints may use plain HTTP / unverified TLS
+    registries: RegistriesConf = attrs.field(factory=RegistriesConf)
+    #: why registries.conf could not be read: every docker:// open then fails with this text
+    registries_error: str | None = None
     #: ``--cert-dir``: the one certs.d-style directory for every host
     cert_dir: str | None = None
-    #: where per-host certs.d directories live, in search order
-    certs_d: tuple[str, ...] = ("/etc/containers/certs.d", "/etc/docker/certs.d")
     user_agent: str = "image-proxy/0.1"
     timeouts: Timeouts = attrs.field(factory=Timeouts)
     retry: RetryPolicy = attrs.field(factory=RetryPolicy)
+    environ: Mapping[str, str] = attrs.field(factory=lambda: dict(os.environ), repr=False)
+    insecure_hosts: frozenset[str] = attrs.field(init=False)
+
+    @insecure_hosts.default
+    def _insecure_hosts(self) -> frozenset[str]:
+        hosts = set()
+        for registry in self.registries.registries:
+            for endpoint in (registry.endpoint, *registry.mirrors):
+                if endpoint.insecure and endpoint.location:
+                    hosts.add(endpoint.location.split("/", 1)[0])
+        return frozenset(hosts)
 
     def insecure(self, authority: str) -> bool:
         return not self.tls_verify or authority in self.insecure_hosts
 
-    def cert_dirs(self, authority: str) -> list[str]:
-        if self.cert_dir:
-            return [self.cert_dir]
-        return [f"{base}/{authority}" for base in self.certs_d]
+    def cert_dirs(self, authority: str) -> list[Path]:
+        return cert_dirs_for(authority, self.cert_dir, environ=self.environ)
 
 
 @attrs.define
@@ -97,7 +98,10 @@ class _Endpoint:
     """What we learnt about one registry host."""
 
     scheme: str
-    challenge: str | None = None  # the WWW-Authenticate value of the last 401
+    auth: RegistryAuth
+    challenges: list[Challenge] = attrs.field(factory=list)  # from the last 401
+    #: whether the last request there carried the user's credentials (for error texts)
+    sent_credentials: bool = False
 
 
 def _parse_errors(body: bytes) -> list[dict]:
@@ -129,11 +133,12 @@ def describe_failure(status: int, reason: str, body: bytes) -> tuple[str, list[s
 class RegistryClient:
     """Requests to registries, shared by every image of a session (later: of the daemon)."""
 
-    def __init__(self, settings: RegistrySettings, auth: AuthProvider | None = None) -> None:
+    def __init__(self, settings: RegistrySettings, credentials: CredentialSource | None = None) -> None:
         self.settings = settings
-        self.auth = auth
+        self.credentials = credentials
         self.pool = ConnectionPool(settings.timeouts, self._ssl_context)
         self._endpoints: dict[str, _Endpoint] = {}
+        self._lookups: dict[tuple[str, str, str], Credentials | RegistryToken | None] = {}
 
     async def aclose(self) -> None:
         await self.pool.aclose()
@@ -143,7 +148,7 @@ class RegistryClient:
 
     # ------------------------------------------------------------------ endpoints
 
-    async def _endpoint(self, authority: str) -> _Endpoint:
+    async def _endpoint(self, authority: str, retry: RetryPolicy | None = None) -> _Endpoint:
         """Ping ``/v2/`` (https, then http for an insecure host) to learn the scheme and the challenge."""
         known = self._endpoints.get(authority)
         if known is not None:
@@ -152,14 +157,16 @@ class RegistryClient:
         failure: Exception | None = None
         for scheme in schemes:
             try:
-                response = await self._send_with_retries(f"{scheme}://{authority}/v2/", (), authority)
+                response = await self._send_with_retries(f"{scheme}://{authority}/v2/", (), authority, retry)
             except RegistryError as e:
                 failure = e
                 continue
             async with response:
                 await _drain(response)
             if response.status in (200, 401):
-                endpoint = _Endpoint(scheme, response.headers.get("www-authenticate"))
+                endpoint = _Endpoint(scheme, self._auth(scheme, authority))
+                if response.status == 401:
+                    endpoint.challenges = response_challenges(response)
                 self._endpoints[authority] = endpoint
                 return endpoint
             failure = RegistryError(
@@ -178,40 +185,78 @@ class RegistryClient:
 
     # ------------------------------------------------------------------ requests
 
-    async def get(self, authority: str, repository: str, path: str, headers: Sequence[tuple[str, str]] = ()):
+    def _auth(self, scheme: str, authority: str, registry_token: str | None = None) -> RegistryAuth:
+        return RegistryAuth(
+            f"{scheme}://{authority}",
+            insecure=self.settings.insecure(authority),
+            registry_token=registry_token,
+            user_agent=self.settings.user_agent,
+        )
+
+    async def get(
+        self,
+        authority: str,
+        repository: str,
+        path: str,
+        headers: Sequence[tuple[str, str]] = (),
+        *,
+        logical_host: str | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> Response:
         """``GET /v2/<repository>/<path>`` with authorization, redirects and retries.
 
-        Returns the final response whatever its status (the caller owns it and must close it);
-        raises RegistryError when the registry cannot be reached or keeps failing.
+        ``logical_host`` is the registry the user named (it differs for a mirror, where command-line
+        credentials are not sent). Returns the final response whatever its status (the caller owns it
+        and must close it); raises RegistryError when the registry cannot be reached or keeps failing.
         """
-        endpoint = await self._endpoint(authority)
+        endpoint = await self._endpoint(authority, retry)
         url = f"{endpoint.scheme}://{authority}/v2/{repository}/{path}"
-        scopes = [f"repository:{repository}:pull"]
+        scopes: list[Scope | str] = [pull(repository)]
+        found = await self._credentials(endpoint, authority, repository, logical_host or authority)
+        credentials = found if isinstance(found, Credentials) else None
         answered_challenge = False
         while True:
             pairs = [("User-Agent", self.settings.user_agent), *headers]
-            authorization = await self._authorization(authority, endpoint, scopes)
-            if authorization:
-                pairs.append(("Authorization", authorization))
-            response = await self._send_with_retries(url, pairs, authority)
-            if response.status == 401 and not answered_challenge and self.auth is not None:
-                challenge = response.headers.get("www-authenticate")
-                if challenge:
+            if endpoint.challenges:
+                value = await endpoint.auth.authorization(self.pool, endpoint.challenges, scopes, credentials)
+                if value:
+                    pairs.append(("Authorization", value))
+            endpoint.sent_credentials = found is not None
+            response = await self._send_with_retries(url, pairs, authority, retry)
+            if response.status == 401 and not answered_challenge:
+                challenges = response_challenges(response)
+                if challenges:
                     await _drain(response)
                     await response.aclose()
-                    endpoint.challenge = challenge
-                    self.auth.invalidate(authority, scopes)
+                    endpoint.challenges = challenges
+                    scopes = endpoint.auth.invalidate(challenges, scopes)
                     answered_challenge = True
                     continue
             return response
 
-    async def _authorization(self, authority: str, endpoint: _Endpoint, scopes: list[str]) -> str | None:
-        if self.auth is None or endpoint.challenge is None:
+    async def _credentials(
+        self, endpoint: _Endpoint, authority: str, repository: str, logical_host: str
+    ) -> Credentials | RegistryToken | None:
+        """What to authenticate with there, looked up once per session (helpers are processes)."""
+        if self.credentials is None:
             return None
-        return await self.auth.authorization(self.pool, authority, endpoint.challenge, scopes)
+        key = (authority, repository, logical_host)
+        if key not in self._lookups:
+            source = self.credentials
+            found = await trio.to_thread.run_sync(
+                lambda: source.lookup(authority, repository, logical_host=logical_host)
+            )
+            if isinstance(found, RegistryToken):
+                # --registry-token: sent as the bearer token itself, with or without a challenge
+                endpoint.auth = self._auth(endpoint.scheme, authority, found.token)
+                endpoint.challenges = endpoint.challenges or [Challenge("bearer", {})]
+            self._lookups[key] = found
+        return self._lookups[key]
 
-    async def _send_with_retries(self, url: str, headers: Sequence[tuple[str, str]], authority: str):
-        policy = self.settings.retry
+    async def _send_with_retries(
+        self, url: str, headers: Sequence[tuple[str, str]], authority: str, retry: RetryPolicy | None = None
+    ) -> Response:
+        policy = retry or self.settings.retry
         deadline = trio.current_time() + policy.deadline
         attempt = 0
         while True:
@@ -241,9 +286,10 @@ class RegistryClient:
             log.info("%s; retrying in %.1f s (attempt %d of %d)", failure, delay, attempt + 1, policy.attempts)
             await trio.sleep(delay)
 
-    async def failure(self, response, what: str, authority: str) -> RegistryError:
+    async def failure(self, response: Response, what: str, authority: str) -> RegistryError:
         """Turn a non-2xx response into an error that says what failed where (and closes the response)."""
-        sent_credentials = self.auth is not None and self.auth.has_credentials(authority)
+        endpoint = self._endpoints.get(authority)
+        sent_credentials = endpoint is not None and endpoint.sent_credentials
         body = await _read_error_body(response)
         text, codes = describe_failure(response.status, response.reason, body)
         if response.status in (401, 403):
