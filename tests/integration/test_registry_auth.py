@@ -88,10 +88,9 @@ async def test_anonymous_pull_of_a_public_repository(tmp_path, built):
 
 
 async def test_anonymous_pull_of_a_private_repository_says_who_refused(tmp_path, built):
-    async with token_registry(tmp_path, built) as (registry, _):
-        async with ImageProxy.spawn(extra_args=INSECURE) as proxy:
-            with pytest.raises(ProxyError) as info:
-                await proxy.open_image(f"docker://{registry.authority}/private/app:latest")
+    async with token_registry(tmp_path, built) as (registry, _), ImageProxy.spawn(extra_args=INSECURE) as proxy:
+        with pytest.raises(ProxyError) as info:
+            await proxy.open_image(f"docker://{registry.authority}/private/app:latest")
     text = str(info.value)
     assert registry.authority in text and "no credentials were sent" in text, text
     assert info.value.code is ErrorCode.OTHER
@@ -99,10 +98,10 @@ async def test_anonymous_pull_of_a_private_repository_says_who_refused(tmp_path,
 
 
 async def test_wrong_password_is_refused_without_leaking_it(tmp_path, built):
-    async with token_registry(tmp_path, built) as (registry, _):
-        async with ImageProxy.spawn(extra_args=[*INSECURE, "--creds", "alice:wrong-password"]) as proxy:
-            with pytest.raises(ProxyError) as info:
-                await proxy.open_image(f"docker://{registry.authority}/private/app:latest")
+    wrong = [*INSECURE, "--creds", "alice:wrong-password"]
+    async with token_registry(tmp_path, built) as (registry, _), ImageProxy.spawn(extra_args=wrong) as proxy:
+        with pytest.raises(ProxyError) as info:
+            await proxy.open_image(f"docker://{registry.authority}/private/app:latest")
     assert "wrong-password" not in str(info.value)
     assert "alice" in str(info.value)
 
