@@ -1,0 +1,98 @@
+"""registries.conf mirrors against two real registries: the source is chosen per blob, so a mirror that
+lacks a blob, or is down, costs nothing but a try, and the pull completes from the primary."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+from pathlib import Path
+
+import pytest
+
+from protocol.client import ImageProxy
+from protocol.errors import ProxyError
+from tests.http.registry import free_port
+from tests.support.images import skopeo_copy
+from tests.support.registry import registry_process
+
+
+def sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def registries_conf(path: Path, primary: str, mirror: str) -> Path:
+    path.write_text(
+        f'[[registry]]\nprefix = "{primary}"\nlocation = "{primary}"\ninsecure = true\n\n'
+        f'[[registry.mirror]]\nlocation = "{mirror}"\ninsecure = true\n'
+    )
+    return path
+
+
+def blob_requests(log: Path, digest: str) -> list[str]:
+    """Access-log lines of GETs for that blob (distribution logs one line per request)."""
+    return [
+        line for line in log.read_text(errors="replace").splitlines() if f"/blobs/{digest}" in line and "GET" in line
+    ]
+
+
+@pytest.fixture(scope="module")
+def mirror_missing_a_blob(tmp_path_factory, registry_images):
+    """A second registry holding test/single, minus its first layer (deleted through the registry API)."""
+    built = registry_images.images
+    with registry_process(tmp_path_factory.mktemp("mirror")) as mirror:
+        skopeo_copy(
+            f"oci:{built.layout.path}:latest",
+            f"docker://{mirror.authority}/test/single:latest",
+            "--dest-tls-verify=false",
+        )
+        missing = built.single.layers[0].digest
+        conn = http.client.HTTPConnection("127.0.0.1", mirror.port, timeout=10)
+        conn.request("DELETE", f"/v2/test/single/blobs/{missing}")
+        assert conn.getresponse().status == 202
+        conn.close()
+        yield mirror, missing
+
+
+async def test_blob_missing_on_the_mirror_comes_from_the_primary(mirror_missing_a_blob, registry_images, tmp_path):
+    mirror, missing = mirror_missing_a_blob
+    primary = registry_images.registry
+    conf = registries_conf(tmp_path / "registries.conf", primary.authority, mirror.authority)
+    single = registry_images.single
+    async with ImageProxy.spawn(extra_args=["--registries-conf", str(conf)]) as proxy:
+        img = await proxy.open_image(registry_images.ref("test/single"))
+        assert (await proxy.get_manifest(img))[0] == single.manifest_digest
+        for layer in single.layers:
+            assert sha256(await proxy.get_blob(img, layer.digest, layer.size)) == layer.digest
+    assert any('" 404 ' in line for line in blob_requests(mirror.log, missing)), "the mirror was asked first"
+    assert blob_requests(primary.log, missing), "the missing blob came from the primary"
+    served_by_mirror = single.layers[1].digest
+    assert any('" 200 ' in line for line in blob_requests(mirror.log, served_by_mirror))
+
+
+async def test_a_mirror_that_is_down_is_passed_over(registry_images, tmp_path):
+    conf = registries_conf(tmp_path / "registries.conf", registry_images.registry.authority, f"127.0.0.1:{free_port()}")
+    single = registry_images.single
+    async with ImageProxy.spawn(extra_args=["--registries-conf", str(conf)]) as proxy:
+        img = await proxy.open_image(registry_images.ref("test/single"))
+        assert (await proxy.get_manifest(img))[0] == single.manifest_digest
+        layer = single.layers[-1]
+        assert sha256(await proxy.get_blob(img, layer.digest, layer.size)) == layer.digest
+
+
+async def test_blocked_registry_is_refused_by_name(registry_images, tmp_path):
+    authority = registry_images.registry.authority
+    conf = tmp_path / "registries.conf"
+    conf.write_text(f'[[registry]]\nprefix = "{authority}"\nlocation = "{authority}"\nblocked = true\n')
+    async with ImageProxy.spawn(extra_args=["--registries-conf", str(conf), "--tls-verify=false"]) as proxy:
+        with pytest.raises(ProxyError, match="blocked"):
+            await proxy.open_image(registry_images.ref("test/single"))
+
+
+async def test_broken_registries_conf_fails_docker_opens_with_its_reason(registry_images, single, tmp_path):
+    conf = tmp_path / "registries.conf"
+    conf.write_text("[[registry]\nthis is not toml")
+    async with ImageProxy.spawn(extra_args=["--registries-conf", str(conf)]) as proxy:
+        with pytest.raises(ProxyError, match=str(conf)):
+            await proxy.open_image(registry_images.ref("test/single"))
+        # local transports keep working
+        assert await proxy.open_image(single.ref) == 1
