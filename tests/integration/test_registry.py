@@ -20,6 +20,8 @@ from tests.integration.test_differential import (
 from tests.support.images import AMD64, ARM64
 
 INSECURE = ["--tls-verify=false"]
+BOB_PASSWORD = "b0b-secret"
+BOB = ["--creds", f"bob:{BOB_PASSWORD}"]
 
 
 def sha256(data: bytes) -> str:
@@ -112,10 +114,10 @@ async def test_docker_schema2_manifest_from_the_registry_converts_like_skopeo(re
 
 @pytest.fixture(scope="module")
 def tls_registry(tmp_path_factory, built, skopeo):
-    """A TLS registry whose certificate is signed by a throwaway trustme CA, holding test/single."""
+    """A TLS registry (certificate from a throwaway trustme CA) with htpasswd basic auth, holding test/single."""
     import trustme
 
-    from tests.http.registry import RegistryOptions
+    from tests.http.registry import RegistryOptions, write_htpasswd
     from tests.support.images import skopeo_copy
     from tests.support.registry import registry_process
 
@@ -127,12 +129,14 @@ def tls_registry(tmp_path_factory, built, skopeo):
     certs = workdir / "certs"
     certs.mkdir()
     ca.cert_pem.write_to_path(str(certs / "ca.crt"))
-    options = RegistryOptions(tls_cert=workdir / "server.pem", tls_key=workdir / "server.key")
+    htpasswd = write_htpasswd(workdir / "htpasswd", {"bob": BOB_PASSWORD})
+    options = RegistryOptions(tls_cert=workdir / "server.pem", tls_key=workdir / "server.key", htpasswd=htpasswd)
     with registry_process(workdir / "registry", options) as registry:
         skopeo_copy(
             f"oci:{built.layout.path}:latest",
             f"docker://{registry.authority}/test/single:latest",
             f"--dest-cert-dir={certs}",
+            f"--dest-creds=bob:{BOB_PASSWORD}",
         )
         yield registry, certs
 
@@ -140,7 +144,7 @@ def tls_registry(tmp_path_factory, built, skopeo):
 async def test_tls_registry_with_cert_dir(tls_registry, built):
     registry, certs = tls_registry
     ref = f"docker://{registry.authority}/test/single:latest"
-    async with ImageProxy.spawn(extra_args=["--cert-dir", str(certs)]) as proxy:
+    async with ImageProxy.spawn(extra_args=["--cert-dir", str(certs), *BOB]) as proxy:
         img = await proxy.open_image(ref)
         assert (await proxy.get_manifest(img))[0] == built.single.manifest_digest
         layer = built.single.layers[-1]
@@ -158,6 +162,18 @@ async def test_tls_registry_unknown_ca_is_a_final_error_naming_the_host(tls_regi
 
 async def test_tls_registry_with_tls_verify_false(tls_registry, built):
     registry, _ = tls_registry
-    async with ImageProxy.spawn(extra_args=INSECURE) as proxy:
+    async with ImageProxy.spawn(extra_args=[*INSECURE, *BOB]) as proxy:
         img = await proxy.open_image(f"docker://{registry.authority}/test/single:latest")
         assert (await proxy.get_manifest(img))[0] == built.single.manifest_digest
+
+
+async def test_basic_auth_refusal_says_whether_credentials_were_sent(tls_registry):
+    registry, certs = tls_registry
+    ref = f"docker://{registry.authority}/test/single:latest"
+    async with ImageProxy.spawn(extra_args=["--cert-dir", str(certs)]) as proxy:
+        with pytest.raises(ProxyError, match="no credentials were sent"):
+            await proxy.open_image(ref)
+    async with ImageProxy.spawn(extra_args=["--cert-dir", str(certs), "--creds", "bob:n0t-bobs-password"]) as proxy:
+        with pytest.raises(ProxyError, match=r"\(401 Unauthorized.*; credentials were sent\)") as info:
+            await proxy.open_image(ref)
+    assert "n0t-bobs-password" not in str(info.value)
