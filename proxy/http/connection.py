@@ -245,6 +245,10 @@ class Connection:
         response.complete = True
         if self._h11.our_state is h11.DONE and self._h11.their_state is h11.DONE:
             self._h11.start_next_cycle()
+        if self._h11.trailing_data[0]:
+            # Bytes after the end of the response (a body longer than its Content-Length, or an unsolicited
+            # response): never parse them as the answer to our next request on this connection.
+            self._broken = True
 
     def _response_done(self) -> None:
         """The caller is finished with the response (whether or not the body was read)."""

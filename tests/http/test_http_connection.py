@@ -278,3 +278,24 @@ async def test_bodies_are_never_decoded(server: TestServer) -> None:
         assert response.headers.get("content-encoding") == "gzip"
         assert await response.read_all(1 << 20) == compressed  # the digest is over these bytes
     await conn.aclose()
+
+
+async def test_bytes_after_a_response_make_the_connection_unusable() -> None:
+    """A body longer than its Content-Length (or an unsolicited second response) must never be parsed as the
+    answer to the next request on the same connection."""
+
+    async def overlong(stream: trio.SocketStream) -> None:
+        await stream.receive_some(65536)
+        second = b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\ninjected"
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst" + second)
+        await stream.receive_some(65536)
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, overlong, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        conn = await open_connection(Origin("http", "127.0.0.1", port), FAST)
+        async with await conn.request("GET", "/") as response:
+            assert await response.read_all(100) == b"first"
+        assert not conn.reusable
+        await conn.aclose()
+        nursery.cancel_scope.cancel()
