@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 #: the most of an error body we read to explain a failure
 MAX_ERROR_BODY = 64 * 1024
+ONE_TRY = RetryPolicy(attempts=1)
 #: distribution error codes that mean "this does not exist here"
 NOT_FOUND_CODES = frozenset({"MANIFEST_UNKNOWN", "NAME_UNKNOWN", "BLOB_UNKNOWN"})
 #: distribution error codes that are final whatever the HTTP status
@@ -156,8 +157,11 @@ class RegistryClient:
         schemes = ["https", "http"] if self.settings.insecure(authority) else ["https"]
         failure: Exception | None = None
         for scheme in schemes:
+            # With a plain-HTTP fallback, https gets one try (as containers/image does): a server that
+            # speaks no TLS fails the handshake the same way every time.
+            policy = ONE_TRY if scheme != schemes[-1] else retry
             try:
-                response = await self._send_with_retries(f"{scheme}://{authority}/v2/", (), authority, retry)
+                response = await self._send_with_retries(f"{scheme}://{authority}/v2/", (), authority, policy)
             except RegistryError as e:
                 failure = e
                 continue
