@@ -12,6 +12,8 @@ import pytest
 from protocol.client import ImageProxy
 from protocol.errors import ProxyError
 from tests.http.registry import free_port
+from tests.http.server import Reply
+from tests.support.fake_registry import serve_registry
 from tests.support.images import skopeo_copy
 from tests.support.registry import registry_process
 
@@ -29,10 +31,8 @@ def registries_conf(path: Path, primary: str, mirror: str) -> Path:
 
 
 def blob_requests(log: Path, digest: str) -> list[str]:
-    """Access-log lines of GETs for that blob (distribution logs one line per request)."""
-    return [
-        line for line in log.read_text(errors="replace").splitlines() if f"/blobs/{digest}" in line and "GET" in line
-    ]
+    """Access-log lines (one per request: ``"GET /v2/... HTTP/1.1" 200 ...``) of GETs for that blob."""
+    return [line for line in log.read_text(errors="replace").splitlines() if '"GET /v2/' in line and digest in line]
 
 
 @pytest.fixture(scope="module")
@@ -96,3 +96,36 @@ async def test_broken_registries_conf_fails_docker_opens_with_its_reason(registr
             await proxy.open_image(registry_images.ref("test/single"))
         # local transports keep working
         assert await proxy.open_image(single.ref) == 1
+
+
+async def test_a_mirror_answering_404_or_500_for_a_while_is_not_believed_nor_remembered(registry_images, tmp_path):
+    """The Kraken case: a mirror answers 404 ("backend unavailable") for one blob and 500 for another. The first
+    pull gets both from the primary; the next pull asks the mirror again (nothing negative was cached) and now
+    gets them there."""
+    single = registry_images.single
+    primary = registry_images.registry
+    kraken, flaky = single.layers[0], single.layers[1]
+    async with serve_registry() as mirror:
+        reply = Reply(headers=[("Content-Type", single.manifest_media_type)], body=single.manifest)
+        mirror.manifest("test/single", "latest", reply)
+        for digest, first in (
+            (kraken.digest, Reply(status=404, body=b"backend unavailable")),
+            (flaky.digest, Reply(500)),
+        ):
+            mirror.blob("test/single", digest, first, Reply(body=single.blob(digest)))
+        for layer in single.layers[2:]:
+            mirror.blob("test/single", layer.digest, Reply(body=single.blob(layer.digest)))
+        conf = registries_conf(tmp_path / "registries.conf", primary.authority, mirror.authority)
+        before = {d: len(blob_requests(primary.log, d)) for d in (kraken.digest, flaky.digest)}
+        async with ImageProxy.spawn(extra_args=["--registries-conf", str(conf)]) as proxy:
+            for _ in range(2):
+                img = await proxy.open_image(registry_images.ref("test/single"))
+                assert (await proxy.get_manifest(img))[0] == single.manifest_digest
+                for layer in single.layers:
+                    assert sha256(await proxy.get_blob(img, layer.digest, layer.size)) == layer.digest
+                await proxy.close_image(img)
+        for digest in (kraken.digest, flaky.digest):
+            # the mirror's script answers the first request with 404/500 and later ones with the blob
+            asked = mirror.requests_for(mirror.blob_path("test/single", digest))
+            assert len(asked) == 2, "asked once per pull: the failure was neither retried at once nor remembered"
+            assert len(blob_requests(primary.log, digest)) == before[digest] + 1, "exactly one pull used the primary"
