@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -123,3 +124,24 @@ async def test_no_creds_stays_anonymous_even_with_an_auth_file(tmp_path, built, 
         async with ImageProxy.spawn(extra_args=[*INSECURE, "--no-creds"]) as proxy:
             with pytest.raises(ProxyError, match="no credentials were sent"):
                 await proxy.open_image(f"docker://{registry.authority}/private/app:latest")
+
+
+async def test_credentials_from_a_credential_helper_named_in_registries_conf(tmp_path, built, monkeypatch):
+    async with token_registry(tmp_path, built) as (registry, issuer):
+        bin_dir = tmp_path / "bin"
+        bin_dir.mkdir()
+        helper = bin_dir / "docker-credential-imageproxytest"
+        asked = tmp_path / "asked"
+        helper.write_text(
+            "#!/bin/sh\n"
+            f'read host; echo "$1 $host" >> {asked}\n'
+            f'printf \'{{"ServerURL":"%s","Username":"alice","Secret":"{PASSWORD}"}}\' "$host"\n'
+        )
+        helper.chmod(0o755)
+        conf = tmp_path / "registries.conf"
+        conf.write_text('credential-helpers = ["imageproxytest"]\n')
+        monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+        ref = f"docker://{registry.authority}/private/app"
+        await read_single(["--registries-conf", str(conf)], ref, built)
+        assert asked.read_text().split() == ["get", registry.authority]
+        assert issuer.requests and all(r.user == "alice" for r in issuer.requests)
