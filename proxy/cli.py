@@ -20,6 +20,7 @@ import trio
 
 from proxy import __version__
 from proxy.config import ConfigError, CredentialSource, RegistriesConf, load_registries_conf
+from proxy.http.timeouts import Timeouts
 from proxy.options import ProxyOptions
 from proxy.session import serve_socket
 from proxy.sources.base import SourceOptions
@@ -48,6 +49,16 @@ def _parse_bool(text: str) -> bool:
     if lowered in ("0", "f", "false", "no"):
         return False
     raise argparse.ArgumentTypeError(f"invalid boolean value {text!r}")
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"a timeout must be a positive number of seconds, not {text!r}")
+    return value
 
 
 def _add_global_flags(parser: argparse.ArgumentParser, suppress: bool) -> None:
@@ -80,6 +91,35 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-creds", action="store_true", help="access the registry anonymously")
     parser.add_argument("--shared-blob-dir", metavar="DIR", help="blobs of oci: layouts live here")
     parser.add_argument("--daemon-host", metavar="HOST")
+    # Our own (skopeo has no such flags): the deadlines of every registry exchange, in seconds.
+    parser.add_argument(
+        "--connect-timeout",
+        type=_seconds,
+        default=30.0,
+        metavar="SECONDS",
+        help="DNS + TCP connect (and proxy CONNECT) deadline (default 30)",
+    )
+    parser.add_argument(
+        "--tls-handshake-timeout",
+        type=_seconds,
+        default=10.0,
+        metavar="SECONDS",
+        help="TLS handshake deadline (default 10)",
+    )
+    parser.add_argument(
+        "--response-header-timeout",
+        type=_seconds,
+        default=30.0,
+        metavar="SECONDS",
+        help="deadline from sending a request to the end of the response headers (default 30)",
+    )
+    parser.add_argument(
+        "--stall-timeout",
+        type=_seconds,
+        default=30.0,
+        metavar="SECONDS",
+        help="a body read that gets no byte for this long fails (default 30)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,6 +151,12 @@ def registry_settings_from_args(args: argparse.Namespace) -> RegistrySettings:
         tls_verify=getattr(args, "tls_verify", None) is not False,
         cert_dir=getattr(args, "cert_dir", None),
         user_agent=agent,
+        timeouts=Timeouts(
+            connect=args.connect_timeout,
+            tls=args.tls_handshake_timeout,
+            headers=args.response_header_timeout,
+            stall=args.stall_timeout,
+        ),
     )
     try:
         registries = load_registries_conf(args.registries_conf or None)

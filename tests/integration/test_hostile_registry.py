@@ -4,8 +4,8 @@ Every test asserts a clear error (naming the registry host and what is wrong) or
 and then that the same proxy connection keeps serving: a good image on the same registry still opens and its
 manifest and a layer still come through. ``trio.fail_after`` is only a hang guard.
 
-Not covered here: a blob that stalls mid-body. The proxy's stall deadline is 30 s and no flag shortens it,
-so such a test would have to wait 30 s (the HTTP client's own stall handling is tested in tests/http).
+A blob that stalls mid-body is tested with ``--stall-timeout 1`` (resuming it is the stall-proof streaming
+issue's; here it must fail FinishPipe, retryable, naming host and offset, within the deadline).
 """
 
 from __future__ import annotations
@@ -444,6 +444,22 @@ async def test_401_without_a_challenge_says_access_was_refused(registry: FakeReg
             assert "401" in str(error)
             assert registry.authority in str(error)
             assert error.code is ErrorCode.OTHER
+            await assert_still_serving(proxy, registry)
+
+
+# ---------------------------------------------------------------- 11. a blob that stalls mid-body
+
+
+async def test_blob_stalling_mid_body_fails_after_the_stall_deadline(registry: FakeRegistry) -> None:
+    image = make_image("stall")
+    layer = image.layers[0]
+    add_image_with_blob_replies(registry, "stall/image", image, Reply(body=layer.data, stall_after=layer.size // 2))
+    with trio.fail_after(HANG_GUARD):
+        async with spawn("--stall-timeout", "1") as proxy:
+            opened = await proxy.open_image(registry.ref("stall/image"))
+            error = await get_blob_fails(proxy, opened, layer)
+            assert registry.authority in str(error) and f"{layer.size // 2} of {layer.size}" in str(error)
+            assert error.code is ErrorCode.RETRYABLE
             await assert_still_serving(proxy, registry)
 
 

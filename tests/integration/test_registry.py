@@ -177,3 +177,15 @@ async def test_basic_auth_refusal_says_whether_credentials_were_sent(tls_registr
         with pytest.raises(ProxyError, match=r"\(401 Unauthorized.*; credentials were sent\)") as info:
             await proxy.open_image(ref)
     assert "n0t-bobs-password" not in str(info.value)
+
+
+async def test_tls_registry_ca_from_the_users_certs_d(tls_registry, built, tmp_path, monkeypatch):
+    """Without --cert-dir, the CA comes from ~/.config/containers/certs.d/HOST:PORT (containers-certs.d(5))."""
+    registry, certs = tls_registry
+    host_dir = tmp_path / "home" / ".config" / "containers" / "certs.d" / registry.authority
+    host_dir.mkdir(parents=True)
+    (host_dir / "ca.crt").write_bytes((certs / "ca.crt").read_bytes())
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    async with ImageProxy.spawn(extra_args=BOB) as proxy:
+        img = await proxy.open_image(f"docker://{registry.authority}/test/single:latest")
+        assert (await proxy.get_manifest(img))[0] == built.single.manifest_digest
