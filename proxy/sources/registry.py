@@ -146,15 +146,7 @@ class RegistrySource(ImageSource):
             declared = json.loads(raw).get("mediaType")
         except (ValueError, AttributeError):
             raise RegistryError(f"{what}: the registry sent a manifest that is not a JSON object") from None
-        known = {
-            mf.OCI_MANIFEST,
-            mf.OCI_INDEX,
-            mf.DOCKER_V2S2,
-            mf.DOCKER_V2_LIST,
-            mf.DOCKER_V2S1_SIGNED,
-            mf.DOCKER_V2S1,
-        }
-        if isinstance(declared, str) and declared and content_type in known and declared != content_type:
+        if isinstance(declared, str) and declared and content_type in MANIFEST_TYPES and declared != content_type:
             raise RegistryError(f"{what}: Content-Type {content_type} contradicts the manifest's mediaType {declared}")
         if content_type in MANIFEST_TYPES and not declared:
             return content_type

@@ -15,7 +15,7 @@ import socket
 import ssl
 import struct
 import urllib.parse
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import attrs
@@ -193,20 +193,30 @@ async def _next_request(stream: trio.abc.Stream, conn: h11.Connection) -> tuple[
 
 
 @asynccontextmanager
-async def serve(ssl_context: ssl.SSLContext | None = None) -> AsyncIterator[TestServer]:
-    """Run a :class:`TestServer` on 127.0.0.1 (an ephemeral port) for the duration of the block."""
-    server = TestServer(ssl_context)
+async def serve_on_loopback(
+    handler: Callable[[trio.abc.Stream], Awaitable[None]], ssl_context: ssl.SSLContext | None = None
+) -> AsyncIterator[int]:
+    """Serve ``handler`` on 127.0.0.1 (an ephemeral port, TLS with ``ssl_context``) for the duration of the
+    block, which gets the port."""
     raw = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    server.port = _port(raw[0])
     listeners: list[trio.abc.Listener[trio.abc.Stream]] = list(raw)
     if ssl_context is not None:
         listeners = [trio.SSLListener(listener, ssl_context, https_compatible=True) for listener in raw]
     async with trio.open_nursery() as nursery:
-        await nursery.start(trio.serve_listeners, server._handle, listeners)
+        await nursery.start(trio.serve_listeners, handler, listeners)
         try:
-            yield server
+            yield _port(raw[0])
         finally:
             nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def serve(ssl_context: ssl.SSLContext | None = None) -> AsyncIterator[TestServer]:
+    """Run a :class:`TestServer` on 127.0.0.1 (an ephemeral port) for the duration of the block."""
+    server = TestServer(ssl_context)
+    async with serve_on_loopback(server._handle, ssl_context) as port:
+        server.port = port
+        yield server
 
 
 def _port(listener: trio.SocketListener) -> int:

@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
-from tests.http.server import _next_request
+from tests.http.server import _next_request, serve_on_loopback
 
 #: what anonymous and authenticated clients get, per repository ("*": any repository)
 Grants = dict[str | None, dict[str, frozenset[str]]]
@@ -271,15 +271,7 @@ class TokenIssuer:
 @asynccontextmanager
 async def serve_issuer(issuer: TokenIssuer, ssl_context: ssl.SSLContext | None = None) -> AsyncIterator[TokenIssuer]:
     """Run ``issuer`` on 127.0.0.1 (an ephemeral port) for the duration of the block."""
-    raw = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    issuer.port = raw[0].socket.getsockname()[1]
     issuer.scheme = "https" if ssl_context is not None else "http"
-    listeners: list[trio.abc.Listener[trio.abc.Stream]] = list(raw)
-    if ssl_context is not None:
-        listeners = [trio.SSLListener(listener, ssl_context, https_compatible=True) for listener in raw]
-    async with trio.open_nursery() as nursery:
-        await nursery.start(trio.serve_listeners, issuer._handle, listeners)
-        try:
-            yield issuer
-        finally:
-            nursery.cancel_scope.cancel()
+    async with serve_on_loopback(issuer._handle, ssl_context) as port:
+        issuer.port = port
+        yield issuer

@@ -19,7 +19,7 @@ import h11
 import trio
 
 from proxy import manifest as mf
-from tests.http.server import Recorded, Reply, TestServer
+from tests.http.server import Recorded, Reply, TestServer, serve_on_loopback
 
 
 def sha256(data: bytes) -> str:
@@ -181,14 +181,6 @@ class FakeRegistry:
 async def serve_registry(ssl_context: ssl.SSLContext | None = None) -> AsyncIterator[FakeRegistry]:
     """Run a :class:`FakeRegistry` on 127.0.0.1 (an ephemeral port) for the duration of the block."""
     server = FakeRegistryServer(ssl_context)
-    raw = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    server.port = raw[0].socket.getsockname()[1]
-    listeners: list[trio.abc.Listener[trio.abc.Stream]] = list(raw)
-    if ssl_context is not None:
-        listeners = [trio.SSLListener(listener, ssl_context, https_compatible=True) for listener in raw]
-    async with trio.open_nursery() as nursery:
-        await nursery.start(trio.serve_listeners, server._handle, listeners)
-        try:
-            yield FakeRegistry(server)
-        finally:
-            nursery.cancel_scope.cancel()
+    async with serve_on_loopback(server._handle, ssl_context) as port:
+        server.port = port
+        yield FakeRegistry(server)
