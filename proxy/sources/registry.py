@@ -155,43 +155,45 @@ class RegistrySource(ImageSource):
     # ------------------------------------------------------------------ blobs
 
     async def open_blob(self, digest: str) -> Blob:
-        failures: list[str] = []
-        retryable = True
+        """The blob from the first source that has it (each blob chooses anew).
+
+        Not found only when the primary registry says so (twice, for a blob a manifest names);
+        retryable when every source failed in a way that may pass.
+        """
+        failures: list[tuple[PullSource, RegistryError]] = []
         for source in self._sources:
-            retries = BLOB_404_RETRIES if (not source.is_mirror and digest in self._named) else 0
-            for attempt in range(retries + 1):
-                try:
-                    response = await self._client.get(
-                        source.reference.domain,
-                        source.reference.path,
-                        f"blobs/{digest}",
-                        [("Accept-Encoding", "identity")],
-                        logical_host=self._image.domain,
-                        retry=MIRROR_RETRY if source.is_mirror else None,
-                    )
-                except RegistryError as e:
-                    failures.append(f"{source.reference.domain}: {e}")
-                    retryable = retryable and e.code is ErrorCode.RETRYABLE
-                    break
-                if 200 <= response.status < 300:
-                    return RegistryBlob(response)
-                error = await self._client.failure(response, f"fetching blob {digest}", source.reference.domain)
-                if response.status == 404 and attempt < retries:
-                    log.info("%s: %s; asking again in %.1f s", self.reference, error, NEGATIVE_CACHE_DELAY)
-                    await trio.sleep(NEGATIVE_CACHE_DELAY)
-                    continue
-                failures.append(f"{source.reference.domain}: {error}")
-                if response.status == 404 and not source.is_mirror:
-                    retryable = False
-                elif error.code is not ErrorCode.RETRYABLE:
-                    retryable = retryable and source.is_mirror
-                break
-        text = "; ".join(failures)
-        if not retryable and all("404" in f for f in failures):
+            try:
+                return await self._open_blob_at(source, digest)
+            except RegistryError as e:
+                failures.append((source, e))
+        text = "; ".join(f"{source.reference.domain}: {error}" for source, error in failures)
+        if any(error.status == 404 and not source.is_mirror for source, error in failures):
             raise BlobNotFound(f"{self.reference}: blob {digest} not found: {text}")
-        raise SourceError(
-            f"{self.reference}: fetching blob {digest}: {text}", ErrorCode.RETRYABLE if retryable else ErrorCode.OTHER
-        )
+        retryable = all(error.code is ErrorCode.RETRYABLE for _, error in failures)
+        code = ErrorCode.RETRYABLE if retryable else ErrorCode.OTHER
+        raise SourceError(f"{self.reference}: fetching blob {digest}: {text}", code)
+
+    async def _open_blob_at(self, source: PullSource, digest: str) -> Blob:
+        # A pull-through proxy in front of the primary may answer 404 while its backend is away: for a
+        # blob a manifest names, ask once more after its negative cache expired. A mirror is passed over.
+        retries = BLOB_404_RETRIES if (not source.is_mirror and digest in self._named) else 0
+        for attempt in range(retries + 1):
+            response = await self._client.get(
+                source.reference.domain,
+                source.reference.path,
+                f"blobs/{digest}",
+                [("Accept-Encoding", "identity")],
+                logical_host=self._image.domain,
+                retry=MIRROR_RETRY if source.is_mirror else None,
+            )
+            if 200 <= response.status < 300:
+                return RegistryBlob(response)
+            error = await self._client.failure(response, f"fetching blob {digest}", source.reference.domain)
+            if response.status != 404 or attempt == retries:
+                raise error
+            log.info("%s: %s; asking again in %.1f s", self.reference, error, NEGATIVE_CACHE_DELAY)
+            await trio.sleep(NEGATIVE_CACHE_DELAY)
+        raise AssertionError("unreachable")  # pragma: no cover
 
 
 async def open_registry(reference: str, within: str, client: RegistryClient | None) -> RegistrySource:

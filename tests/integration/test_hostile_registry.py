@@ -563,3 +563,33 @@ async def test_huge_404_body_that_stalls_does_not_delay_the_error(registry: Fake
             assert "404" in str(error)
             assert registry.authority in str(error)
             await assert_still_serving(proxy, registry)
+
+
+# ---------------------------------------------------------------- a pull-through proxy's negative cache
+
+
+async def test_a_404_for_a_blob_the_manifest_names_is_asked_again_after_the_negative_cache(
+    registry: FakeRegistry,
+) -> None:
+    """Kraken-style: 404 while the backend is away. Asked again after more than 1 s, the blob is there."""
+    image = make_image("kraken")
+    layer = add_image_with_blob_replies(registry, "kraken/image", image, Reply(404), Reply(body=image.layers[0].data))
+    with trio.fail_after(HANG_GUARD):
+        async with spawn() as proxy:
+            opened = await proxy.open_image(registry.ref("kraken/image"))
+            started = trio.current_time()
+            assert await proxy.get_blob(opened, layer.digest, layer.size) == layer.data
+            waited = trio.current_time() - started
+    assert len(registry.requests_for(registry.blob_path("kraken/image", layer.digest))) == 2
+    assert waited > 1.0, "the second request came after a pull-through proxy's 1 s negative cache"
+
+
+async def test_a_404_for_a_blob_no_manifest_names_is_final_at_once(registry: FakeRegistry) -> None:
+    stranger = Blob(b"not named by any manifest")
+    registry.blob(GOOD_REPO, stranger.digest, Reply(404), Reply(body=stranger.data))
+    async with spawn() as proxy:
+        opened = await proxy.open_image(registry.ref(GOOD_REPO))
+        error = await get_blob_fails(proxy, opened, stranger)
+        assert "not found" in str(error) and error.code is ErrorCode.OTHER
+        await assert_still_serving(proxy, registry)
+    assert len(registry.requests_for(registry.blob_path(GOOD_REPO, stranger.digest))) == 1
