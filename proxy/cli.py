@@ -25,6 +25,7 @@ from proxy.options import ProxyOptions
 from proxy.session import serve_socket
 from proxy.sources.base import SourceOptions
 from proxy.sources.registry_client import RegistrySettings
+from proxy.sources.resuming_blob import ResumePolicy
 
 log = logging.getLogger("image-proxy")
 
@@ -58,6 +59,16 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r}") from None
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"a timeout must be a positive number of seconds, not {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid count {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a count must not be negative, not {text!r}")
     return value
 
 
@@ -114,6 +125,13 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
         help="deadline from sending a request to the end of the response headers (default 30)",
     )
     parser.add_argument(
+        "--max-resumes",
+        type=_count,
+        default=10,
+        metavar="N",
+        help="how many times one blob transfer may resume after a network failure (default 10)",
+    )
+    parser.add_argument(
         "--stall-timeout",
         type=_seconds,
         default=30.0,
@@ -157,6 +175,7 @@ def registry_settings_from_args(args: argparse.Namespace) -> RegistrySettings:
             headers=args.response_header_timeout,
             stall=args.stall_timeout,
         ),
+        resume=ResumePolicy(max_resumes=args.max_resumes),
     )
     try:
         registries = load_registries_conf(args.registries_conf or None)

@@ -18,11 +18,14 @@ import trio
 from protocol.errors import ErrorCode
 from proxy import manifest as mf
 from proxy.config import ConfigError, PullSource
+from proxy.http.connection import Response
 from proxy.http.errors import HTTPError
+from proxy.http.ranges import range_from
 from proxy.http.retry import RetryPolicy
 from proxy.sources.base import Blob, BlobNotFound, ImageNotFound, ImageSource, SourceError
 from proxy.sources.docker_reference import DockerReference, parse_docker_reference
 from proxy.sources.registry_client import RegistryClient, RegistryError
+from proxy.sources.resuming_blob import ResumingBlob
 
 log = logging.getLogger(__name__)
 
@@ -42,24 +45,6 @@ NEGATIVE_CACHE_DELAY = 1.5
 MIRROR_RETRY = RetryPolicy(attempts=1)
 #: how many times such a 404 is asked again before it is believed
 BLOB_404_RETRIES = 1
-
-
-class RegistryBlob(Blob):
-    """A blob body being received; closing it early closes (never drains) the connection."""
-
-    def __init__(self, response) -> None:
-        self._response = response
-        length = response.content_length
-        self.size = length if length is not None else -1
-
-    async def read(self, max_bytes: int) -> bytes:
-        return await self._response.read_some(max_bytes)
-
-    async def aclose(self) -> None:
-        if self._response.complete:
-            await self._response.aclose()
-        else:
-            await self._response.abandon()
 
 
 def _referenced_digests(raw: bytes) -> set[str]:
@@ -178,22 +163,51 @@ class RegistrySource(ImageSource):
         # blob a manifest names, ask once more after its negative cache expired. A mirror is passed over.
         retries = BLOB_404_RETRIES if (not source.is_mirror and digest in self._named) else 0
         for attempt in range(retries + 1):
-            response = await self._client.get(
-                source.reference.domain,
-                source.reference.path,
-                f"blobs/{digest}",
-                [("Accept-Encoding", "identity")],
-                logical_host=self._image.domain,
-                retry=MIRROR_RETRY if source.is_mirror else None,
-            )
+            response = await self._request_blob(source, digest)
             if 200 <= response.status < 300:
-                return RegistryBlob(response)
+                return ResumingBlob(
+                    what=f"{self.reference}: blob {digest}",
+                    response=response,
+                    host=source.reference.domain,
+                    reopen=lambda offset: self._reopen_blob(digest, offset),
+                    policy=self._client.settings.resume,
+                )
             error = await self._client.failure(response, f"fetching blob {digest}", source.reference.domain)
             if response.status != 404 or attempt == retries:
                 raise error
             log.info("%s: %s; asking again in %.1f s", self.reference, error, NEGATIVE_CACHE_DELAY)
             await trio.sleep(NEGATIVE_CACHE_DELAY)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _request_blob(self, source: PullSource, digest: str, offset: int = 0) -> Response:
+        headers = [("Accept-Encoding", "identity")]
+        if offset:
+            headers.append(("Range", range_from(offset)))
+        return await self._client.get(
+            source.reference.domain,
+            source.reference.path,
+            f"blobs/{digest}",
+            headers,
+            logical_host=self._image.domain,
+            retry=MIRROR_RETRY if source.is_mirror else None,
+        )
+
+    async def _reopen_blob(self, digest: str, offset: int) -> tuple[Response, str]:
+        """The blob again from ``offset`` (a fresh request: new redirect, new token), from any source."""
+        failures: list[str] = []
+        for source in self._sources:
+            try:
+                response = await self._request_blob(source, digest, offset)
+            except RegistryError as e:
+                failures.append(f"{source.reference.domain}: {e}")
+                continue
+            if response.status in (200, 206):
+                return response, source.reference.domain
+            error = await self._client.failure(response, f"resuming blob {digest}", source.reference.domain)
+            failures.append(f"{source.reference.domain}: {error}")
+        raise SourceError(
+            f"{self.reference}: resuming blob {digest} at byte {offset}: {'; '.join(failures)}", ErrorCode.RETRYABLE
+        )
 
 
 async def open_registry(reference: str, within: str, client: RegistryClient | None) -> RegistrySource:

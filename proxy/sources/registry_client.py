@@ -32,6 +32,7 @@ from proxy.http.retry import RETRYABLE_STATUSES, RetryPolicy, parse_retry_after
 from proxy.http.timeouts import Timeouts
 from proxy.http.tls import create_ssl_context
 from proxy.http.url import URL
+from proxy.sources.resuming_blob import ResumePolicy
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ class RegistrySettings:
     user_agent: str = "image-proxy/0.1"
     timeouts: Timeouts = attrs.field(factory=Timeouts)
     retry: RetryPolicy = attrs.field(factory=RetryPolicy)
+    resume: ResumePolicy = attrs.field(factory=ResumePolicy)
     environ: Mapping[str, str] = attrs.field(factory=lambda: dict(os.environ), repr=False)
     insecure_hosts: frozenset[str] = attrs.field(init=False)
 
