@@ -47,6 +47,13 @@ MIRROR_RETRY = RetryPolicy(attempts=1)
 BLOB_404_RETRIES = 1
 
 
+class _BodyFailed(Exception):
+    """A manifest body failed in a way that may pass on another try."""
+
+    def __init__(self, error: RegistryError) -> None:
+        self.error = error
+
+
 def _referenced_digests(raw: bytes) -> set[str]:
     try:
         doc = json.loads(raw)
@@ -101,6 +108,20 @@ class RegistrySource(ImageSource):
         raise SourceError(f"{self.reference}: {text}", ErrorCode.RETRYABLE if retryable else ErrorCode.OTHER)
 
     async def _fetch_manifest(self, source: PullSource, wanted: str) -> tuple[bytes, str]:
+        """One source's manifest; a body cut short or stalled is fetched again (a manifest is small and
+        is never resumed) as often as the source's retry policy allows."""
+        policy = MIRROR_RETRY if source.is_mirror else self._client.settings.retry
+        for attempt in range(1, policy.attempts + 1):
+            try:
+                return await self._fetch_manifest_once(source, wanted)
+            except _BodyFailed as e:
+                if attempt == policy.attempts:
+                    raise e.error from None
+                log.info("%s; fetching it again (attempt %d of %d)", e.error, attempt + 1, policy.attempts)
+                await trio.sleep(policy.delay(attempt - 1))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _fetch_manifest_once(self, source: PullSource, wanted: str) -> tuple[bytes, str]:
         response = await self._client.get(
             source.reference.domain,
             source.reference.path,
@@ -116,7 +137,10 @@ class RegistrySource(ImageSource):
             try:
                 raw = await response.read_all(MAX_MANIFEST_SIZE)
             except HTTPError as e:
-                raise RegistryError(f"{what}: {e}", retryable=e.retryable) from None
+                error = RegistryError(f"{what}: {e}", retryable=e.retryable)
+                if e.retryable:
+                    raise _BodyFailed(error) from None
+                raise error from None
         if ":" in wanted:  # by digest: the bytes must be what was asked for
             algo = wanted.split(":", 1)[0]
             if mf.digest_of(raw, algo) != wanted:

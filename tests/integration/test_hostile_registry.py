@@ -593,3 +593,16 @@ async def test_a_404_for_a_blob_no_manifest_names_is_final_at_once(registry: Fak
         assert "not found" in str(error) and error.code is ErrorCode.OTHER
         await assert_still_serving(proxy, registry)
     assert len(registry.requests_for(registry.blob_path(GOOD_REPO, stranger.digest))) == 1
+
+
+async def test_a_manifest_body_that_stalls_once_is_fetched_again(registry: FakeRegistry) -> None:
+    image = make_image("manifest-stall")
+    registry.add_image("mstall/image", "latest", image)
+    stalled = manifest_reply(image.manifest)
+    stalled.stall_after = len(image.manifest) // 2
+    registry.manifest("mstall/image", "latest", stalled, manifest_reply(image.manifest))
+    with trio.fail_after(HANG_GUARD):
+        async with spawn("--stall-timeout", "1") as proxy:
+            opened = await proxy.open_image(registry.ref("mstall/image"))
+            assert await proxy.get_manifest(opened) == (image.digest, image.manifest)
+    assert len(registry.requests_for(registry.manifest_path("mstall/image", "latest"))) == 2
