@@ -39,7 +39,7 @@ from .timeouts import Timeouts
 from .url import Origin
 
 #: bytes asked from the socket per read
-READ_SIZE = 64 * 1024
+READ_SIZE = 1 << 20
 #: the largest response head (status line + headers) we accept
 MAX_HEAD_SIZE = 256 * 1024
 
