@@ -1,0 +1,1 @@
+"""Fault injection between the daemon and a real registry: the harness (proxy.py) and the matrix."""
