@@ -40,6 +40,8 @@ from .url import Origin
 
 #: bytes asked from the socket per read
 READ_SIZE = 1 << 20
+#: bodies at least this long (by Content-Length) are read past h11 (see Connection._wants_raw_body)
+RAW_BODY_MIN = 1 << 20
 #: the largest response head (status line + headers) we accept
 MAX_HEAD_SIZE = 256 * 1024
 
@@ -80,6 +82,8 @@ class Connection:
         self._pending = b""  # body bytes h11 handed us that the caller has not taken yet
         self._body_received = 0
         self._expected: int | None = None
+        self._raw_remaining: int | None = None  # body bytes still to read past h11 (see _wants_raw_body)
+        self._method = ""
 
     # -- state ---------------------------------------------------------------------------------------------
 
@@ -144,6 +148,8 @@ class Connection:
         self._received_in_cycle = 0
         self._body_received = 0
         self._expected = None
+        self._raw_remaining = None
+        self._method = method.upper()
         try:
             with trio.move_on_after(self.timeouts.headers):
                 response = await self._send_and_receive_head(data)
@@ -189,6 +195,13 @@ class Connection:
         if self._response is None or self._response.complete:
             return b""
         try:
+            if self._raw_remaining is None and self._wants_raw_body():
+                self._enter_raw_body()
+                if self._pending:
+                    chunk, self._pending = self._pending[:max_bytes], self._pending[max_bytes:]
+                    return chunk
+            if self._raw_remaining is not None:
+                return await self._read_raw_body(max_bytes)
             while True:
                 event = self._next_event(Phase.BODY)
                 if event is h11.NEED_DATA:
@@ -214,6 +227,65 @@ class Connection:
         except BaseException:
             self._broken = True
             raise
+
+    # -- large bodies, past h11 ------------------------------------------------------------------------------
+
+    def _wants_raw_body(self) -> bool:
+        """A long body of known length is read straight from the socket: h11 would copy every byte twice
+        more. h11 then never sees the body, so the connection is closed after it, never reused."""
+        return (
+            self._expected is not None
+            and self._method != "HEAD"
+            and self._response is not None
+            and self._response.status not in (204, 304)
+            and self._expected - self._body_received >= RAW_BODY_MIN
+            and self._h11.their_state is h11.SEND_BODY
+        )
+
+    def _enter_raw_body(self) -> None:
+        """Take the body bytes h11 already buffered, then count down the rest ourselves."""
+        assert self._expected is not None
+        while True:
+            event = self._next_event(Phase.BODY)
+            if isinstance(event, h11.Data):
+                data = bytes(event.data)
+                self._body_received += len(data)
+                self._pending += data
+                continue
+            if event is h11.NEED_DATA:
+                break
+            raise ProtocolError(self.host, self.port, Phase.BODY, ValueError(f"unexpected {event!r}"))
+        self._raw_remaining = self._expected - self._body_received
+
+    async def _read_raw_body(self, max_bytes: int) -> bytes:
+        assert self._raw_remaining is not None and self._response is not None
+        if self._raw_remaining == 0:
+            self._response.complete = True
+            self._broken = True  # h11 did not see the body: this connection cannot carry another request
+            return b""
+        data = b""
+        with trio.move_on_after(self.timeouts.stall):
+            try:
+                data = await self._stream.receive_some(min(max_bytes, self._raw_remaining, READ_SIZE))
+            except trio.BrokenResourceError as e:
+                raise ConnectionLost(
+                    self.host,
+                    self.port,
+                    Phase.BODY,
+                    e.__cause__ or e,
+                    received=self._body_received,
+                    expected=self._expected,
+                ) from e
+            if not data:
+                raise ConnectionLost(
+                    self.host, self.port, Phase.BODY, received=self._body_received, expected=self._expected
+                )
+        if not data:
+            raise StallError(self.host, self.port, self.timeouts.stall, self._body_received, self._expected)
+        self._raw_remaining -= len(data)
+        self._body_received += len(data)
+        self._received_in_cycle += len(data)
+        return data
 
     def _poll_body_end(self) -> bool:
         """Without any I/O: is the body complete? (HEAD, 204, Content-Length: 0, or all of it already read.)"""

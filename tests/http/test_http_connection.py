@@ -10,7 +10,7 @@ import pytest
 import trio
 
 from protocol.errors import ErrorCode
-from proxy.http.connection import Connection, open_connection
+from proxy.http.connection import RAW_BODY_MIN, Connection, open_connection
 from proxy.http.errors import (
     BodyTooLarge,
     ConnectError,
@@ -299,3 +299,54 @@ async def test_bytes_after_a_response_make_the_connection_unusable() -> None:
         assert not conn.reusable
         await conn.aclose()
         nursery.cancel_scope.cancel()
+
+
+# -- large bodies are read past h11 ------------------------------------------------------------------------------
+
+BIG = bytes(range(256)) * (RAW_BODY_MIN // 256 + 4099)
+
+
+async def test_a_large_body_is_read_whole_and_the_connection_is_not_reused(server: TestServer) -> None:
+    server.route("/big", Reply(body=BIG))
+    server.route("/small", Reply(body=b"small"))
+    conn = await connect(server)
+    async with await conn.request("GET", "/big") as response:
+        parts = []
+        while chunk := await response.read_some(300_000):
+            assert len(chunk) <= 300_000
+            parts.append(chunk)
+        assert b"".join(parts) == BIG and response.complete and response.received == len(BIG)
+    assert not conn.reusable, "h11 never saw that body: the connection must not carry another request"
+    await conn.aclose()
+
+
+async def test_a_large_body_that_stalls_raises_a_stall_error(server: TestServer) -> None:
+    server.route("/big", Reply(body=BIG, stall_after=RAW_BODY_MIN + 10))
+    conn = await connect(server)
+    async with await conn.request("GET", "/big") as response:
+        with pytest.raises(StallError) as caught:
+            while await response.read_some():
+                pass
+    assert caught.value.retryable and f"{RAW_BODY_MIN + 10} of {len(BIG)}" in str(caught.value)
+    await conn.aclose()
+
+
+async def test_a_large_body_cut_short_is_connection_lost(server: TestServer) -> None:
+    server.route("/big", Reply(body=BIG, close_after=RAW_BODY_MIN + 10))
+    conn = await connect(server)
+    async with await conn.request("GET", "/big") as response:
+        with pytest.raises(ConnectionLost) as caught:
+            while await response.read_some():
+                pass
+    assert caught.value.retryable
+    await conn.aclose()
+
+
+async def test_a_head_answer_with_a_large_content_length_has_no_body(server: TestServer) -> None:
+    server.route("/big", Reply(body=BIG))
+    conn = await connect(server)
+    async with await conn.request("HEAD", "/big") as response:
+        assert response.content_length == len(BIG)
+        assert await response.read_some() == b""
+    assert conn.reusable
+    await conn.aclose()
