@@ -26,8 +26,20 @@ log = logging.getLogger(__name__)
 
 #: bytes moved per read from a source
 CHUNK_SIZE = 1 << 20
-#: pipe buffer we ask the kernel for (bounded by /proc/sys/fs/pipe-max-size)
-PIPE_SIZE = 1 << 20
+#: the largest pipe buffer we ask for; the system limit (/proc/sys/fs/pipe-max-size) may lower it
+PIPE_SIZE_CAP = 4 << 20
+
+
+def _system_pipe_max(path: str = "/proc/sys/fs/pipe-max-size") -> int:
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return 1 << 20
+
+
+#: pipe buffer we ask the kernel for: as large as the system allows, up to PIPE_SIZE_CAP
+PIPE_SIZE = min(PIPE_SIZE_CAP, _system_pipe_max())
 
 BROKEN_PIPE_TEXT = "write |1: broken pipe"
 
