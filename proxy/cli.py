@@ -20,6 +20,8 @@ import trio
 
 from proxy import __version__
 from proxy.config import ConfigError, CredentialSource, RegistriesConf, load_registries_conf
+from proxy.config.daemon_conf import DEFAULT_PATH as DEFAULT_DAEMON_CONF
+from proxy.config.daemon_conf import load_daemon_conf
 from proxy.http.timeouts import Timeouts
 from proxy.options import ProxyOptions
 from proxy.session import serve_socket
@@ -102,39 +104,44 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-creds", action="store_true", help="access the registry anonymously")
     parser.add_argument("--shared-blob-dir", metavar="DIR", help="blobs of oci: layouts live here")
     parser.add_argument("--daemon-host", metavar="HOST")
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help=f"the daemon's own settings (TOML; default {DEFAULT_DAEMON_CONF}, if it exists); flags win over it",
+    )
     # Our own (skopeo has no such flags): the deadlines of every registry exchange, in seconds.
     parser.add_argument(
         "--connect-timeout",
         type=_seconds,
-        default=30.0,
+        default=None,
         metavar="SECONDS",
         help="DNS + TCP connect (and proxy CONNECT) deadline (default 30)",
     )
     parser.add_argument(
         "--tls-handshake-timeout",
         type=_seconds,
-        default=10.0,
+        default=None,
         metavar="SECONDS",
         help="TLS handshake deadline (default 10)",
     )
     parser.add_argument(
         "--response-header-timeout",
         type=_seconds,
-        default=30.0,
+        default=None,
         metavar="SECONDS",
         help="deadline from sending a request to the end of the response headers (default 30)",
     )
     parser.add_argument(
         "--max-resumes",
         type=_count,
-        default=10,
+        default=None,
         metavar="N",
         help="how many times one blob transfer may resume after a network failure (default 10)",
     )
     parser.add_argument(
         "--stall-timeout",
         type=_seconds,
-        default=30.0,
+        default=None,
         metavar="SECONDS",
         help="a body read that gets no byte for this long fails (default 30)",
     )
@@ -160,22 +167,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def registry_settings_from_args(args: argparse.Namespace) -> RegistrySettings:
-    """Registry settings; a registries.conf that cannot be read makes every docker:// open fail with the
-    reason (local transports keep working), as the error is the user's to fix, not a reason not to start."""
+    """Registry settings: flags, else the daemon's config file, else the defaults. A registries.conf that cannot
+    be read makes every docker:// open fail with the reason (local transports keep working): the error is the
+    user's to fix, not a reason not to start. A bad daemon config file is a ConfigError (the caller exits)."""
     agent = f"image-proxy/{__version__}"
     if args.user_agent_prefix:
         agent = f"{args.user_agent_prefix} {agent}"
+    conf = load_daemon_conf(getattr(args, "config", None))
+
+    def pick(name: str, default: float) -> float:
+        flag = getattr(args, name, None)
+        if flag is not None:
+            return flag
+        value = getattr(conf, name)
+        return default if value is None else value
+
     settings = RegistrySettings(
         tls_verify=getattr(args, "tls_verify", None) is not False,
         cert_dir=getattr(args, "cert_dir", None),
         user_agent=agent,
         timeouts=Timeouts(
-            connect=args.connect_timeout,
-            tls=args.tls_handshake_timeout,
-            headers=args.response_header_timeout,
-            stall=args.stall_timeout,
+            connect=pick("connect_timeout", 30.0),
+            tls=pick("tls_handshake_timeout", 10.0),
+            headers=pick("response_header_timeout", 30.0),
+            stall=pick("stall_timeout", 30.0),
         ),
-        resume=ResumePolicy(max_resumes=args.max_resumes),
+        resume=ResumePolicy(max_resumes=int(pick("max_resumes", 10))),
     )
     try:
         registries = load_registries_conf(args.registries_conf or None)

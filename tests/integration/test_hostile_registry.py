@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import ssl
+import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -20,7 +21,7 @@ import pytest
 import trio
 import trustme
 
-from protocol.client import ImageProxy
+from protocol.client import DEFAULT_ARGV, ImageProxy
 from protocol.errors import ErrorCode, ProxyError
 from proxy import manifest as mf
 from tests.http.server import Reply, redirect
@@ -606,3 +607,28 @@ async def test_a_manifest_body_that_stalls_once_is_fetched_again(registry: FakeR
             opened = await proxy.open_image(registry.ref("mstall/image"))
             assert await proxy.get_manifest(opened) == (image.digest, image.manifest)
     assert len(registry.requests_for(registry.manifest_path("mstall/image", "latest"))) == 2
+
+
+async def test_stall_timeout_and_max_resumes_from_the_config_file(registry: FakeRegistry, tmp_path: Path) -> None:
+    """The daemon's config file sets what the flags set; with max-resumes = 0 a stall fails at once."""
+    image = make_image("conf-stall")
+    layer = image.layers[0]
+    add_image_with_blob_replies(registry, "cstall/image", image, Reply(body=layer.data, stall_after=10))
+    conf = tmp_path / "config.toml"
+    conf.write_text("[registry]\nstall-timeout = 1\nmax-resumes = 0\n")
+    with trio.fail_after(HANG_GUARD):
+        async with spawn("--config", str(conf)) as proxy:
+            opened = await proxy.open_image(registry.ref("cstall/image"))
+            error = await get_blob_fails(proxy, opened, layer)
+            assert "after 0 resumes" in str(error) and error.code is ErrorCode.RETRYABLE
+    assert len(registry.requests_for(registry.blob_path("cstall/image", layer.digest))) == 1
+
+
+def test_a_bad_config_file_stops_the_daemon_naming_it(tmp_path: Path) -> None:
+    conf = tmp_path / "config.toml"
+    conf.write_text("[registry]\nstall-timeout = -1\n")
+    result = subprocess.run(
+        [*DEFAULT_ARGV, "--config", str(conf)], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 2
+    assert f"{conf}: [registry] stall-timeout must be a positive number of seconds" in result.stderr
