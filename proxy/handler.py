@@ -15,7 +15,7 @@ import attrs
 import trio
 
 import protocol
-from protocol.errors import ErrorCode, ProtocolViolation, ProxyError
+from protocol.errors import ProtocolViolation, ProxyError
 from protocol.messages import Reply, Request
 from protocol.methods import parse_args
 from proxy import gojson
@@ -292,4 +292,4 @@ class Handler:
             self._images.clear()
 
 
-__all__ = ["ErrorCode", "Handler", "Outcome"]
+__all__ = ["Handler", "Outcome"]
