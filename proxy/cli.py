@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import socket
 import sys
 from collections.abc import Sequence
@@ -64,6 +65,17 @@ def _seconds(text: str) -> float:
     return value
 
 
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _byte_size(text: str) -> int:
+    """``20G``, ``512M``, ``1.5T``, ``1000`` (bytes); binary units, an optional trailing ``B`` or ``iB``."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    if m is None:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (try 20G, 512M or a number of bytes)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
 def _count(text: str) -> int:
     try:
         value = int(text)
@@ -104,6 +116,10 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-creds", action="store_true", help="access the registry anonymously")
     parser.add_argument("--shared-blob-dir", metavar="DIR", help="blobs of oci: layouts live here")
     parser.add_argument("--daemon-host", metavar="HOST")
+    parser.add_argument("--blob-cache", metavar="DIR", help="keep verified registry blobs in DIR (default: none)")
+    parser.add_argument(
+        "--blob-cache-max", type=_byte_size, metavar="SIZE", help="evict least recently used blobs above SIZE (20G)"
+    )
     parser.add_argument(
         "--config",
         metavar="FILE",
@@ -217,6 +233,8 @@ def credentials_from_args(args: argparse.Namespace, registries: RegistriesConf) 
 def options_from_args(args: argparse.Namespace) -> ProxyOptions:
     registry = registry_settings_from_args(args)
     return ProxyOptions(
+        blob_cache=getattr(args, "blob_cache", None),
+        blob_cache_max=getattr(args, "blob_cache_max", None),
         registry=registry,
         credentials=credentials_from_args(args, registry.registries),
         source_options=SourceOptions(

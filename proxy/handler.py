@@ -20,10 +20,12 @@ from protocol.messages import Reply, Request
 from protocol.methods import parse_args
 from proxy import gojson
 from proxy import manifest as mf
+from proxy.blobstore import BlobStore
 from proxy.options import ProxyOptions
 from proxy.pipes import DigestVerifier, Pipe, produce_blob, produce_bytes, produce_raw_blob
 from proxy.sources.base import Blob, BytesBlob, ImageNotFound, ImageSource
 from proxy.sources.reference import open_source
+from proxy.sources.registry import RegistrySource
 from proxy.sources.registry_client import RegistryClient
 
 log = logging.getLogger(__name__)
@@ -60,9 +62,11 @@ class Handler:
         config: ProxyOptions,
         spawn: Callable[[Callable[[], Awaitable[None]]], None],
         registry: RegistryClient | None = None,
+        store: BlobStore | None = None,
     ) -> None:
         self.config = config
         self._registry = registry
+        self._store = store
         self._spawn = spawn
         self._initialized = False
         self._images: dict[int, OpenedImage] = {}
@@ -245,19 +249,33 @@ class Handler:
         data = gojson.marshal(mf.layer_infos(image.parsed))
         return self._reply_with_bytes(None, data)
 
-    async def _open_blob(self, image: OpenedImage, digest: str) -> Blob:
+    async def _open_blob(self, image: OpenedImage, digest: str, expected_size: int | None = None) -> Blob:
         if image.converted_config is not None and image.converted_config[0] == digest:
             return BytesBlob(image.converted_config[1])
-        return await image.source.open_blob(digest)
+        source = image.source
+        if self._store is not None and isinstance(source, RegistrySource):
+            # registry blobs go through the cache: served from disk, or downloaded once into it
+            return await self._store.fetch(
+                digest, expected_size, lambda offset: source.open_blob_from(digest, offset), self._spawn
+            )
+        return await source.open_blob(digest)
+
+    @staticmethod
+    def _known_size(image: OpenedImage, digest: str) -> int | None:
+        """The size the image's manifest gives for a blob, if it names it."""
+        for desc in (image.parsed.config, *image.parsed.layers):
+            if desc.digest == digest:
+                return desc.size
+        return None
 
     async def get_blob(self, image_id: int, digest: str, size: int) -> Outcome:
         image = self._image(image_id)
-        blob = await self._open_blob(image, digest)
+        blob = await self._open_blob(image, digest, size)
         return self._reply_with_pipe(blob.size, lambda pipe: produce_blob(pipe, blob, digest, size))
 
     async def get_raw_blob(self, image_id: int, digest: str) -> Outcome:
         image = self._image(image_id)
-        blob = await self._open_blob(image, digest)
+        blob = await self._open_blob(image, digest, self._known_size(image, digest))
         data_pipe = Pipe.create()
         err_pipe = Pipe.create()
         self._spawn(lambda: produce_raw_blob(blob, digest, data_pipe.writer, err_pipe.writer))

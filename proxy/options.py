@@ -18,6 +18,9 @@ class ProxyOptions:
     registry: RegistrySettings = attrs.field(factory=RegistrySettings)
     #: registry credentials (flags, auth files, helpers); None: anonymous everywhere
     credentials: CredentialSource | None = None
+    #: ``--blob-cache DIR`` (None: no cache) and ``--blob-cache-max`` bytes (None: no limit)
+    blob_cache: str | None = None
+    blob_cache_max: int | None = None
     override_os: str | None = None
     override_arch: str | None = None
     override_variant: str | None = None

@@ -25,6 +25,7 @@ import trio
 from protocol.codec import MAX_MSG_SIZE, decode_request, encode_reply
 from protocol.errors import ProtocolViolation
 from protocol.messages import Request
+from proxy.blobstore import BlobStore
 from proxy.handler import Handler, Outcome
 from proxy.options import ProxyOptions
 from proxy.sources.registry_client import RegistryClient
@@ -69,8 +70,11 @@ class Session:
 
     async def run(self) -> None:
         registry = RegistryClient(self._options.registry, self._options.credentials)
+        store = None
+        if self._options.blob_cache is not None:
+            store = BlobStore(self._options.blob_cache, self._options.blob_cache_max)
         async with trio.open_nursery() as nursery:
-            handler = Handler(self._options, lambda work: nursery.start_soon(work), registry)
+            handler = Handler(self._options, lambda work: nursery.start_soon(work), registry, store)
             try:
                 dispatcher_done = trio.Event()
 

@@ -164,7 +164,10 @@ class RegistrySource(ImageSource):
     # ------------------------------------------------------------------ blobs
 
     async def open_blob(self, digest: str) -> Blob:
-        """The blob from the first source that has it (each blob chooses anew).
+        return await self.open_blob_from(digest, 0)
+
+    async def open_blob_from(self, digest: str, offset: int) -> ResumingBlob:
+        """The blob from byte ``offset`` on (a Range request), from the first source that has it.
 
         Not found only when the primary registry says so (twice, for a blob a manifest names);
         retryable when every source failed in a way that may pass.
@@ -172,7 +175,7 @@ class RegistrySource(ImageSource):
         failures: list[tuple[PullSource, RegistryError]] = []
         for source in self._sources:
             try:
-                return await self._open_blob_at(source, digest)
+                return await self._open_blob_at(source, digest, offset)
             except RegistryError as e:
                 failures.append((source, e))
         text = "; ".join(f"{source.reference.domain}: {error}" for source, error in failures)
@@ -182,20 +185,22 @@ class RegistrySource(ImageSource):
         code = ErrorCode.RETRYABLE if retryable else ErrorCode.OTHER
         raise SourceError(f"{self.reference}: fetching blob {digest}: {text}", code)
 
-    async def _open_blob_at(self, source: PullSource, digest: str) -> Blob:
+    async def _open_blob_at(self, source: PullSource, digest: str, offset: int = 0) -> ResumingBlob:
         # A pull-through proxy in front of the primary may answer 404 while its backend is away: for a
         # blob a manifest names, ask once more after its negative cache expired. A mirror is passed over.
         retries = BLOB_404_RETRIES if (not source.is_mirror and digest in self._named) else 0
         for attempt in range(retries + 1):
-            response = await self._request_blob(source, digest)
+            response = await self._request_blob(source, digest, offset)
             if 200 <= response.status < 300:
-                return ResumingBlob(
+                blob = ResumingBlob(
                     what=f"{self.reference}: blob {digest}",
                     response=response,
                     host=source.reference.domain,
-                    reopen=lambda offset: self._reopen_blob(digest, offset),
+                    reopen=lambda at: self._reopen_blob(digest, at),
                     policy=self._client.settings.resume,
                 )
+                await blob.start_at(offset)
+                return blob
             error = await self._client.failure(response, f"fetching blob {digest}", source.reference.domain)
             if response.status != 404 or attempt == retries:
                 raise error

@@ -66,10 +66,29 @@ class ResumingBlob(Blob):
         length = response.content_length
         self.size = length if length is not None else -1
         self.offset = 0
+        if response.status == 206:  # asked from an offset (see start_at)
+            got = parse_content_range(response.headers.get("content-range"))
+            if got is not None:
+                self.size = got.total if got.total is not None else -1
         self.resumes = 0
         self._unproductive = 0
         self._started = self._last_resume = self._last_progress = trio.current_time()
         self._offset_at_resume = 0
+
+    async def start_at(self, offset: int) -> None:
+        """Position a body that was asked for with ``Range: bytes=<offset>-`` (a 206 must start there; a
+        200 is skipped up to it). Raises SourceError when the answer cannot continue at ``offset``."""
+        self.offset = offset
+        self._offset_at_resume = offset
+        if offset == 0:
+            return
+        if self._response.status == 200:
+            length = self._response.content_length
+            self.size = length if length is not None else -1
+        try:
+            await self._continue_from(self._response)
+        except (ResumeRefused, HTTPError) as e:
+            raise SourceError(f"{self._what}: cannot continue at byte {offset}: {e}", ErrorCode.RETRYABLE) from None
 
     async def read(self, max_bytes: int) -> bytes:
         while True:
