@@ -115,6 +115,17 @@ class Download:
         fd = self.fd
         try:
             start = os.fstat(fd).st_size
+            if self.expected_size is not None and start >= self.expected_size:
+                # Complete already (killed between the last write and the rename): no Range request, which
+                # would get a 416; keep it if it is the blob, else start again.
+                hasher, size = await trio.to_thread.run_sync(hash_file, self.partial, algo)
+                if hasher.hexdigest() == hexpart:
+                    self.written = size
+                    await trio.to_thread.run_sync(self._commit, fd)
+                    self.done = True
+                    return
+                self._discard_partial(fd, "is complete but does not match its digest", unlink=False)
+                start = 0
             hasher, prefix = await trio.to_thread.run_sync(hash_file, self.partial, algo, start)
             if prefix:
                 log.info("blob cache: %s: resuming from the %d bytes of %s", self.digest, prefix, self.partial.name)
@@ -137,10 +148,13 @@ class Download:
         finally:
             os.close(fd)
 
-    def _discard_partial(self, fd: int, why: str) -> None:
-        log.warning("blob cache: %s %s; removing it, the next pull fetches the blob again", self.partial, why)
+    def _discard_partial(self, fd: int, why: str, *, unlink: bool = True) -> None:
+        """Drop the partial's content (and its name, when the download ends here)."""
+        log.warning("blob cache: %s %s; dropping it, the blob is fetched again", self.partial, why)
         os.ftruncate(fd, 0)
-        self.partial.unlink(missing_ok=True)
+        if unlink:
+            self.partial.unlink(missing_ok=True)
+        self.written = 0
 
     def _commit(self, fd: int) -> None:
         os.fsync(fd)

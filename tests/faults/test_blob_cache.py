@@ -111,3 +111,27 @@ async def test_a_damaged_cached_blob_is_never_served(fault_images, fault, tmp_pa
         await pull(fault_images, fault, tmp_path, layer)  # asserts the bytes served are the blob's
     assert len(blob_gets(fault, layer)) == 1, "the damaged file was detected and the blob fetched again"
     assert path.read_bytes() == layer.data
+
+
+async def test_a_complete_partial_left_by_a_kill_before_the_rename_is_committed_without_the_network(
+    fault_images, fault, tmp_path
+):
+    layer = fault_images.small
+    partial = final(tmp_path, layer).with_name(final(tmp_path, layer).name + ".partial")
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(layer.data)
+    with trio.fail_after(HANG_GUARD):
+        await pull(fault_images, fault, tmp_path, layer)
+    assert blob_gets(fault, layer) == [], "no Range request past the end (it would get a 416)"
+    assert final(tmp_path, layer).read_bytes() == layer.data and not partial.exists()
+
+
+async def test_a_complete_partial_with_wrong_content_is_fetched_again(fault_images, fault, tmp_path):
+    layer = fault_images.small
+    partial = final(tmp_path, layer).with_name(final(tmp_path, layer).name + ".partial")
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(b"x" * layer.size)
+    with trio.fail_after(HANG_GUARD):
+        await pull(fault_images, fault, tmp_path, layer)
+    assert [g.range for g in blob_gets(fault, layer)] == [None]
+    assert final(tmp_path, layer).read_bytes() == layer.data and not partial.exists()
