@@ -24,6 +24,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import stat
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -32,13 +33,13 @@ import trio
 
 from protocol.errors import ErrorCode, ProtocolViolation, ProxyError
 from protocol.methods import parse_digest
+from proxy.cache_dir import PARTIAL_SUFFIX, CacheDir, Changed
 from proxy.pipes import CHUNK_SIZE
 from proxy.sources.base import Blob
 
 log = logging.getLogger(__name__)
 
 STAMP_XATTR = "user.image-proxy.verified"
-PARTIAL_SUFFIX = ".partial"
 
 
 class StoreError(ProxyError):
@@ -47,6 +48,11 @@ class StoreError(ProxyError):
 
 def _stamp(st: os.stat_result) -> bytes:
     return f"{st.st_size}:{st.st_mtime_ns}".encode()
+
+
+def verification_stamp(st: os.stat_result) -> bytes:
+    """The ``STAMP_XATTR`` value marking a file of this size and mtime as verified (``image-proxy cache verify``)."""
+    return _stamp(st)
 
 
 def hash_file(path: Path, algo: str, limit: int | None = None) -> tuple[hashlib._Hash, int]:
@@ -291,10 +297,13 @@ class BlobStore:
     def _lookup_sync(self, digest: str, expected_size: int | None) -> Path | None:
         path = self.final_path(digest)
         try:
-            st = path.stat()
+            st = path.lstat()
         except FileNotFoundError:
             return None
         problem = None
+        if not stat.S_ISREG(st.st_mode):
+            log.error("blob cache: %s is not a regular file; not served, not removed", path)
+            return None
         if expected_size is not None and st.st_size != expected_size:
             problem = f"is {st.st_size} bytes, expected {expected_size}"
         elif not self._stamp_ok(path, st):
@@ -319,8 +328,8 @@ class BlobStore:
         if path is None:
             return None
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:  # evicted between lookup and open
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:  # evicted (or replaced by something else) between lookup and open
             return None
         st = os.fstat(fd)
         if not self.read_only:
@@ -368,22 +377,24 @@ class BlobStore:
             del self._reading[digest]
 
     def evict(self) -> None:
-        """Remove least recently used blobs until the cache fits ``max_bytes`` (never one being read)."""
+        """Remove least recently used blobs until the cache fits ``max_bytes`` (never one being read or
+        downloaded). The directory is walked without following symlinks: nothing outside it is touched."""
         if self.max_bytes is None:
             return
-        entries = []
-        total = 0
-        for algo_dir in self.blobs.iterdir():
-            for path in algo_dir.iterdir():
-                st = path.stat()
-                total += st.st_size
-                if not path.name.endswith(PARTIAL_SUFFIX):
-                    entries.append((st.st_atime_ns, path, st.st_size, f"{algo_dir.name}:{path.name}"))
-        for _, path, size, digest in sorted(entries):
-            if total <= self.max_bytes:
-                break
-            if digest in self._reading or digest in self._downloads:
-                continue
-            log.info("blob cache: evicting %s (%d bytes) to stay under %d bytes", digest, size, self.max_bytes)
-            path.unlink(missing_ok=True)
-            total -= size
+        with CacheDir(self.root) as cache:
+            entries = [e for e in cache.scan() if e.kind in ("blob", "partial")]
+            total = sum(e.size for e in entries)
+            for entry in sorted((e for e in entries if e.kind == "blob"), key=lambda e: e.atime_ns):
+                if total <= self.max_bytes:
+                    break
+                digest = f"{entry.algo}:{entry.name}"
+                if digest in self._reading or digest in self._downloads:
+                    continue
+                log.info(
+                    "blob cache: evicting %s (%d bytes) to stay under %d bytes", digest, entry.size, self.max_bytes
+                )
+                try:
+                    cache.remove(entry, same_atime=True)
+                except Changed:
+                    continue  # read (or replaced) since the scan: not the least recently used any more
+                total -= entry.size

@@ -20,6 +20,7 @@ import attrs
 import trio
 
 from proxy import __version__
+from proxy.cache_command import add_cache_parser, run_cache
 from proxy.config import ConfigError, CredentialSource, RegistriesConf, load_registries_conf
 from proxy.config.daemon_conf import DEFAULT_PATH as DEFAULT_DAEMON_CONF
 from proxy.config.daemon_conf import load_daemon_conf
@@ -179,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_global_flags(p, suppress=True)
     p.add_argument("reference", help="e.g. oci:examples/hello:latest")
     p.add_argument("--raw", action="store_true", help="print the OCI manifest as the proxy sends it")
+    add_cache_parser(sub, _byte_size)
     return parser
 
 
@@ -294,6 +296,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         setup_logging(args.debug)
         return run_inspect(args)
+    if args.command == "cache":
+        return run_cache(args)
     raise AssertionError(args.command)  # pragma: no cover
 
 
