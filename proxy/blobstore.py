@@ -46,27 +46,43 @@ class StoreError(ProxyError):
     """The cache could not do what was asked (the text names the digest and the path)."""
 
 
-def _stamp(st: os.stat_result) -> bytes:
+def verification_stamp(st: os.stat_result) -> bytes:
+    """The ``STAMP_XATTR`` value marking a file of this size and mtime as verified."""
     return f"{st.st_size}:{st.st_mtime_ns}".encode()
 
 
-def verification_stamp(st: os.stat_result) -> bytes:
-    """The ``STAMP_XATTR`` value marking a file of this size and mtime as verified (``image-proxy cache verify``)."""
-    return _stamp(st)
+def write_stamp(target: int | Path, st: os.stat_result) -> bool:
+    """Mark ``target`` (an fd or a path) verified; False where xattrs cannot be written (the file is then
+    simply re-hashed on its next lookup)."""
+    try:
+        os.setxattr(target, STAMP_XATTR, verification_stamp(st))
+    except OSError as e:
+        if e.errno in (errno.ENOTSUP, errno.EPERM, errno.EACCES, errno.EROFS):
+            return False
+        raise
+    return True
+
+
+def hash_fd(fd: int, algo: str, limit: int | None = None) -> tuple[hashlib._Hash, int]:
+    """The running hash of the next ``limit`` bytes of ``fd`` (all if None), and how many bytes that was."""
+    hasher = hashlib.new(algo)
+    done = 0
+    while limit is None or done < limit:
+        chunk = os.read(fd, CHUNK_SIZE if limit is None else min(CHUNK_SIZE, limit - done))
+        if not chunk:
+            break
+        hasher.update(chunk)
+        done += len(chunk)
+    return hasher, done
 
 
 def hash_file(path: Path, algo: str, limit: int | None = None) -> tuple[hashlib._Hash, int]:
-    """The running hash of a file's first ``limit`` bytes (all if None), and how many bytes that was."""
-    hasher = hashlib.new(algo)
-    done = 0
-    with open(path, "rb", buffering=0) as f:
-        while limit is None or done < limit:
-            chunk = f.read(CHUNK_SIZE if limit is None else min(CHUNK_SIZE, limit - done))
-            if not chunk:
-                break
-            hasher.update(chunk)
-            done += len(chunk)
-    return hasher, done
+    """:func:`hash_fd` of a file's first ``limit`` bytes."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return hash_fd(fd, algo, limit)
+    finally:
+        os.close(fd)
 
 
 class Download:
@@ -282,15 +298,11 @@ class BlobStore:
     # ------------------------------------------------------------------ lookups
 
     def _set_stamp(self, path: Path) -> None:
-        try:
-            os.setxattr(path, STAMP_XATTR, _stamp(path.stat()))
-        except OSError as e:
-            if e.errno not in (errno.ENOTSUP, errno.EPERM, errno.EROFS):
-                raise
+        write_stamp(path, path.stat())
 
     def _stamp_ok(self, path: Path, st: os.stat_result) -> bool:
         try:
-            return os.getxattr(path, STAMP_XATTR) == _stamp(st)
+            return os.getxattr(path, STAMP_XATTR) == verification_stamp(st)
         except OSError:
             return False
 

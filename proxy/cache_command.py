@@ -12,8 +12,6 @@ Safe beside running proxies:
 from __future__ import annotations
 
 import argparse
-import errno
-import hashlib
 import json
 import os
 import re
@@ -24,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from proxy.blobstore import STAMP_XATTR, verification_stamp
+from proxy.blobstore import STAMP_XATTR, hash_fd, write_stamp
 from proxy.cache_dir import (
     CacheDir,
     CacheDirError,
@@ -32,7 +30,6 @@ from proxy.cache_dir import (
     Entry,
     Kind,
 )
-from proxy.pipes import CHUNK_SIZE
 
 DEFAULT_STALE_AFTER = 24 * 3600.0
 
@@ -66,29 +63,12 @@ def _human_age(seconds: float) -> str:
     return f"{seconds:.0f}s"
 
 
-def _hash_fd(fd: int, algo: str) -> str:
-    hasher = hashlib.new(algo)
-    while chunk := os.read(fd, CHUNK_SIZE):
-        hasher.update(chunk)
-    return hasher.hexdigest()
-
-
 def _read_stamp(fd: int) -> tuple[int, int] | None:
     try:
         size, _, mtime = os.getxattr(fd, STAMP_XATTR).partition(b":")
         return int(size), int(mtime)
     except (OSError, ValueError):
         return None
-
-
-def _write_stamp(fd: int, st: os.stat_result) -> bool:
-    try:
-        os.setxattr(fd, STAMP_XATTR, verification_stamp(st))
-    except OSError as e:
-        if e.errno in (errno.ENOTSUP, errno.EPERM, errno.EACCES, errno.EROFS):
-            return False
-        raise
-    return True
 
 
 # ---------------------------------------------------------------------------------------------------- verify
@@ -178,7 +158,7 @@ def _verify_blob(cache: CacheDir, entry: Entry, report: VerifyReport, problem: C
         before = os.fstat(fd)
         report.blob_bytes += before.st_size
         try:
-            actual = _hash_fd(fd, entry.algo)
+            actual = hash_fd(fd, entry.algo)[0].hexdigest()
         except OSError as e:
             problem(entry, "unreadable", e.strerror or str(e))
             return
@@ -187,7 +167,7 @@ def _verify_blob(cache: CacheDir, entry: Entry, report: VerifyReport, problem: C
             after = os.fstat(fd)
             unchanged = (before.st_size, before.st_mtime_ns) == (after.st_size, after.st_mtime_ns)
             stamp = _read_stamp(fd)
-            if cache.writable and unchanged and stamp != (after.st_size, after.st_mtime_ns) and _write_stamp(fd, after):
+            if cache.writable and unchanged and stamp != (after.st_size, after.st_mtime_ns) and write_stamp(fd, after):
                 report.stamped += 1
             return
         detail = f"does not match its digest (its {before.st_size} bytes are {entry.algo}:{actual[:16]}...)"
