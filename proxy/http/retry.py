@@ -47,3 +47,7 @@ def parse_retry_after(value: str | None, now: Callable[[], float] = time.time) -
     if when is None:
         return None
     return max(0.0, when.timestamp() - now())
+
+
+#: a single try: for a mirror (passed over at once for the next source) and for https before a plain-HTTP fallback
+ONE_TRY = RetryPolicy(attempts=1)

@@ -21,7 +21,7 @@ from proxy.config import ConfigError, PullSource
 from proxy.http.connection import Response
 from proxy.http.errors import HTTPError
 from proxy.http.ranges import range_from
-from proxy.http.retry import RetryPolicy
+from proxy.http.retry import ONE_TRY
 from proxy.sources.base import Blob, BlobNotFound, ImageNotFound, ImageSource, SourceError
 from proxy.sources.docker_reference import DockerReference, parse_docker_reference
 from proxy.sources.registry_client import RegistryClient, RegistryError
@@ -41,10 +41,9 @@ MANIFEST_TYPES = (
 MANIFEST_ACCEPT = ", ".join(MANIFEST_TYPES)
 #: a 404 for a blob the manifest names is asked again after this long (longer than a proxy's 1 s cache)
 NEGATIVE_CACHE_DELAY = 1.5
-#: a failing mirror is passed over at once for the next source (the primary gets the full retry policy)
-MIRROR_RETRY = RetryPolicy(attempts=1)
 #: how many times such a 404 is asked again before it is believed
 BLOB_404_RETRIES = 1
+# A failing mirror gets ONE_TRY and is passed over for the next source; the primary gets the full policy.
 
 
 class _BodyFailed(Exception):
@@ -110,7 +109,7 @@ class RegistrySource(ImageSource):
     async def _fetch_manifest(self, source: PullSource, wanted: str) -> tuple[bytes, str]:
         """One source's manifest; a body cut short or stalled is fetched again (a manifest is small and
         is never resumed) as often as the source's retry policy allows."""
-        policy = MIRROR_RETRY if source.is_mirror else self._client.settings.retry
+        policy = ONE_TRY if source.is_mirror else self._client.settings.retry
         for attempt in range(1, policy.attempts + 1):
             try:
                 return await self._fetch_manifest_once(source, wanted)
@@ -128,7 +127,7 @@ class RegistrySource(ImageSource):
             f"manifests/{wanted}",
             [("Accept", MANIFEST_ACCEPT)],
             logical_host=self._image.domain,
-            retry=MIRROR_RETRY if source.is_mirror else None,
+            retry=ONE_TRY if source.is_mirror else None,
         )
         what = f"reading manifest {wanted} in {source.reference.name}"
         if response.status != 200:
@@ -218,7 +217,7 @@ class RegistrySource(ImageSource):
             f"blobs/{digest}",
             headers,
             logical_host=self._image.domain,
-            retry=MIRROR_RETRY if source.is_mirror else None,
+            retry=ONE_TRY if source.is_mirror else None,
         )
 
     async def _reopen_blob(self, digest: str, offset: int) -> tuple[Response, str]:

@@ -28,7 +28,7 @@ from proxy.http.connection import Response
 from proxy.http.errors import HTTPError
 from proxy.http.pool import ConnectionPool
 from proxy.http.redirects import request_following_redirects
-from proxy.http.retry import RETRYABLE_STATUSES, RetryPolicy, parse_retry_after
+from proxy.http.retry import ONE_TRY, RETRYABLE_STATUSES, RetryPolicy, parse_retry_after
 from proxy.http.timeouts import Timeouts
 from proxy.http.tls import create_ssl_context
 from proxy.http.url import URL
@@ -38,7 +38,6 @@ log = logging.getLogger(__name__)
 
 #: the most of an error body we read to explain a failure
 MAX_ERROR_BODY = 64 * 1024
-ONE_TRY = RetryPolicy(attempts=1)
 #: distribution error codes that mean "this does not exist here"
 NOT_FOUND_CODES = frozenset({"MANIFEST_UNKNOWN", "NAME_UNKNOWN", "BLOB_UNKNOWN"})
 #: distribution error codes that are final whatever the HTTP status
