@@ -83,6 +83,7 @@ class ImageProxy:
         self._closed: ProxyError | None = None
         self.version: tuple[int, int, int] = (0, 0, 0)
         self.version_text = ""
+        self._capabilities: frozenset[str] | None = None
 
     # --------------------------------------------------------------- lifecycle
 
@@ -114,8 +115,19 @@ class ImageProxy:
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def connect(cls, sock: socket.socket) -> AsyncIterator[ImageProxy]:
-        """Use an already connected SOCK_SEQPACKET socket (it is closed on exit)."""
+    async def connect(cls, target: socket.socket | str | os.PathLike[str]) -> AsyncIterator[ImageProxy]:
+        """Talk to a server: a daemon's listening socket path (``image-proxy daemon --listen PATH``), or an
+        already connected SOCK_SEQPACKET socket. The socket is closed on exit."""
+        if isinstance(target, socket.socket):
+            sock = target
+        else:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+            try:
+                await trio.socket.from_stdlib_socket(sock).connect(os.fspath(target))
+            except OSError as e:
+                sock.close()
+                where = os.fspath(target)
+                raise ProxyError(f"cannot connect to the image proxy at {where}: {e.strerror or e}") from None
         async with cls._serve(sock) as proxy:
             yield proxy
 
@@ -284,6 +296,17 @@ class ImageProxy:
         await self._call_value("FinishPipe", [pipeid])
 
     # --------------------------------------------------------------- methods
+
+    async def get_capabilities(self) -> frozenset[str]:
+        """The protocol extensions the server offers (docs/PROTOCOL.md); empty for servers without the
+        GetCapabilities extension, such as skopeo's proxy. Asked once per connection."""
+        if self._capabilities is None:
+            reply, fds = await self.call("GetCapabilities", [])
+            _close_fds(fds)
+            value = reply.value if reply.success else []
+            names = value if isinstance(value, list) else []
+            self._capabilities = frozenset(n for n in names if isinstance(n, str))
+        return self._capabilities
 
     async def open_image(self, reference: str) -> int:
         return await self._call_value("OpenImage", [reference])

@@ -62,6 +62,8 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("GetLayerInfoPiped", (Param.IMAGE_ID,), "0.2.7", fd_count=1),
         MethodSpec("FinishPipe", (Param.PIPE_ID,), "0.2.1", needs_init=False),
         MethodSpec("Shutdown", (), "0.2.1", replies=False, needs_init=False, strict_arity=False),
+        # extensions (docs/PROTOCOL.md); "ext" marks methods skopeo's proxy does not have
+        MethodSpec("GetCapabilities", (), "ext", needs_init=False),
     )
 }
 

@@ -16,17 +16,17 @@ import trio
 
 import protocol
 from protocol.errors import ProtocolViolation, ProxyError
+from protocol.extensions import SERVER_EXTENSIONS
 from protocol.messages import Reply, Request
 from protocol.methods import parse_args
 from proxy import gojson
 from proxy import manifest as mf
-from proxy.blobstore import BlobStore
 from proxy.options import ProxyOptions
 from proxy.pipes import DigestVerifier, Pipe, produce_blob, produce_bytes, produce_raw_blob
+from proxy.resources import SharedResources
 from proxy.sources.base import Blob, BytesBlob, ImageNotFound, ImageSource
 from proxy.sources.reference import open_source
 from proxy.sources.registry import RegistrySource
-from proxy.sources.registry_client import RegistryClient
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +61,14 @@ class Handler:
         self,
         config: ProxyOptions,
         spawn: Callable[[Callable[[], Awaitable[None]]], None],
-        registry: RegistryClient | None = None,
-        store: BlobStore | None = None,
+        resources: SharedResources | None = None,
     ) -> None:
+        """``spawn`` starts this session's producers; ``resources`` are shared with other sessions (None: local
+        transports only, no cache)."""
         self.config = config
-        self._registry = registry
-        self._store = store
+        self._resources = resources
+        self._registry = resources.registry if resources is not None else None
+        self._store = resources.store if resources is not None else None
         self._spawn = spawn
         self._initialized = False
         self._images: dict[int, OpenedImage] = {}
@@ -85,6 +87,7 @@ class Handler:
             "GetLayerInfo": self.get_layer_info,
             "GetLayerInfoPiped": self.get_layer_info_piped,
             "FinishPipe": self.finish_pipe,
+            "GetCapabilities": self.get_capabilities,
         }
 
     # ----------------------------------------------------------------- dispatch
@@ -155,6 +158,9 @@ class Handler:
             raise ProxyError("already initialized")
         self._initialized = True
         return Outcome(Reply.ok(protocol.PROTOCOL_VERSION))
+
+    async def get_capabilities(self) -> Outcome:
+        return Outcome(Reply.ok(list(SERVER_EXTENSIONS)))
 
     async def _open(self, reference: str, optional: bool) -> Outcome:
         try:
@@ -256,7 +262,7 @@ class Handler:
         if self._store is not None and isinstance(source, RegistrySource):
             # registry blobs go through the cache: served from disk, or downloaded once into it
             return await self._store.fetch(
-                digest, expected_size, lambda offset: source.open_blob_from(digest, offset), self._spawn
+                digest, expected_size, lambda offset: source.open_blob_from(digest, offset), self._resources.spawn
             )
         return await source.open_blob(digest)
 

@@ -25,10 +25,9 @@ import trio
 from protocol.codec import MAX_MSG_SIZE, decode_request, encode_reply
 from protocol.errors import ProtocolViolation
 from protocol.messages import Request
-from proxy.blobstore import BlobStore
 from proxy.handler import Handler, Outcome
 from proxy.options import ProxyOptions
-from proxy.sources.registry_client import RegistryClient
+from proxy.resources import SharedResources, open_resources
 
 log = logging.getLogger(__name__)
 
@@ -61,20 +60,17 @@ class _SessionOver(Exception):
 class Session:
     """Serves the protocol on one connected SOCK_SEQPACKET socket until EOF or Shutdown."""
 
-    def __init__(self, sock: trio.socket.SocketType, options: ProxyOptions) -> None:
+    def __init__(self, sock: trio.socket.SocketType, options: ProxyOptions, resources: SharedResources) -> None:
         self._sock = sock
         self._options = options
+        self._resources = resources
         self._queue: collections.deque[Request | ProtocolViolation] = collections.deque()
         self._queue_changed = trio.Event()
         self._receiving = True
 
     async def run(self) -> None:
-        registry = RegistryClient(self._options.registry, self._options.credentials)
-        store = None
-        if self._options.blob_cache is not None:
-            store = BlobStore(self._options.blob_cache, self._options.blob_cache_max)
         async with trio.open_nursery() as nursery:
-            handler = Handler(self._options, lambda work: nursery.start_soon(work), registry, store)
+            handler = Handler(self._options, lambda work: nursery.start_soon(work), self._resources)
             try:
                 dispatcher_done = trio.Event()
 
@@ -95,8 +91,6 @@ class Session:
                 nursery.cancel_scope.cancel()
             finally:
                 await handler.aclose()
-                with trio.CancelScope(shield=True):
-                    await registry.aclose()
 
     def _enqueue(self, item: Request | ProtocolViolation) -> None:
         self._queue.append(item)
@@ -174,4 +168,5 @@ async def serve_socket(sock: socket.socket, options: ProxyOptions) -> None:
     """Serve one client on an already connected stdlib socket."""
     tsock = trio.socket.from_stdlib_socket(sock)
     with tsock:
-        await Session(tsock, options).run()
+        async with open_resources(options) as resources:
+            await Session(tsock, options, resources).run()

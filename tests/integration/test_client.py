@@ -33,6 +33,19 @@ async def test_bindings_read_an_image_through_skopeo(single, skopeo_proxy_argv):
                 await proxy.get_raw_blob(img, single.layers[0].digest)
 
 
+async def test_capabilities_of_ours_and_of_skopeo(skopeo_proxy_argv):
+    """Ours lists its extensions; skopeo's proxy has none and answers the probe with an error reply, which the
+    bindings read as 'no extensions' and the connection keeps working."""
+    from protocol.extensions import SERVER_EXTENSIONS
+
+    async with ImageProxy.spawn() as proxy:
+        assert await proxy.get_capabilities() == frozenset(SERVER_EXTENSIONS)
+    async with ImageProxy.spawn(skopeo_proxy_argv) as proxy:
+        assert await proxy.get_capabilities() == frozenset()
+        with pytest.raises(ProxyError, match="nonexistent"):
+            await proxy.open_image("oci:/nonexistent/layout:latest")
+
+
 async def test_concurrent_calls_from_many_tasks_are_matched_in_order(single):
     """No lock in the client: replies are matched to requests FIFO, whichever task sent them."""
     results: dict[int, bytes] = {}

@@ -1,0 +1,58 @@
+"""What the sessions of one process share: the registry client (connection pool, token cache), the blob
+store, and a nursery for the store's downloads.
+
+A download runs in this nursery, not in the session that asked for it, so that a blob several clients of
+a daemon are reading keeps coming when the first of them disconnects. It stops when its last reader goes
+(see ``proxy.blobstore.FollowingBlob``) and, at the latest, when the process ends.
+
+```
+resources nursery
+└── one task per cache download (shared by every reader of that digest)
+```
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import attrs
+import trio
+
+from proxy.blobstore import BlobStore
+from proxy.options import ProxyOptions
+from proxy.sources.registry_client import RegistryClient
+
+
+@attrs.define(eq=False)
+class SharedResources:
+    registry: RegistryClient
+    store: BlobStore | None
+    _nursery: trio.Nursery
+
+    def spawn(self, work: Callable[[], Awaitable[None]]) -> None:
+        """Start background work that belongs to the process, not to one client."""
+        self._nursery.start_soon(work)
+
+
+@contextlib.asynccontextmanager
+async def open_resources(options: ProxyOptions) -> AsyncIterator[SharedResources]:
+    """The shared resources for ``options``; on exit every background download is cancelled (partial files
+    stay for the next pull) and every registry connection closed."""
+    registry = RegistryClient(options.registry, options.credentials)
+    store = BlobStore(options.blob_cache, options.blob_cache_max) if options.blob_cache is not None else None
+    failure: BaseException | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            try:
+                yield SharedResources(registry, store, nursery)
+            except BaseException as e:
+                # re-raised outside the nursery, so callers see the error itself, not an ExceptionGroup
+                failure = e
+            finally:
+                nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            await registry.aclose()
+    if failure is not None:
+        raise failure
