@@ -99,6 +99,7 @@ class CountingRelay:
         self.port: int = self._listener.getsockname()[1]
         self._cond = threading.Condition()
         self._upstream_bytes = 0
+        self._delivered_bytes = 0
         self._open: set[socket.socket] = set()
         self._connections = 0
         self._kill_pid: int | None = None
@@ -116,6 +117,12 @@ class CountingRelay:
     def upstream_bytes(self) -> int:
         with self._cond:
             return self._upstream_bytes
+
+    @property
+    def delivered_bytes(self) -> int:
+        """Of those, the bytes handed to the client's socket (the rest was in the relay's buffer)."""
+        with self._cond:
+            return self._delivered_bytes
 
     def arm_kill(self, pid: int, at: int) -> None:
         """SIGKILL ``pid`` as soon as the count of bytes read from the registry reaches ``at``."""
@@ -200,6 +207,9 @@ class CountingRelay:
                 if counted:
                     self._count(n)
                 dst.sendall(view[:n])
+                if counted:
+                    with self._cond:
+                        self._delivered_bytes += n
         except OSError:
             pass
         finally:  # one direction ended: end the other too (HTTP/1.1 clients do not half-close)
@@ -355,6 +365,7 @@ class InterruptedPull:
     size: int
     setup_bytes: int  # bytes from the registry before GetBlob, both attempts (ping, manifest)
     first_blob_bytes: int  # bytes from the registry after GetBlob in the killed attempt
+    first_delivered: int  # of those, the bytes the relay handed to the killed server's socket
     kept_bytes: int  # the partial file after the kill (0 for skopeo: it keeps none)
     second_blob_bytes: int  # bytes from the registry after GetBlob in the second attempt
     second_wall: float  # the second attempt's GetBlob -> end of transfer
@@ -373,15 +384,16 @@ class InterruptedPull:
 
 def killed_attempt(
     argv: Sequence[str], relay: CountingRelay, layer: Layer, log: Path, args: argparse.Namespace
-) -> tuple[int, int]:
+) -> tuple[int, int, int]:
     """A pull that the relay SIGKILLs when ``--kill-at`` of the blob has come from the registry. Returns
-    (bytes before GetBlob, bytes after it)."""
+    (bytes before GetBlob, bytes after it, bytes after it delivered to the server's socket)."""
     start = relay.upstream_bytes
     client = ProxyClient(argv, log, args.timeout)
     try:
         client.call("Initialize")
         image = client.call("OpenImage", f"docker://{relay.authority}/{REPOSITORY}:{TAG}").value
         before = relay.upstream_bytes
+        delivered = relay.delivered_bytes
         relay.arm_kill(client.pid, before + int(layer.size * args.kill_at))
         try:
             got = client.call("GetBlob", image, layer.digest, layer.size)
@@ -398,7 +410,7 @@ def killed_attempt(
         if relay.killed_at is None or status != -signal.SIGKILL:
             raise RuntimeError(f"the pull was not killed (exit status {status}, killed at {relay.killed_at})")
         relay.wait_idle(args.timeout)  # bytes already in flight to the dead process are counted too
-        return before - start, relay.upstream_bytes - before
+        return before - start, relay.upstream_bytes - before, relay.delivered_bytes - delivered
     except BaseException:
         print(f"killed attempt ({argv[0]}) failed; server log tail:\n{client.log_tail()}", file=sys.stderr)
         raise
@@ -421,7 +433,7 @@ def interrupted_pull(
         argv = ours_argv(cache)
     else:
         argv = skopeo_argv()
-    setup1, first = killed_attempt(argv, relay, layer, workdir / f"killed-{server}-{round_no}.log", args)
+    setup1, first, delivered = killed_attempt(argv, relay, layer, workdir / f"killed-{server}-{round_no}.log", args)
     partial = cached_path(cache, layer).with_name(cached_path(cache, layer).name + ".partial")
     kept = partial.stat().st_size if server == OURS and partial.exists() else 0
     before = relay.upstream_bytes
@@ -435,7 +447,9 @@ def interrupted_pull(
         if not cached_path(cache, layer).is_file():
             raise RuntimeError(f"{server}: the blob is not in the cache after the second pull")
         shutil.rmtree(cache, ignore_errors=True)
-    run = InterruptedPull(server, round_no, layer.size, setup1 + setup2, first, kept, second_blob, second.wall)
+    run = InterruptedPull(
+        server, round_no, layer.size, setup1 + setup2, first, delivered, kept, second_blob, second.wall
+    )
     if args.verbose:
         print(
             f"  interrupted pull, {server}, round {round_no}: killed after {first / MIB:.1f} MiB, kept "
@@ -461,6 +475,7 @@ CACHED_METRICS: list[tuple[str, str, Callable[[TransferRun], float]]] = [
 
 INTERRUPTED_METRICS: list[tuple[str, str, Callable[[InterruptedPull], float]]] = [
     ("blob bytes from the registry before the kill, MiB", ".1f", lambda r: r.first_blob_bytes / MIB),
+    ("of those, delivered to the server's socket, MiB", ".1f", lambda r: r.first_delivered / MIB),
     ("partial file kept after the kill, MiB", ".1f", lambda r: r.kept_bytes / MIB),
     ("blob bytes from the registry in the second pull, MiB", ".1f", lambda r: r.second_blob_bytes / MIB),
     ("total from the registry, both attempts, MiB", ".1f", lambda r: r.total / MIB),
@@ -574,12 +589,14 @@ def render(
             "",
             "Every interrupted pull (bytes):",
             "",
-            "| round | server | before the kill | partial kept | second pull | setup (both) | total | re-downloaded |",
-            "|---:|---|---:|---:|---:|---:|---:|---:|",
+            "| round | server | before the kill | delivered | partial kept | second pull | setup (both) | total "
+            "| re-downloaded |",
+            "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for p in pulls:
             lines.append(
-                f"| {p.round} | {p.server} | {p.first_blob_bytes:,} | {p.kept_bytes:,} | {p.second_blob_bytes:,} "
+                f"| {p.round} | {p.server} | {p.first_blob_bytes:,} | {p.first_delivered:,} | {p.kept_bytes:,} "
+                f"| {p.second_blob_bytes:,} "
                 f"| {p.setup_bytes:,} | {p.total:,} | {p.refetched:,} |"
             )
     lines += ["", "Produced by `python bench/cache_bench.py`; see bench/README.md.", END_MARK, ""]
