@@ -106,6 +106,20 @@ class RegistrySource(ImageSource):
         text = "; ".join(str(f) for f in failures) or f"reading manifest {wanted}: no pull source"
         raise SourceError(f"{self.reference}: {text}", ErrorCode.RETRYABLE if retryable else ErrorCode.OTHER)
 
+    async def get_tagged_manifest(self, tag: str) -> tuple[bytes, str] | None:
+        """The manifest tagged ``tag`` in this image's repository (e.g. a sigstore attachment,
+        ``sha256-<hex>.sig``), or None when the primary registry says it does not exist."""
+        for source in self._sources:
+            try:
+                return await self._fetch_manifest(source, tag)
+            except RegistryError as e:
+                if source.is_mirror:
+                    continue
+                if e.not_found:
+                    return None
+                raise SourceError(f"{self.reference}: {e}", e.code) from None
+        return None
+
     async def _fetch_manifest(self, source: PullSource, wanted: str) -> tuple[bytes, str]:
         """One source's manifest; a body cut short or stalled is fetched again (a manifest is small and
         is never resumed) as often as the source's retry policy allows."""
