@@ -26,6 +26,7 @@ from proxy.config.daemon_conf import DEFAULT_PATH as DEFAULT_DAEMON_CONF
 from proxy.config.daemon_conf import load_daemon_conf
 from proxy.http.timeouts import Timeouts
 from proxy.options import ProxyOptions
+from proxy.policy import ImagePolicy
 from proxy.session import serve_socket
 from proxy.sources.base import SourceOptions
 from proxy.sources.registry_client import RegistrySettings
@@ -39,10 +40,6 @@ SERVE_COMMANDS = ("experimental-image-proxy", "serve")
 _NOT_YET_EFFECTIVE = {
     "tls_details": "registry TLS (docker:// transport)",
     "daemon_host": "the docker-daemon: transport, which image-proxy does not offer",
-    "policy": "signature policy enforcement",
-    "insecure_policy": "signature policy enforcement",
-    "require_signed": "signature policy enforcement",
-    "registries_d": "signature lookaside configuration",
     "command_timeout": "nothing: skopeo's proxy ignores it too",
 }
 
@@ -232,6 +229,21 @@ def credentials_from_args(args: argparse.Namespace, registries: RegistriesConf) 
     )
 
 
+def policy_from_args(args: argparse.Namespace) -> ImagePolicy:
+    """``--policy``, ``--insecure-policy``, ``--require-signed``, ``--registries.d``. A policy that cannot be read
+    makes every OpenImage fail with the reason (skopeo's text when there is no policy.json at all)."""
+    policy = ImagePolicy.from_flags(
+        policy_path=getattr(args, "policy", None),
+        insecure=getattr(args, "insecure_policy", False),
+        require_signed=getattr(args, "require_signed", False),
+        registries_d=getattr(args, "registries_d", None),
+    )
+    for problem in (policy.error, policy.registries_d_error):
+        if problem is not None:
+            log.error("signature policy: %s", problem)
+    return policy
+
+
 def options_from_args(args: argparse.Namespace) -> ProxyOptions:
     registry = registry_settings_from_args(args)
     return ProxyOptions(
@@ -242,6 +254,7 @@ def options_from_args(args: argparse.Namespace) -> ProxyOptions:
         source_options=SourceOptions(
             tmpdir=args.tmpdir or None, shared_blob_dir=getattr(args, "shared_blob_dir", None)
         ),
+        policy=policy_from_args(args),
         override_os=args.override_os,
         override_arch=args.override_arch,
         override_variant=args.override_variant,

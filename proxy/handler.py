@@ -184,12 +184,16 @@ class Handler:
 
     async def _resolve(self, reference: str, source: ImageSource) -> OpenedImage:
         raw, mime = await source.get_manifest(None)
+        top, chosen = raw, None
         try:
             if mf.is_list(mime):
                 instance = mf.choose_instance(raw, mime, self.config.platforms)
                 raw, mime = await source.get_manifest(instance)
                 if mf.digest_of(raw, instance.split(":", 1)[0]) != instance:
                     raise ProxyError(f"manifest {instance} chosen from the list does not match its digest")
+                chosen = (instance, raw)
+            # signature policy (protocol 0.2.6): the list or the chosen instance must be accepted
+            await self.config.policy.check(reference, source, top, chosen, self._registry)
             parsed = mf.parse_image_manifest(raw, mime)
         except mf.ManifestError as e:
             raise ProxyError(f"{reference}: {e}") from None
