@@ -24,7 +24,9 @@ from proxy.cache_command import add_cache_parser, run_cache
 from proxy.config import ConfigError, CredentialSource, RegistriesConf, load_registries_conf
 from proxy.config.daemon_conf import DEFAULT_PATH as DEFAULT_DAEMON_CONF
 from proxy.config.daemon_conf import load_daemon_conf
+from proxy.copy_command import add_copy_parser
 from proxy.http.timeouts import Timeouts
+from proxy.inspect_command import add_inspect_parser, add_layers_parser
 from proxy.options import ProxyOptions
 from proxy.policy import ImagePolicy
 from proxy.session import serve_socket
@@ -35,6 +37,8 @@ from proxy.sources.resuming_blob import ResumePolicy
 log = logging.getLogger("image-proxy")
 
 SERVE_COMMANDS = ("experimental-image-proxy", "serve")
+#: commands that are clients of a proxy (they start one, or use --proxy-socket)
+CLIENT_COMMANDS = ("inspect", "layers", "copy")
 
 #: flags skopeo accepts that change nothing here yet, with what will give them meaning
 _NOT_YET_EFFECTIVE = {
@@ -173,10 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help="serve one client on a connected SOCK_SEQPACKET socket")
         _add_global_flags(p, suppress=True)
         _add_serve_flags(p)
-    p = sub.add_parser("inspect", help="print an image's manifest digest, config and layers")
-    _add_global_flags(p, suppress=True)
-    p.add_argument("reference", help="e.g. oci:examples/hello:latest")
-    p.add_argument("--raw", action="store_true", help="print the OCI manifest as the proxy sends it")
+    add_inspect_parser(sub, _add_global_flags)
+    add_layers_parser(sub, _add_global_flags)
+    add_copy_parser(sub, _add_global_flags)
     add_cache_parser(sub, _byte_size)
     return parser
 
@@ -304,11 +307,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in SERVE_COMMANDS:
         return run_serve(args)
-    if args.command == "inspect":
-        from proxy.inspect_command import run_inspect
-
+    if args.command in CLIENT_COMMANDS:
         setup_logging(args.debug)
-        return run_inspect(args)
+        return args.run(args)
     if args.command == "cache":
         return run_cache(args)
     raise AssertionError(args.command)  # pragma: no cover

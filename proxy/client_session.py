@@ -1,0 +1,222 @@
+"""What ``inspect``, ``copy`` and ``layers`` share: the flags passed on to the proxy they start, ``--proxy-socket``
+for a running daemon instead, and errors turned into something a person can act on.
+
+These commands are clients: they talk to a proxy with the client bindings (``protocol.client``), so what they show
+is what an update agent gets through the real protocol.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import re
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from protocol.client import ImageProxy
+from protocol.errors import ErrorCode, ProxyError
+
+#: flags handed unchanged to the spawned ``image-proxy experimental-image-proxy``: (flag, takes a value)
+_PASSED_FLAGS: tuple[tuple[str, bool], ...] = (
+    ("--authfile", True),
+    ("--creds", True),
+    ("--username", True),
+    ("--password", True),
+    ("--registry-token", True),
+    ("--no-creds", False),
+    ("--cert-dir", True),
+    ("--shared-blob-dir", True),
+    ("--blob-cache", True),
+    ("--blob-cache-max", True),
+    ("--config", True),
+    ("--connect-timeout", True),
+    ("--tls-handshake-timeout", True),
+    ("--response-header-timeout", True),
+    ("--stall-timeout", True),
+    ("--max-resumes", True),
+)
+#: skopeo's global flags (accepted before or after the subcommand) that the proxy needs too
+_GLOBAL_FLAGS = (
+    "--override-arch",
+    "--override-os",
+    "--override-variant",
+    "--tmpdir",
+    "--user-agent-prefix",
+    "--registries-conf",
+    "--policy",
+    "--registries.d",
+)
+#: skopeo's global switches the proxy needs too
+_GLOBAL_SWITCHES = ("--insecure-policy", "--require-signed")
+
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_").replace(".", "_")
+
+
+def add_proxy_flags(parser: argparse.ArgumentParser) -> None:
+    """The registry flags of ``image-proxy experimental-image-proxy`` (passed on to the proxy started for the
+    command) and ``--proxy-socket``."""
+    group = parser.add_argument_group(
+        "proxy", "the proxy this command starts (with --proxy-socket, the daemon's own settings apply instead)"
+    )
+    group.add_argument(
+        "--proxy-socket",
+        metavar="PATH",
+        help="use the image-proxy daemon listening on PATH instead of starting a proxy",
+    )
+    group.add_argument(
+        "--tls-verify",
+        metavar="BOOL",
+        nargs="?",
+        const="true",
+        choices=("true", "false", "1", "0"),
+        help="require HTTPS and verified certificates (default true; false for a plain-HTTP registry)",
+    )
+    helps = {
+        "--authfile": "registry credentials file (as written by skopeo login / podman login)",
+        "--creds": "USERNAME[:PASSWORD] for the registry",
+        "--no-creds": "access the registry anonymously",
+        "--cert-dir": "CA certificates and client keys for the registry (*.crt, *.cert, *.key)",
+        "--blob-cache": "keep verified registry blobs in DIR (see image-proxy cache)",
+        "--stall-timeout": "a registry read that gets no byte for this long is resumed (seconds, default 30)",
+    }
+    for flag, takes_value in _PASSED_FLAGS:
+        if takes_value:
+            group.add_argument(flag, metavar=_dest(flag).upper(), help=helps.get(flag, argparse.SUPPRESS))
+        else:
+            group.add_argument(flag, action="store_true", help=helps.get(flag, argparse.SUPPRESS))
+
+
+def proxy_arguments(args: argparse.Namespace) -> list[str]:
+    """The flags for the spawned proxy, from the parsed command line (what was given, nothing else)."""
+    argv: list[str] = []
+    for flag in _GLOBAL_FLAGS:
+        value = getattr(args, _dest(flag), None)
+        if value:
+            argv += [flag, value]
+    for flag in _GLOBAL_SWITCHES:
+        if getattr(args, _dest(flag), False):
+            argv.append(flag)
+    if getattr(args, "debug", False):
+        argv.append("--debug")
+    tls_verify = getattr(args, "tls_verify", None)
+    if tls_verify is not None:
+        argv.append(f"--tls-verify={'false' if tls_verify in ('false', '0') else 'true'}")
+    for flag, takes_value in _PASSED_FLAGS:
+        value = getattr(args, _dest(flag), None)
+        if takes_value and value is not None:
+            argv += [flag, str(value)]
+        elif not takes_value and value:
+            argv.append(flag)
+    return argv
+
+
+def check_proxy_socket_flags(args: argparse.Namespace) -> str | None:
+    """With ``--proxy-socket`` the daemon's settings are used: a registry flag given too would be ignored
+    silently, so it is an error; returns its text (None when fine)."""
+    if not getattr(args, "proxy_socket", None):
+        return None
+    given = [flag for flag in proxy_arguments(args) if flag.startswith("--") and flag != "--debug"]
+    if given:
+        names = ", ".join(sorted({flag.split("=", 1)[0] for flag in given}))
+        return (
+            f"{names}: these configure a proxy this command would start; with --proxy-socket the daemon's own "
+            "settings apply (set them in the daemon's configuration instead)"
+        )
+    return None
+
+
+@contextlib.asynccontextmanager
+async def open_proxy(args: argparse.Namespace, **options: Any) -> AsyncIterator[ImageProxy]:
+    """A proxy for the command: the daemon at ``--proxy-socket``, else ``python -m proxy experimental-image-proxy``
+    with the command's flags."""
+    if getattr(args, "proxy_socket", None):
+        async with ImageProxy.connect(args.proxy_socket, **options) as proxy:
+            yield proxy
+    else:
+        async with ImageProxy.spawn(extra_args=proxy_arguments(args), **options) as proxy:
+            yield proxy
+
+
+_AUTHORITY = re.compile(r"registry (\S+) refused access")
+_DOCKER_REF = re.compile(r"docker://([^/\s]+)/")
+
+
+def hints_for(error: ProxyError | OSError, args: argparse.Namespace) -> list[str]:
+    """What a person could try next, for the errors that have a known remedy."""
+    text = str(error)
+    hints: list[str] = []
+    if "refused access" in text:
+        where = _AUTHORITY.search(text)
+        registry = where.group(1) if where else "the registry"
+        if "no credentials were sent" in text:
+            hints.append(
+                f"log in to {registry} (skopeo login / podman login write an auth file), or pass "
+                "--creds USER:PASSWORD or --authfile FILE"
+            )
+        else:
+            hints.append(f"check the credentials for {registry} (--creds, --authfile, or the auth file in use)")
+    if "corrupted blob" in text or re.search(r"expected \d+ bytes in blob", text) or "have digest" in text:
+        cache = getattr(args, "blob_cache", None)
+        if cache:
+            hints.append(f"the blob cache may hold a damaged file: run 'image-proxy cache verify --repair {cache}'")
+        else:
+            hints.append("the bytes served did not match the digest; try again, and check any proxy or mirror between")
+    if re.search(r"MANIFEST_UNKNOWN|NAME_UNKNOWN|manifest unknown|not found", text, re.IGNORECASE):
+        hints.append("check the repository name and the tag or digest (image-proxy inspect REF shows what exists)")
+    if re.search(r"connection refused|cannot connect|name or service not known|no route", text, re.IGNORECASE):
+        if getattr(args, "proxy_socket", None) and "image proxy at" in text:
+            hints.append("is the daemon running? (image-proxy daemon --listen PATH)")
+        else:
+            match = _DOCKER_REF.search(text)
+            host = match.group(1) if match else "the registry"
+            hints.append(f"is {host} reachable from here, and is the address right?")
+    if isinstance(error, ProxyError) and error.code is ErrorCode.RETRYABLE and not hints:
+        hints.append("the failure looks temporary: try again later")
+    return hints
+
+
+def report_error(
+    command: str, error: ProxyError | OSError, args: argparse.Namespace, out: Callable[[str], Any]
+) -> None:
+    """``image-proxy COMMAND: error`` and one ``hint:`` line per remedy."""
+    if isinstance(error, OSError) and not isinstance(error, ProxyError):
+        where = f" {error.filename}" if error.filename else ""
+        out(f"image-proxy {command}:{where}: {error.strerror or error}")
+    else:
+        out(f"image-proxy {command}: {error}")
+    for hint in hints_for(error, args):
+        out(f"  hint: {hint}")
+
+
+def format_size(n: int) -> str:
+    """Bytes for people, in decimal units as registries and skopeo show them (MB = 10^6 bytes)."""
+    value = float(n)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if value < 1000 or unit == "TB":
+            return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    raise AssertionError  # pragma: no cover
+
+
+def short_digest(digest: str) -> str:
+    algorithm, _, hexpart = digest.partition(":")
+    return f"{algorithm}:{hexpart[:12]}"
+
+
+def os_error_text(e: OSError) -> str:
+    return f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}"
+
+
+__all__ = [
+    "add_proxy_flags",
+    "check_proxy_socket_flags",
+    "format_size",
+    "hints_for",
+    "open_proxy",
+    "os_error_text",
+    "proxy_arguments",
+    "report_error",
+    "short_digest",
+]

@@ -1,0 +1,153 @@
+"""``image-proxy copy REF oci:DIR[:TAG] | dir:DIR``: pull an image through the proxy into a layout other tools read.
+
+The command is a client of the proxy (``protocol.pull`` over ``protocol.client``): it starts
+``image-proxy experimental-image-proxy`` with the registry flags given here (or uses the daemon at
+``--proxy-socket``), fetches the config and the layers concurrently (``--jobs``), verifies each, and writes the
+layout described in ``proxy.copy_destination``. Progress goes to stderr: bars on a terminal, lines otherwise,
+JSON events on stdout with ``--json``, nothing with ``--quiet``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+import trio
+
+from protocol.errors import ProxyError
+from protocol.pull import DEFAULT_CONCURRENCY, DEFAULT_RETRIES, PulledImage, pull
+from proxy.client_session import add_proxy_flags, check_proxy_socket_flags, open_proxy, report_error
+from proxy.copy_destination import DestinationError, parse_destination
+from proxy.progress import JsonProgress, Progress, TerminalProgress, progress_for
+
+#: how often the bars are redrawn when no event comes (a stall's counter keeps moving)
+TICK = 0.5
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if not 1 <= value <= 64:
+        raise argparse.ArgumentTypeError(f"must be from 1 to 64, not {text!r}")
+    return value
+
+
+def _retries(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if not 0 <= value <= 10:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 10, not {text!r}")
+    return value
+
+
+def add_copy_parser(sub: argparse._SubParsersAction, add_global_flags: Callable[..., None]) -> None:
+    p = sub.add_parser(
+        "copy",
+        help="pull an image into an OCI layout (oci:DIR[:TAG]) or a dir: layout, verified, with progress",
+        description="Pull REF through the proxy into DESTINATION: oci:DIR[:TAG] (an OCI image layout) or dir:DIR "
+        "(skopeo's directory layout). A multi-platform image is copied as the instance for this host "
+        "(or --override-os/--override-arch/--override-variant).",
+    )
+    add_global_flags(p, suppress=True)
+    p.add_argument("reference", help="e.g. docker://registry.example/repo:tag or oci:examples/hello:latest")
+    p.add_argument("destination", help="oci:DIR[:TAG] or dir:DIR")
+    p.add_argument(
+        "-j",
+        "--jobs",
+        type=_positive,
+        default=DEFAULT_CONCURRENCY,
+        help=f"blobs fetched at once ({DEFAULT_CONCURRENCY})",
+    )
+    p.add_argument(
+        "--retries",
+        type=_retries,
+        default=DEFAULT_RETRIES,
+        help=f"fetch a blob again this often after a retryable failure ({DEFAULT_RETRIES})",
+    )
+    output = p.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="progress events as JSON lines on stdout")
+    output.add_argument("-q", "--quiet", action="store_true", help="no progress, only errors")
+    add_proxy_flags(p)
+    p.set_defaults(run=run_copy)
+
+
+async def _ticker(progress: TerminalProgress) -> None:
+    while True:
+        await trio.sleep(TICK)
+        progress.tick()
+
+
+async def _copy(args: argparse.Namespace, progress: Progress) -> PulledImage:
+    destination = parse_destination(args.destination)
+    async with open_proxy(args) as proxy:
+        await destination.prepare()
+        failures: list[Exception] = []
+        async with trio.open_nursery() as nursery:
+            if isinstance(progress, TerminalProgress):
+                nursery.start_soon(_ticker, progress)
+            try:
+                image = await pull(
+                    proxy,
+                    args.reference,
+                    destination.sink,
+                    concurrency=args.jobs,
+                    on_event=progress,
+                    retries=args.retries,
+                )
+            except Exception as e:  # raised below, as itself rather than inside an ExceptionGroup
+                failures.append(e)
+            finally:
+                nursery.cancel_scope.cancel()
+        if failures:
+            raise failures[0]
+        await destination.finish(image)
+    return image
+
+
+def run_copy(args: argparse.Namespace) -> int:
+    def err(line: str) -> None:
+        print(line, file=sys.stderr)
+
+    problem = check_proxy_socket_flags(args)
+    if problem:
+        err(f"image-proxy copy: {problem}")
+        return 2
+    try:
+        destination = parse_destination(args.destination)
+    except DestinationError as e:
+        err(f"image-proxy copy: {e}")
+        return 2
+    progress = progress_for(sys.stderr, json_events=args.json, quiet=args.quiet, json_stream=sys.stdout)
+    try:
+        image = trio.run(_copy, args, progress)
+    except (ProxyError, OSError) as e:
+        progress.close()
+        report_error("copy", e, args, err)
+        if isinstance(progress, JsonProgress):
+            progress.emit({"event": "copy-failed", "reference": args.reference, "error": str(e)})
+        return 1
+    except DestinationError as e:
+        progress.close()
+        err(f"image-proxy copy: {e}")
+        return 1
+    progress.close()
+    if isinstance(progress, JsonProgress):
+        progress.emit(
+            {
+                "event": "copied",
+                "reference": args.reference,
+                "destination": destination.description,
+                "manifestDigest": image.manifest_digest,
+                "storedManifestDigest": image.stored_manifest_digest,
+                "fetchedBytes": image.fetched_bytes,
+            }
+        )
+    elif not args.quiet:
+        stored = "" if not image.converted else f" (stored as {image.stored_manifest_digest}, converted to OCI)"
+        print(f"Copied {args.reference} to {destination.description}: manifest {image.manifest_digest}{stored}")
+    return 0
