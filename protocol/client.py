@@ -372,6 +372,23 @@ class ImageProxy:
         size = await self.copy_raw_blob(image_id, digest, parts.append)
         return size, b"".join(parts)
 
+    # --------------------------------------------------------------- partial access (docs/PROTOCOL.md)
+
+    async def get_blob_at(self, image_id: int, digest: str, ranges: Sequence[tuple[int, int]]) -> bytes:
+        """Extension ``blob-ranges``: the ``(offset, length)`` ranges of a blob, concatenated in order."""
+        _, data = await self._piped_bytes("GetBlobAt", [image_id, digest, [[o, n] for o, n in ranges]])
+        return data
+
+    async def get_layer_toc(self, image_id: int, digest: str) -> tuple[str, bytes]:
+        """Extension ``layer-toc``: the layer's format (``zstd:chunked`` or ``estargz``) and its verified
+        TOC JSON."""
+        return await self._piped_bytes("GetLayerTOC", [image_id, digest])
+
+    async def get_layer_tar_split(self, image_id: int, digest: str) -> bytes:
+        """Extension ``layer-toc``: a zstd:chunked layer's verified tar-split, decompressed."""
+        _, data = await self._piped_bytes("GetLayerTarSplit", [image_id, digest])
+        return data
+
 
 async def _concurrently(*jobs: Callable[[], Awaitable[Any]]) -> None:
     """Run jobs side by side; the first failure is raised as itself (not as an ExceptionGroup)

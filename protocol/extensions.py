@@ -7,6 +7,9 @@ documented extension; a client must ignore names it does not know.
 from __future__ import annotations
 
 #: extension names in the order they were added; the reply to GetCapabilities lists them all
-SERVER_EXTENSIONS: tuple[str, ...] = ()
+SERVER_EXTENSIONS: tuple[str, ...] = (
+    "blob-ranges",  # GetBlobAt (docs/PROTOCOL.md)
+    "layer-toc",  # GetLayerTOC, GetLayerTarSplit (docs/PROTOCOL.md)
+)
 
 __all__ = ["SERVER_EXTENSIONS"]

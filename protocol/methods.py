@@ -8,6 +8,7 @@ typed arguments or raises ``ProtocolViolation`` with a text that names what is w
 from __future__ import annotations
 
 import enum
+import json
 import re
 from typing import Any
 
@@ -23,6 +24,9 @@ DIGEST_HEX_LENGTHS = {"sha256": 64, "sha512": 128}
 _DIGEST_RE = re.compile(r"^([a-z0-9]+(?:[.+_-][a-z0-9]+)*):([a-zA-Z0-9=_-]+)$")
 _HEX_RE = re.compile(r"^[a-f0-9]+$")
 MAX_REFERENCE_LENGTH = 4096
+#: GetBlobAt: the most ranges in one call, and the longest range (docs/PROTOCOL.md)
+MAX_RANGES_PER_CALL = 1024
+MAX_RANGE_LENGTH = 1 << 30
 
 
 class Param(enum.Enum):
@@ -33,6 +37,7 @@ class Param(enum.Enum):
     DIGEST = "digest"
     SIZE = "size"
     IMAGE_REF = "imgref"
+    RANGES = "ranges"
 
 
 @attrs.frozen
@@ -64,6 +69,9 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("Shutdown", (), "0.2.1", replies=False, needs_init=False, strict_arity=False),
         # extensions (docs/PROTOCOL.md); "ext" marks methods skopeo's proxy does not have
         MethodSpec("GetCapabilities", (), "ext", needs_init=False),
+        MethodSpec("GetBlobAt", (Param.IMAGE_ID, Param.DIGEST, Param.RANGES), "ext", fd_count=1),
+        MethodSpec("GetLayerTOC", (Param.IMAGE_ID, Param.DIGEST), "ext", fd_count=1),
+        MethodSpec("GetLayerTarSplit", (Param.IMAGE_ID, Param.DIGEST), "ext", fd_count=1),
     )
 }
 
@@ -116,6 +124,29 @@ def parse_image_ref(value: Any) -> str:
     return value
 
 
+def parse_ranges(value: Any) -> list[tuple[int, int]]:
+    """GetBlobAt's ``[[offset, length], ...]``: 1 to MAX_RANGES_PER_CALL pairs, each length 1 to
+    MAX_RANGE_LENGTH, every end within 2^53-1."""
+    if not isinstance(value, list):
+        raise ProtocolViolation(f"expecting an array of [offset, length] ranges, not {json_type_name(value)}")
+    if not value:
+        raise ProtocolViolation("expecting at least one [offset, length] range")
+    if len(value) > MAX_RANGES_PER_CALL:
+        raise ProtocolViolation(f"{len(value)} ranges in one call; at most {MAX_RANGES_PER_CALL} are allowed")
+    ranges = []
+    for index, item in enumerate(value):
+        if not isinstance(item, list) or len(item) != 2:
+            raise ProtocolViolation(f"range {index}: expecting [offset, length], not {json.dumps(item)[:100]}")
+        offset = parse_uint(item[0], f"range {index} offset")
+        length = parse_uint(item[1], f"range {index} length")
+        if not 1 <= length <= MAX_RANGE_LENGTH:
+            raise ProtocolViolation(f"range {index}: length {length} is not within 1..{MAX_RANGE_LENGTH}")
+        if offset + length > MAX_SAFE_INTEGER:
+            raise ProtocolViolation(f"range {index}: ends beyond {MAX_SAFE_INTEGER}")
+        ranges.append((offset, length))
+    return ranges
+
+
 def _parse_one(param: Param, value: Any) -> Any:
     if param is Param.IMAGE_ID:
         return parse_uint(value, "imgid")
@@ -127,6 +158,8 @@ def _parse_one(param: Param, value: Any) -> Any:
         return parse_digest(value)
     if param is Param.IMAGE_REF:
         return parse_image_ref(value)
+    if param is Param.RANGES:
+        return parse_ranges(value)
     raise AssertionError(param)  # pragma: no cover
 
 

@@ -22,6 +22,8 @@ from protocol.methods import parse_args
 from proxy import gojson
 from proxy import manifest as mf
 from proxy.options import ProxyOptions
+from proxy.partial import service as partial
+from proxy.partial.planner import ByteRange
 from proxy.pipes import DigestVerifier, Pipe, produce_blob, produce_bytes, produce_raw_blob
 from proxy.resources import SharedResources
 from proxy.sources.base import Blob, BytesBlob, ImageNotFound, ImageSource
@@ -88,6 +90,9 @@ class Handler:
             "GetLayerInfoPiped": self.get_layer_info_piped,
             "FinishPipe": self.finish_pipe,
             "GetCapabilities": self.get_capabilities,
+            "GetBlobAt": self.get_blob_at,
+            "GetLayerTOC": self.get_layer_toc,
+            "GetLayerTarSplit": self.get_layer_tar_split,
         }
 
     # ----------------------------------------------------------------- dispatch
@@ -282,6 +287,49 @@ class Handler:
         image = self._image(image_id)
         blob = await self._open_blob(image, digest, size)
         return self._reply_with_pipe(blob.size, lambda pipe: produce_blob(pipe, blob, digest, size))
+
+    # -- partial access (docs/PROTOCOL.md: blob-ranges, layer-toc) -----------------------------------
+
+    async def get_blob_at(self, image_id: int, digest: str, ranges: list[tuple[int, int]]) -> Outcome:
+        image = self._image(image_id)
+        what = f"{image.reference}: blob {digest}"
+        source = await partial.open_ranges(image.source, digest, self._known_size(image, digest), self._store, what)
+        wanted = [ByteRange(offset, length) for offset, length in ranges]
+        try:
+            return self._reply_with_pipe(
+                sum(r.length for r in wanted), lambda pipe: partial.produce_ranges(pipe, source, wanted)
+            )
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await source.aclose()
+            raise
+
+    def _layer(self, image: OpenedImage, digest: str) -> partial.Layer:
+        desc = partial.find_layer(image.parsed, digest, image.reference)
+        what = f"{image.reference}: layer {digest}"
+        return partial.Layer(
+            what=what,
+            digest=digest,
+            descriptor=desc,
+            open_ranges=lambda: partial.open_ranges(image.source, digest, desc.size, self._store, what),
+            open_whole=lambda: self._open_blob(image, digest, desc.size),
+        )
+
+    async def get_layer_toc(self, image_id: int, digest: str) -> Outcome:
+        image = self._image(image_id)
+        toc = await partial.layer_toc(self._layer(image, digest))
+        return self._reply_with_bytes(toc.format.value, toc.data)
+
+    async def get_layer_tar_split(self, image_id: int, digest: str) -> Outcome:
+        image = self._image(image_id)
+        layer = self._layer(image, digest)
+        toc = await partial.layer_toc(layer, with_tar_split=True)
+        assert toc.tar_split is not None and toc.location.tar_split is not None
+        size = toc.location.tar_split.uncompressed
+        compressed = toc.tar_split
+        return self._reply_with_pipe(
+            size if size is not None else -1, lambda pipe: partial.produce_tar_split(pipe, layer.what, compressed)
+        )
 
     async def get_raw_blob(self, image_id: int, digest: str) -> Outcome:
         image = self._image(image_id)

@@ -39,3 +39,10 @@ def parse_content_range(value: str | None) -> ContentRange | None:
 def range_from(offset: int) -> str:
     """``Range`` for everything from ``offset`` on."""
     return f"bytes={offset}-"
+
+
+def range_between(offset: int, end: int) -> str:
+    """``Range`` for bytes ``[offset, end)`` (``end`` exclusive, as Python slices)."""
+    if end <= offset:
+        raise ValueError(f"empty range [{offset}, {end})")
+    return f"bytes={offset}-{end - 1}"

@@ -20,7 +20,7 @@ from proxy import manifest as mf
 from proxy.config import ConfigError, PullSource
 from proxy.http.connection import Response
 from proxy.http.errors import HTTPError
-from proxy.http.ranges import range_from
+from proxy.http.ranges import parse_content_range, range_between, range_from
 from proxy.http.retry import ONE_TRY
 from proxy.sources.base import Blob, BlobNotFound, ImageNotFound, ImageSource, SourceError
 from proxy.sources.docker_reference import DockerReference, parse_docker_reference
@@ -44,6 +44,11 @@ NEGATIVE_CACHE_DELAY = 1.5
 #: how many times such a 404 is asked again before it is believed
 BLOB_404_RETRIES = 1
 # A failing mirror gets ONE_TRY and is passed over for the next source; the primary gets the full policy.
+
+
+class RangesIgnored(SourceError):
+    """The server answered a single-range request with the whole blob (200): partial reads are impossible
+    there. The body was abandoned (its connection closed), not read."""
 
 
 class _BodyFailed(Exception):
@@ -82,6 +87,15 @@ class RegistrySource(ImageSource):
         self._client = client
         #: blobs named by manifests fetched here: a 404 for one of them is not believed at once
         self._named: set[str] = set()
+
+    @property
+    def client(self) -> RegistryClient:
+        return self._client
+
+    @property
+    def domain(self) -> str:
+        """The registry the reference names (before mirrors and rewrites)."""
+        return self._image.domain
 
     # ------------------------------------------------------------------ manifests
 
@@ -179,8 +193,10 @@ class RegistrySource(ImageSource):
     async def open_blob(self, digest: str) -> Blob:
         return await self.open_blob_from(digest, 0)
 
-    async def open_blob_from(self, digest: str, offset: int) -> ResumingBlob:
-        """The blob from byte ``offset`` on (a Range request), from the first source that has it.
+    async def open_blob_from(self, digest: str, offset: int, end: int | None = None) -> ResumingBlob:
+        """The blob from byte ``offset`` on (a Range request), from the first source that has it; with
+        ``end``, only bytes ``[offset, end)`` (a 206 for exactly those is required, resumes ask for the rest of
+        them; a 200 raises RangesIgnored).
 
         Not found only when the primary registry says so (twice, for a blob a manifest names);
         retryable when every source failed in a way that may pass.
@@ -188,7 +204,7 @@ class RegistrySource(ImageSource):
         failures: list[tuple[PullSource, RegistryError]] = []
         for source in self._sources:
             try:
-                return await self._open_blob_at(source, digest, offset)
+                return await self._open_blob_at(source, digest, offset, end)
             except RegistryError as e:
                 failures.append((source, e))
         text = "; ".join(f"{source.reference.domain}: {error}" for source, error in failures)
@@ -198,18 +214,22 @@ class RegistrySource(ImageSource):
         code = ErrorCode.RETRYABLE if retryable else ErrorCode.OTHER
         raise SourceError(f"{self.reference}: fetching blob {digest}: {text}", code)
 
-    async def _open_blob_at(self, source: PullSource, digest: str, offset: int = 0) -> ResumingBlob:
+    async def _open_blob_at(
+        self, source: PullSource, digest: str, offset: int = 0, end: int | None = None
+    ) -> ResumingBlob:
         # A pull-through proxy in front of the primary may answer 404 while its backend is away: for a
         # blob a manifest names, ask once more after its negative cache expired. A mirror is passed over.
         retries = BLOB_404_RETRIES if (not source.is_mirror and digest in self._named) else 0
         for attempt in range(retries + 1):
-            response = await self._request_blob(source, digest, offset)
+            response = await self._request_blob(source, digest, offset, end)
             if 200 <= response.status < 300:
+                if end is not None:
+                    await self._check_range_answer(response, source, digest, offset, end)
                 blob = ResumingBlob(
                     what=f"{self.reference}: blob {digest}",
                     response=response,
                     host=source.reference.domain,
-                    reopen=lambda at: self._reopen_blob(digest, at),
+                    reopen=lambda at: self._reopen_blob(digest, at, end),
                     policy=self._client.settings.resume,
                 )
                 await blob.start_at(offset)
@@ -221,9 +241,56 @@ class RegistrySource(ImageSource):
             await trio.sleep(NEGATIVE_CACHE_DELAY)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _request_blob(self, source: PullSource, digest: str, offset: int = 0) -> Response:
+    async def _check_range_answer(
+        self, response: Response, source: PullSource, digest: str, offset: int, end: int
+    ) -> None:
+        """A bounded range must come back as a 206 for exactly those bytes; anything else is abandoned."""
+        host = source.reference.domain
+        got = parse_content_range(response.headers.get("content-range"))
+        if response.status == 206 and got is not None and got.start == offset and got.end == end - 1:
+            return
+        await response.abandon()
+        if response.status != 206:
+            raise RangesIgnored(
+                f"{self.reference}: blob {digest}: {host} answered a range request with {response.status} "
+                f"{response.reason} (the whole blob): it cannot serve parts of blobs; use GetBlob"
+            )
+        raise SourceError(
+            f"{self.reference}: blob {digest}: {host} answered bytes {offset}-{end - 1} with Content-Range "
+            f"{response.headers.get('content-range')!r}",
+            ErrorCode.RETRYABLE,
+        )
+
+    async def request_ranges(self, digest: str, range_value: str) -> tuple[Response, str]:
+        """One GET of the blob with ``Range: range_value`` (a multi-range request), from the first source
+        that answers 200, 206, 400 or 416; the caller owns the response, whatever its status."""
+        failures: list[str] = []
+        for source in self._sources:
+            try:
+                response = await self._request_blob(source, digest, range_header=range_value)
+            except RegistryError as e:
+                failures.append(f"{source.reference.domain}: {e}")
+                continue
+            if response.status in (200, 206, 400, 416):
+                return response, source.reference.domain
+            error = await self._client.failure(response, f"fetching ranges of blob {digest}", source.reference.domain)
+            failures.append(f"{source.reference.domain}: {error}")
+        raise SourceError(f"{self.reference}: fetching ranges of blob {digest}: {'; '.join(failures)}")
+
+    async def _request_blob(
+        self,
+        source: PullSource,
+        digest: str,
+        offset: int = 0,
+        end: int | None = None,
+        range_header: str | None = None,
+    ) -> Response:
         headers = [("Accept-Encoding", "identity")]
-        if offset:
+        if range_header is not None:
+            headers.append(("Range", range_header))
+        elif end is not None:
+            headers.append(("Range", range_between(offset, end)))
+        elif offset:
             headers.append(("Range", range_from(offset)))
         return await self._client.get(
             source.reference.domain,
@@ -234,12 +301,13 @@ class RegistrySource(ImageSource):
             retry=ONE_TRY if source.is_mirror else None,
         )
 
-    async def _reopen_blob(self, digest: str, offset: int) -> tuple[Response, str]:
-        """The blob again from ``offset`` (a fresh request: new redirect, new token), from any source."""
+    async def _reopen_blob(self, digest: str, offset: int, end: int | None = None) -> tuple[Response, str]:
+        """The blob again from ``offset`` (to ``end``, if given; a fresh request: new redirect, new token),
+        from any source."""
         failures: list[str] = []
         for source in self._sources:
             try:
-                response = await self._request_blob(source, digest, offset)
+                response = await self._request_blob(source, digest, offset, end)
             except RegistryError as e:
                 failures.append(f"{source.reference.domain}: {e}")
                 continue
