@@ -466,11 +466,17 @@ async def _transfer(
                 stalled_since = last_byte
                 await emit(BlobStalled(blob, done, now - last_byte))
 
+    failures: list[Exception] = []
     async with trio.open_nursery() as nursery:
         if math.isfinite(stall_notice):
             nursery.start_soon(watchdog)
-        await proxy.copy_blob(image_id, blob.digest, blob.size, sink)
+        try:
+            await proxy.copy_blob(image_id, blob.digest, blob.size, sink)
+        except Exception as e:  # raised below as itself, not inside the nursery's ExceptionGroup
+            failures.append(e)
         nursery.cancel_scope.cancel()
+    if failures:
+        raise failures[0]
     if done != blob.size:
         raise ProtocolViolation(f"expected {blob.size} bytes, got {done}")
     actual = f"{algorithm}:{hasher.hexdigest()}"

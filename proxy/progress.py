@@ -183,7 +183,7 @@ class TerminalProgress:
         if self._drawn:
             out.append(_UP.format(self._drawn))
         if permanent is not None:
-            out.append(_ERASE + permanent[: max(width - 1, 20)] + "\n")
+            out.append(_ERASE + permanent + "\n")  # may wrap: it scrolls away, and is never redrawn
         for text in lines:
             out.append(_ERASE + text[: width - 1] + "\n")
         # erase what is left of a taller previous drawing, then come back up to just under the new one
