@@ -204,6 +204,13 @@ class SignatureReader:
         if self._registry is None:
             raise SignatureFetchError(f"cannot read {redact(url)}: no HTTP client in this context")
         headers = [("User-Agent", self._registry.settings.user_agent), ("Accept-Encoding", "identity")]
+        parts = urlsplit(url)
+        if parts.username is not None:
+            # user:password@ in a lookaside URL is HTTP basic auth (as Go's client sends it); the URL the
+            # HTTP client (and any error text) sees carries no credentials
+            user_pass = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+            headers.append(("Authorization", "Basic " + base64.b64encode(user_pass).decode()))
+        url = redact(url)
         try:
             with trio.fail_after(LOOKASIDE_TIMEOUT):
                 response = await request_following_redirects(self._registry.pool, "GET", url, headers)

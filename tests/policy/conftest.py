@@ -187,7 +187,7 @@ def write_registries_d(directory: Path, authority: str, lookaside: str, **extra:
     return directory
 
 
-def _manifest_digest(registry: Registry, repository: str) -> str:
+def manifest_digest(registry: Registry, repository: str) -> str:
     import hashlib
     import urllib.request
 
@@ -224,17 +224,17 @@ def signed_registry(built: StandardImages, gpg: Gpg, tmp_path_factory: pytest.Te
         copy("latest", "test/wrongkey", gpg.other)
         copy("latest", "test/wrongid", gpg.trusted, "--sign-identity", f"{registry.authority}/test/other:latest")
         copy("latest", "test/tampered", gpg.trusted)
-        old = _manifest_digest(registry, "test/tampered")
+        old = manifest_digest(registry, "test/tampered")
         copy("nolayers", "test/tampered", None)
-        new = _manifest_digest(registry, "test/tampered")
+        new = manifest_digest(registry, "test/tampered")
         assert old != new
         old_dir = staging / f"test/tampered@{old.replace(':', '=')}"
         shutil.copytree(old_dir, staging / f"test/tampered@{new.replace(':', '=')}")
         for repository in ("test/list-instance", "test/list-only"):
             copy("multi", repository, gpg.trusted, "--all")
-        list_instance = _manifest_digest(registry, "test/list-instance")
+        list_instance = manifest_digest(registry, "test/list-instance")
         shutil.rmtree(staging / f"test/list-instance@{list_instance.replace(':', '=')}")
-        list_only = _manifest_digest(registry, "test/list-only")
+        list_only = manifest_digest(registry, "test/list-only")
         for path in staging.glob("test/list-only@*"):
             if path.name != f"list-only@{list_only.replace(':', '=')}":
                 shutil.rmtree(path)

@@ -51,7 +51,8 @@ async def ours(argv: Sequence[str], flags: Sequence[str], references: Sequence[s
 
 
 def skopeo_decision(reference: str, global_flags: Sequence[str]) -> Decision:
-    """``skopeo copy`` of ``reference`` to a scratch dir: with the policy, accepted or "Source image rejected"."""
+    """``skopeo copy`` of ``reference`` to a scratch dir under the policy: accepted, or refused ("Source image
+    rejected", or a policy it cannot load)."""
     with tempfile.TemporaryDirectory(prefix="policy-ref-") as scratch:
         argv = [
             require_skopeo(),
@@ -66,6 +67,6 @@ def skopeo_decision(reference: str, global_flags: Sequence[str]) -> Decision:
         result = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
     if result.returncode == 0:
         return Decision(True, "")
-    if "Source image rejected" in result.stderr:
+    if "Source image rejected" in result.stderr or "Error loading trust policy" in result.stderr:
         return Decision(False, result.stderr.strip())
     raise AssertionError(f"skopeo failed for another reason than the policy: {' '.join(argv)}: {result.stderr}")
