@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up image-proxy on a fresh Debian machine.
 #   ./setup.sh          the daemon and its Python dependencies, in .venv/
-#   ./setup.sh --test   also the test tools: pytest & co. in .venv/, Debian skopeo and docker-registry
+#   ./setup.sh --test   also the test tools: pytest & co. in .venv/, Debian skopeo, docker-registry and nginx
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -18,6 +18,7 @@ if $with_tests; then
     missing=()
     command -v skopeo >/dev/null || missing+=(skopeo)
     command -v docker-registry >/dev/null || missing+=(docker-registry)
+    command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx)
     if [ ${#missing[@]} -gt 0 ]; then
         if [ "$(id -u)" != 0 ]; then
             echo "setup.sh: the tests need ${missing[*]}: run 'sudo apt-get install ${missing[*]}'" >&2

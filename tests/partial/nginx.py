@@ -1,0 +1,165 @@
+"""Debian's nginx as a registry made of static files: ``/v2/`` answers 200, manifests and blobs are files
+under ``/v2/<repo>/manifests/<tag or digest>`` and ``/v2/<repo>/blobs/<digest>``.
+
+nginx answers ``Range`` requests on static files itself: several ranges as multipart/byteranges, or, with
+``max_ranges 1``, a multi-range request as if it had no Range at all (200 and the whole file): what S3 and ECR
+do. Everything lives in a temporary prefix (config, pid, logs, temp paths); nginx runs in the foreground
+(``daemon off``) on 127.0.0.1 and is stopped with the fixture. Nothing outside the prefix is touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.client
+import json
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import attrs
+import pytest
+
+from tests.http.registry import free_port
+
+NGINX_HINT = "nginx is required for the partial-access tests: apt-get install nginx (./setup.sh --test does)"
+READY_TIMEOUT = 20.0
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+
+
+def nginx_binary() -> str:
+    path = shutil.which("nginx") or ("/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None)
+    if path is None:
+        pytest.fail(NGINX_HINT, pytrace=False)
+    return path
+
+
+def sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+class StaticRegistry:
+    """The files nginx serves: images written as manifests, configs and blobs."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def put_blob(self, repository: str, data: bytes) -> str:
+        digest = sha256(data)
+        path = self.root / "v2" / repository / "blobs" / digest
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            path.write_bytes(data)
+        return digest
+
+    def put_image(self, repository: str, layers: list[dict], blobs: list[bytes], tag: str = "latest") -> str:
+        """An OCI image whose layer descriptors are ``layers`` (blobs written from ``blobs``)."""
+        for blob in blobs:
+            self.put_blob(repository, blob)
+        config = json.dumps(
+            {
+                "architecture": "amd64",
+                "os": "linux",
+                "rootfs": {"type": "layers", "diff_ids": [sha256(b"%d" % i) for i in range(len(layers))]},
+            }
+        ).encode()
+        manifest = json.dumps(
+            {
+                "schemaVersion": 2,
+                "mediaType": OCI_MANIFEST,
+                "config": {"mediaType": OCI_CONFIG, "digest": self.put_blob(repository, config), "size": len(config)},
+                "layers": layers,
+            }
+        ).encode()
+        folder = self.root / "v2" / repository / "manifests"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / tag).write_bytes(manifest)
+        (folder / sha256(manifest)).write_bytes(manifest)
+        return sha256(manifest)
+
+
+@attrs.frozen
+class Nginx:
+    port: int
+    max_ranges: int | None
+    prefix: Path
+
+    @property
+    def authority(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+def _config(prefix: Path, root: Path, port: int, max_ranges: int | None) -> str:
+    user = "user root root;" if os.geteuid() == 0 else ""  # workers must read files in a 0700 temp dir
+    limit = f"max_ranges {max_ranges};" if max_ranges is not None else ""
+    temp = "\n".join(
+        f"    {name}_temp_path {prefix}/{name};" for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    return f"""
+{user}
+worker_processes 1;
+daemon off;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 128; }}
+http {{
+    access_log {prefix}/access.log;
+{temp}
+    types {{ }}
+    default_type application/octet-stream;
+    sendfile on;
+    server {{
+        listen 127.0.0.1:{port};
+        root {root};
+        {limit}
+        location = /v2/ {{ default_type application/json; return 200 '{{}}'; }}
+        location ~ ^/v2/.+/manifests/ {{ default_type {OCI_MANIFEST}; }}
+    }}
+}}
+"""
+
+
+def _answers(port: int) -> bool:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+    try:
+        conn.request("GET", "/v2/")
+        return conn.getresponse().status == 200
+    except OSError:
+        return False
+    finally:
+        conn.close()
+
+
+@contextlib.contextmanager
+def nginx_process(prefix: Path, root: Path, max_ranges: int | None = None) -> Iterator[Nginx]:
+    binary = nginx_binary()
+    prefix.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    conf = prefix / "nginx.conf"
+    conf.write_text(_config(prefix, root, port, max_ranges))
+    log = prefix / "stderr.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [binary, "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not _answers(port):
+            if process.poll() is not None or time.monotonic() > deadline:
+                text = log.read_text(errors="replace") + (prefix / "error.log").read_text(errors="replace")
+                raise RuntimeError(f"nginx did not start:\n{text[-2000:]}")
+            time.sleep(0.05)  # polling interval, not synchronisation
+        yield Nginx(port, max_ranges, prefix)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
