@@ -18,6 +18,10 @@ if $with_tests; then
     missing=()
     command -v skopeo >/dev/null || missing+=(skopeo)
     command -v docker-registry >/dev/null || missing+=(docker-registry)
+    # signature policy: gpgv verifies, gpg + gpg-agent make the throwaway test keys and let skopeo sign
+    command -v gpgv >/dev/null || missing+=(gpgv)
+    command -v gpg >/dev/null || missing+=(gpg)
+    command -v gpg-agent >/dev/null || missing+=(gpg-agent)
     command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx)
     if [ ${#missing[@]} -gt 0 ]; then
         if [ "$(id -u)" != 0 ]; then
