@@ -182,8 +182,8 @@ def report_error(
 ) -> None:
     """``image-proxy COMMAND: error`` and one ``hint:`` line per remedy."""
     if isinstance(error, OSError) and not isinstance(error, ProxyError):
-        where = f" {error.filename}" if error.filename else ""
-        out(f"image-proxy {command}:{where}: {error.strerror or error}")
+        where = f"{error.filename}: " if error.filename else ""
+        out(f"image-proxy {command}: {where}{error.strerror or error}")
     else:
         out(f"image-proxy {command}: {error}")
     for hint in hints_for(error, args):

@@ -10,6 +10,7 @@ JSON events on stdout with ``--json``, nothing with ``--quiet``.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 
@@ -110,6 +111,17 @@ async def _copy(args: argparse.Namespace, progress: Progress) -> PulledImage:
 
 
 def run_copy(args: argparse.Namespace) -> int:
+    try:
+        return _run_copy(args)
+    except BrokenPipeError:
+        # stdout was closed early (``image-proxy copy --json ... | head``): stop quietly, as other tools do
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 1
+
+
+def _run_copy(args: argparse.Namespace) -> int:
     def err(line: str) -> None:
         print(line, file=sys.stderr)
 
@@ -126,6 +138,8 @@ def run_copy(args: argparse.Namespace) -> int:
     try:
         image = trio.run(_copy, args, progress)
     except (ProxyError, OSError) as e:
+        if isinstance(e, BrokenPipeError):
+            raise
         progress.close()
         report_error("copy", e, args, err)
         if isinstance(progress, JsonProgress):

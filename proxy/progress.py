@@ -88,10 +88,9 @@ class _Lines:
                 f"{self.layers} layer{'s' if self.layers != 1 else ''}, {format_size(event.total_bytes)}"
             )
         if isinstance(event, PullFinished):
-            took = max(now - self.started, 1e-9)
             return (
                 f"Pulled {format_size(event.fetched_bytes)} in {event.seconds:.1f} s "
-                f"({_rate(event.fetched_bytes, took)})"
+                f"({_rate(event.fetched_bytes, event.seconds)})"
             )
         bar = self.bars.setdefault(event.blob.digest, _Bar(event.blob))
         label = f"{_label(event.blob, self.layers)} {short_digest(event.blob.digest)}"
