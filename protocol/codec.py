@@ -14,6 +14,8 @@ from protocol.errors import ErrorCode, ProtocolViolation
 from protocol.messages import Reply, Request
 
 MAX_MSG_SIZE = 32 * 1024
+#: the largest integer a request may carry (what the Go server and JavaScript can represent exactly)
+MAX_SAFE_INTEGER = 2**53 - 1
 
 _REPLY_KEYS = ("success", "value", "pipeid", "error_code", "error")
 
@@ -23,7 +25,10 @@ def _dumps(obj: Any) -> bytes:
 
 
 def decode_request(data: bytes, truncated: bool = False) -> Request | ProtocolViolation:
-    """Decode one request packet. ``truncated`` says the kernel cut the packet (MSG_TRUNC)."""
+    """Decode one request packet. ``truncated`` says the kernel cut the packet (MSG_TRUNC).
+
+    A violation found after a valid ``id`` was read carries that id, so its reply can too.
+    """
     if truncated or len(data) > MAX_MSG_SIZE:
         return ProtocolViolation(f"invalid request: message exceeds the {MAX_MSG_SIZE} byte packet limit")
     try:
@@ -34,15 +39,36 @@ def decode_request(data: bytes, truncated: bool = False) -> Request | ProtocolVi
         return ProtocolViolation(f"invalid request: {_json_error_text(e)}")
     if not isinstance(doc, dict):
         return ProtocolViolation(f"invalid request: expected a JSON object, not {json_type_name(doc)}")
+    request_id = None
+    if "id" in doc:
+        request_id = _request_id(doc["id"])
+        if request_id is None:
+            shown = json.dumps(doc["id"])[:100]
+            return ProtocolViolation(f'invalid request: "id" must be an integer from 0 to 2^53-1, not {shown}')
     method = doc.get("method")
     if not isinstance(method, str):
-        return ProtocolViolation(f'invalid request: "method" must be a string, not {json_type_name(method)}')
+        return ProtocolViolation(
+            f'invalid request: "method" must be a string, not {json_type_name(method)}', request_id=request_id
+        )
     args = doc.get("args")
     if args is None:
         args = []
     if not isinstance(args, list):
-        return ProtocolViolation(f'invalid request: "args" must be an array, not {json_type_name(args)}')
-    return Request(method=method, args=args)
+        return ProtocolViolation(
+            f'invalid request: "args" must be an array, not {json_type_name(args)}', request_id=request_id
+        )
+    return Request(method=method, args=args, id=request_id)
+
+
+def _request_id(value: Any) -> int | None:
+    """A request id: a JSON integer (``7`` or ``7.0``) in [0, 2^53-1]; None if it is anything else."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if isinstance(value, float) and not value.is_integer():
+        return None
+    if not 0 <= value <= MAX_SAFE_INTEGER:
+        return None
+    return int(value)
 
 
 def _json_error_text(e: Exception) -> str:
@@ -84,6 +110,8 @@ def encode_reply(reply: Reply) -> bytes:
         "error_code": str(reply.error_code),
         "error": reply.error,
     }
+    if reply.id is not None:
+        doc["id"] = reply.id
     data = _dumps(doc)
     if len(data) <= MAX_MSG_SIZE:
         return data
@@ -100,7 +128,10 @@ def encode_reply(reply: Reply) -> bytes:
 
 
 def encode_request(request: Request) -> bytes:
-    data = _dumps({"method": request.method, "args": request.args})
+    doc: dict[str, Any] = {"method": request.method, "args": request.args}
+    if request.id is not None:
+        doc["id"] = request.id
+    data = _dumps(doc)
     if len(data) > MAX_MSG_SIZE:
         raise ValueError(f"request of {len(data)} bytes exceeds the {MAX_MSG_SIZE} byte packet limit")
     return data
@@ -131,11 +162,17 @@ def decode_reply(data: bytes) -> Reply:
         code = ErrorCode.OTHER
     if not success and code is ErrorCode.NONE:
         code = ErrorCode.OTHER
-    return Reply(success=success, value=doc["value"], pipeid=pipeid, error_code=code, error=error)
+    request_id = None
+    if "id" in doc:
+        request_id = _request_id(doc["id"])
+        if request_id is None:
+            raise ProtocolViolation(f"invalid reply: bad id {doc['id']!r}")
+    return Reply(success=success, value=doc["value"], pipeid=pipeid, error_code=code, error=error, id=request_id)
 
 
 __all__ = [
     "MAX_MSG_SIZE",
+    "MAX_SAFE_INTEGER",
     "decode_reply",
     "decode_request",
     "encode_reply",

@@ -30,4 +30,12 @@ class ProxyError(Exception):
 
 
 class ProtocolViolation(ProxyError):
-    """The peer sent something the protocol does not allow (bad JSON, bad arguments, ...)."""
+    """The peer sent something the protocol does not allow (bad JSON, bad arguments, ...).
+
+    ``request_id`` is the id of the request it is about, when the request carried a valid one: its error
+    reply then carries that id too.
+    """
+
+    def __init__(self, message: str, code: ErrorCode = ErrorCode.OTHER, request_id: int | None = None) -> None:
+        super().__init__(message, code)
+        self.request_id = request_id

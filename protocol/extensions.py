@@ -8,6 +8,7 @@ from __future__ import annotations
 
 #: extension names in the order they were added; the reply to GetCapabilities lists them all
 SERVER_EXTENSIONS: tuple[str, ...] = (
+    "request-ids",
     "blob-ranges",  # GetBlobAt (docs/PROTOCOL.md)
     "layer-toc",  # GetLayerTOC, GetLayerTarSplit (docs/PROTOCOL.md)
 )

@@ -11,25 +11,27 @@ from protocol.errors import ErrorCode
 
 @attrs.frozen
 class Request:
-    """``{"method": ..., "args": [...]}``. ``args`` is never None after decoding."""
+    """``{"method": ..., "args": [...]}``. ``args`` is never None after decoding.
+
+    ``id`` is the request-ids extension (docs/PROTOCOL.md): None for a plain in-order request.
+    """
 
     method: str
     args: list[Any] = attrs.field(factory=list)
+    id: int | None = None
 
 
 @attrs.frozen
 class Reply:
-    """A reply packet. Always encoded with all five keys, in the Go server's order.
-
-    ``fd_count`` is not on the wire: it says how many file descriptors travel with the
-    packet as SCM_RIGHTS (0, 1 for pipe replies, 2 for GetRawBlob).
-    """
+    """A reply packet. Always encoded with all five keys, in the Go server's order, and a sixth, ``id``, when
+    it answers a request that carried one (the request-ids extension)."""
 
     success: bool
     value: Any = None
     pipeid: int = 0
     error_code: ErrorCode = ErrorCode.NONE
     error: str = ""
+    id: int | None = None
 
     @classmethod
     def ok(cls, value: Any = None, pipeid: int = 0) -> Reply:

@@ -14,11 +14,9 @@ from typing import Any
 
 import attrs
 
-from protocol.codec import json_type_name
+from protocol.codec import MAX_SAFE_INTEGER, json_type_name
 from protocol.errors import ProtocolViolation
 from protocol.messages import Request
-
-MAX_SAFE_INTEGER = 2**53 - 1
 
 DIGEST_HEX_LENGTHS = {"sha256": 64, "sha512": 128}
 _DIGEST_RE = re.compile(r"^([a-z0-9]+(?:[.+_-][a-z0-9]+)*):([a-zA-Z0-9=_-]+)$")

@@ -21,6 +21,7 @@ from protocol.messages import Reply, Request
 from protocol.methods import parse_args
 from proxy import gojson
 from proxy import manifest as mf
+from proxy.limits import SessionLimits
 from proxy.options import ProxyOptions
 from proxy.partial import service as partial
 from proxy.partial.planner import ByteRange
@@ -64,6 +65,7 @@ class Handler:
         config: ProxyOptions,
         spawn: Callable[[Callable[[], Awaitable[None]]], None],
         resources: SharedResources | None = None,
+        limits: SessionLimits | None = None,
     ) -> None:
         """``spawn`` starts this session's producers; ``resources`` are shared with other sessions (None: local
         transports only, no cache)."""
@@ -76,6 +78,9 @@ class Handler:
         self._images: dict[int, OpenedImage] = {}
         self._next_image_id = 1
         self._pipes: dict[int, Pipe] = {}
+        self._finishing: set[int] = set()
+        self._raw_transfers = 0  # GetRawBlob producers running (their pipes have no pipeid)
+        self._limits = limits if limits is not None else config.limits
         self._methods: dict[str, Callable[..., Awaitable[Outcome]]] = {
             "Initialize": self.initialize,
             "OpenImage": self.open_image,
@@ -123,7 +128,16 @@ class Handler:
             raise ProxyError(f"no image {image_id}")
         return image
 
+    def _check_pipe_limit(self) -> None:
+        limit = self._limits.open_pipes
+        if limit is not None and len(self._pipes) + self._raw_transfers >= limit:
+            raise ProxyError(
+                f"too many open pipes ({limit} is this connection's limit): finish transfers with FinishPipe "
+                "(or read GetRawBlob's pipes to the end) before starting more"
+            )
+
     def _reply_with_pipe(self, value: Any, work: Callable[[Pipe], Awaitable[None]]) -> Outcome:
+        self._check_pipe_limit()
         pipe = Pipe.create()
         self._pipes[pipe.pipeid] = pipe
         self._spawn(lambda: work(pipe))
@@ -167,7 +181,15 @@ class Handler:
     async def get_capabilities(self) -> Outcome:
         return Outcome(Reply.ok(list(SERVER_EXTENSIONS)))
 
+    def _check_image_limit(self, reference: str) -> None:
+        limit = self._limits.open_images
+        if limit is not None and len(self._images) >= limit:
+            raise ProxyError(
+                f"cannot open {reference}: {limit} images are open, this connection's limit; close some with CloseImage"
+            )
+
     async def _open(self, reference: str, optional: bool) -> Outcome:
+        self._check_image_limit(reference)
         try:
             source = await open_source(reference, self.config.source_options, self._registry)
             try:
@@ -180,6 +202,12 @@ class Handler:
             if optional:
                 log.debug("OpenImageOptional %s: not found: %s", reference, e)
                 return Outcome(Reply.ok(0))
+            raise
+        try:
+            self._check_image_limit(reference)  # again: others may have been opened meanwhile (request ids)
+        except ProxyError:
+            with trio.CancelScope(shield=True):
+                await image.source.aclose()
             raise
         image_id = self._next_image_id
         self._next_image_id += 1
@@ -333,17 +361,32 @@ class Handler:
 
     async def get_raw_blob(self, image_id: int, digest: str) -> Outcome:
         image = self._image(image_id)
+        self._check_pipe_limit()
         blob = await self._open_blob(image, digest, self._known_size(image, digest))
         data_pipe = Pipe.create()
         err_pipe = Pipe.create()
-        self._spawn(lambda: produce_raw_blob(blob, digest, data_pipe.writer, err_pipe.writer))
+        self._raw_transfers += 1
+
+        async def produce() -> None:
+            try:
+                await produce_raw_blob(blob, digest, data_pipe.writer, err_pipe.writer)
+            finally:
+                self._raw_transfers -= 1
+
+        self._spawn(produce)
         return Outcome(Reply.ok(blob.size), (data_pipe.read_fd, err_pipe.read_fd))
 
     async def finish_pipe(self, pipeid: int) -> Outcome:
         pipe = self._pipes.get(pipeid)
         if pipe is None:
             raise ProxyError(f"finishpipe: no active pipe {pipeid}")
-        await pipe.done.wait()
+        if pipeid in self._finishing:
+            raise ProxyError(f"finishpipe: pipe {pipeid} is already being finished by another request")
+        self._finishing.add(pipeid)
+        try:
+            await pipe.done.wait()
+        finally:
+            self._finishing.discard(pipeid)
         # The pipe may have been finished meanwhile only by session teardown, which cancels us.
         del self._pipes[pipeid]
         with trio.CancelScope(shield=True):

@@ -6,6 +6,7 @@ import attrs
 
 from proxy import manifest as mf
 from proxy.config import CredentialSource
+from proxy.limits import SessionLimits
 from proxy.policy import ImagePolicy
 from proxy.sources.base import SourceOptions
 from proxy.sources.registry_client import RegistrySettings
@@ -22,6 +23,8 @@ class ProxyOptions:
     #: ``--blob-cache DIR`` (None: no cache) and ``--blob-cache-max`` bytes (None: no limit)
     blob_cache: str | None = None
     blob_cache_max: int | None = None
+    #: what one connection may hold and do
+    limits: SessionLimits = attrs.field(factory=SessionLimits)
     #: the signature policy OpenImage enforces (default: the system's policy.json, as skopeo reads it)
     policy: ImagePolicy = attrs.field(factory=ImagePolicy.system_default)
     override_os: str | None = None

@@ -120,3 +120,36 @@ def test_reply_missing_keys_is_rejected():
         assert "missing keys" in e.message
     else:
         raise AssertionError("reply without value/pipeid/error accepted")
+
+
+# --------------------------------------------------------------------------- request-ids extension
+
+request_ids = st.none() | st.integers(0, 2**53 - 1)
+
+
+@given(st.text(max_size=40), st.lists(json_values, max_size=3), request_ids)
+def test_request_id_roundtrip(method, args, request_id):
+    try:
+        data = encode_request(Request(method, args, id=request_id))
+    except ValueError:
+        return
+    decoded = decode_request(data)
+    assert isinstance(decoded, Request) and decoded.id == request_id
+    assert ("id" in json.loads(data)) == (request_id is not None)
+
+
+@given(st.booleans(), request_ids, st.text(max_size=50_000))
+def test_reply_id_is_the_sixth_key_and_survives_error_shortening(success, request_id, error):
+    reply = Reply(success=success, error=error if not success else "", id=request_id)
+    data = encode_reply(reply)
+    assert len(data) <= MAX_MSG_SIZE
+    keys = list(json.loads(data))
+    assert keys == ["success", "value", "pipeid", "error_code", "error"] + (["id"] if request_id is not None else [])
+    assert decode_reply(data).id == request_id
+
+
+def test_a_violation_after_a_valid_id_carries_it():
+    violation = decode_request(b'{"id": 9, "method": 3}')
+    assert isinstance(violation, ProtocolViolation) and violation.request_id == 9
+    violation = decode_request(b'{"id": -9, "method": "GetManifest"}')
+    assert isinstance(violation, ProtocolViolation) and violation.request_id is None
