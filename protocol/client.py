@@ -7,9 +7,12 @@
         digest, manifest = await proxy.get_manifest(img)
         data = await proxy.get_blob(img, layer_digest, layer_size)
 
-Replies come back in request order (the protocol has no request ids), so the bindings keep a
-FIFO of waiters: a sender task appends a waiter and sends, the receiver task pops one per reply.
-Several tasks may call at once without any lock. Every pipe is drained concurrently with its
+After Initialize the bindings ask ``GetCapabilities``. When the server offers ``request-ids``
+(docs/PROTOCOL.md) every call carries an id and its reply is matched by that id, so replies may come
+back in any order and a FinishPipe that waits for a slow blob delays no other call. Otherwise (skopeo's
+proxy answers the probe with an error) replies come back in request order and are matched FIFO.
+Either way one sender task puts requests on the socket and one receiver task hands each reply to its
+waiter: several tasks may call at once without any lock. Every pipe is drained concurrently with its
 FinishPipe, never the deadlock of reading to EOF first.
 """
 
@@ -40,6 +43,8 @@ DEFAULT_ARGV = (sys.executable, "-m", "proxy", "experimental-image-proxy")
 EXIT_TIMEOUT = 5.0
 _FD_SIZE = array.array("i").itemsize
 _READ_SIZE = 1 << 20
+#: the GetCapabilities name of the request-ids extension (docs/PROTOCOL.md)
+REQUEST_IDS = "request-ids"
 
 Sink = Callable[[bytes], Awaitable[None] | None]
 
@@ -59,6 +64,8 @@ def parse_version(text: str) -> tuple[int, int, int]:
 @attrs.define(eq=False)
 class _Waiter:
     method: str
+    #: the request id (request-ids extension), or None for a call matched in order
+    id: int | None = None
     event: trio.Event = attrs.field(factory=trio.Event)
     reply: Reply | None = None
     fds: list[int] = attrs.field(factory=list)
@@ -75,10 +82,16 @@ def _close_fds(fds: Sequence[int]) -> None:
 class ImageProxy:
     """A connection to one proxy server; use ``spawn`` or ``connect`` as async context managers."""
 
-    def __init__(self, sock: trio.socket.SocketType, nursery: trio.Nursery) -> None:
+    def __init__(self, sock: trio.socket.SocketType, nursery: trio.Nursery, request_ids: bool = True) -> None:
         self._sock = sock
         self._nursery = nursery
+        #: waiters of calls without an id, in the order they were sent (their replies come in that order)
         self._pending: collections.deque[_Waiter] = collections.deque()
+        #: waiters of calls with an id, by id (their replies come in any order)
+        self._by_id: dict[int, _Waiter] = {}
+        self._want_ids = request_ids
+        self._use_ids = False
+        self._next_id = 1
         self._outbox_send, self._outbox_recv = trio.open_memory_channel[tuple[bytes, _Waiter]](0)
         self._closed: ProxyError | None = None
         self.version: tuple[int, int, int] = (0, 0, 0)
@@ -90,9 +103,12 @@ class ImageProxy:
     @classmethod
     @contextlib.asynccontextmanager
     async def spawn(
-        cls, argv: Sequence[str] | None = None, extra_args: Sequence[str] = ()
+        cls, argv: Sequence[str] | None = None, extra_args: Sequence[str] = (), *, request_ids: bool = True
     ) -> AsyncIterator[ImageProxy]:
-        """Start a server process with one end of a socketpair as its stdin."""
+        """Start a server process with one end of a socketpair as its stdin.
+
+        ``request_ids=False`` never asks for the request-ids extension: every call is matched in order, as
+        with skopeo's proxy (the benchmark compares both)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         command = [*(argv or DEFAULT_ARGV), *extra_args]
         try:
@@ -103,7 +119,7 @@ class ImageProxy:
         finally:
             theirs.close()
         try:
-            async with cls._serve(ours) as proxy:
+            async with cls._serve(ours, request_ids) as proxy:
                 yield proxy
         finally:
             with trio.CancelScope(shield=True):
@@ -115,7 +131,9 @@ class ImageProxy:
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def connect(cls, target: socket.socket | str | os.PathLike[str]) -> AsyncIterator[ImageProxy]:
+    async def connect(
+        cls, target: socket.socket | str | os.PathLike[str], *, request_ids: bool = True
+    ) -> AsyncIterator[ImageProxy]:
         """Talk to a server: a daemon's listening socket path (``image-proxy daemon --listen PATH``), or an
         already connected SOCK_SEQPACKET socket. The socket is closed on exit."""
         if isinstance(target, socket.socket):
@@ -128,17 +146,17 @@ class ImageProxy:
                 sock.close()
                 where = os.fspath(target)
                 raise ProxyError(f"cannot connect to the image proxy at {where}: {e.strerror or e}") from None
-        async with cls._serve(sock) as proxy:
+        async with cls._serve(sock, request_ids) as proxy:
             yield proxy
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def _serve(cls, sock: socket.socket) -> AsyncIterator[ImageProxy]:
+    async def _serve(cls, sock: socket.socket, request_ids: bool) -> AsyncIterator[ImageProxy]:
         tsock = trio.socket.from_stdlib_socket(sock)
         failure: Exception | None = None
         with tsock:
             async with trio.open_nursery() as nursery:
-                proxy = cls(tsock, nursery)
+                proxy = cls(tsock, nursery, request_ids)
                 nursery.start_soon(proxy._sender)
                 nursery.start_soon(proxy._receiver)
                 try:
@@ -161,6 +179,14 @@ class ImageProxy:
         if not (version >= MIN_VERSION and version[:2] == MIN_VERSION[:2]):
             raise ProxyError(f"proxy protocol version {value} is not supported (need >=0.2.3, <0.3.0)")
         self.version, self.version_text = version, value
+        if self._want_ids:
+            self._use_ids = REQUEST_IDS in await self.get_capabilities()
+
+    @property
+    def uses_request_ids(self) -> bool:
+        """True when calls carry ids (the server offers request-ids): replies may come in any order, and a
+        waiting FinishPipe delays no other call. False: replies in request order (skopeo's proxy)."""
+        return self._use_ids
 
     async def shutdown(self) -> None:
         """Ask the server to exit (it sends no reply)."""
@@ -176,7 +202,10 @@ class ImageProxy:
             if self._closed is not None:
                 self._fail(waiter, self._closed)
                 continue
-            self._pending.append(waiter)
+            if waiter.id is None:
+                self._pending.append(waiter)
+            else:
+                self._by_id[waiter.id] = waiter
             try:
                 await self._sock.send(data)
             except OSError as e:
@@ -198,26 +227,44 @@ class ImageProxy:
                 _close_fds(fds)
                 self._broken(ProxyClosed("the proxy closed the connection (did it exit?)"))
                 return
-            if not self._pending:
+            waiter = self._match(data, flags)
+            if waiter is None:
                 _close_fds(fds)
-                self._broken(ProtocolViolation("the proxy sent a reply nobody asked for"))
                 return
-            waiter = self._pending.popleft()
-            if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
-                _close_fds(fds)
-                self._fail(waiter, ProtocolViolation(f"reply to {waiter.method} was truncated"))
-                continue
-            try:
-                waiter.reply = decode_reply(data)
-            except ProtocolViolation as e:
-                _close_fds(fds)
-                self._fail(waiter, e)
-                continue
-            if waiter.abandoned:
+            if waiter.error is not None or waiter.abandoned:
                 _close_fds(fds)
             else:
                 waiter.fds = fds
             waiter.event.set()
+
+    def _match(self, data: bytes, flags: int) -> _Waiter | None:
+        """The waiter a reply packet answers, with the reply or an error set on it; None when the connection
+        can no longer be trusted (it is then marked broken)."""
+        truncated = bool(flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC))
+        reply: Reply | ProtocolViolation
+        try:
+            reply = decode_reply(data) if not truncated else ProtocolViolation("a reply was truncated")
+        except ProtocolViolation as e:
+            reply = e
+        if isinstance(reply, Reply) and reply.id is not None:
+            waiter = self._by_id.pop(reply.id, None)
+            if waiter is None:
+                self._broken(ProtocolViolation(f"the proxy answered request id {reply.id}, which is not in flight"))
+                return None
+            waiter.reply = reply
+            return waiter
+        if not self._pending:
+            # Without an id, a reply can only answer the oldest in-order call. With ids in use, a reply we cannot
+            # decode cannot be matched to anything: the connection is no longer usable.
+            why = str(reply) if isinstance(reply, ProtocolViolation) else "the proxy sent a reply nobody asked for"
+            self._broken(ProtocolViolation(why))
+            return None
+        waiter = self._pending.popleft()
+        if isinstance(reply, ProtocolViolation):
+            waiter.error = ProtocolViolation(f"reply to {waiter.method}: {reply}")
+        else:
+            waiter.reply = reply
+        return waiter
 
     def _fail(self, waiter: _Waiter, error: ProxyError) -> None:
         waiter.error = error
@@ -228,14 +275,23 @@ class ImageProxy:
             self._closed = error
         while self._pending:
             self._fail(self._pending.popleft(), self._closed)
+        waiting, self._by_id = list(self._by_id.values()), {}
+        for waiter in waiting:
+            self._fail(waiter, self._closed)
 
-    async def call(self, method: str, args: list[Any]) -> tuple[Reply, list[int]]:
-        """Send one request and wait for its reply; the caller owns the returned fds."""
+    async def call(self, method: str, args: list[Any], *, ordered: bool = False) -> tuple[Reply, list[int]]:
+        """Send one request and wait for its reply; the caller owns the returned fds.
+
+        ``ordered=True`` sends it without an id even when ids are in use: the server then answers it in order
+        with the other calls without an id (protocol 0.2.8 semantics), interleaved with calls that carry one."""
         if self._closed is not None:
             raise self._closed
-        waiter = _Waiter(method)
+        request_id = None
+        if self._use_ids and not ordered:
+            request_id, self._next_id = self._next_id, self._next_id + 1
+        waiter = _Waiter(method, request_id)
         try:
-            await self._outbox_send.send((encode_request(Request(method, args)), waiter))
+            await self._outbox_send.send((encode_request(Request(method, args, id=request_id)), waiter))
             await waiter.event.wait()
         except BaseException:
             waiter.abandoned = True
@@ -422,4 +478,4 @@ def _raise_error_document(data: bytes) -> None:
     raise ProxyError(f"GetRawBlob: {message}", code)
 
 
-__all__ = ["DEFAULT_ARGV", "ImageProxy", "ProxyClosed", "parse_version"]
+__all__ = ["DEFAULT_ARGV", "REQUEST_IDS", "ImageProxy", "ProxyClosed", "parse_version"]

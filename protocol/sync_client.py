@@ -6,11 +6,16 @@
         img = proxy.open_image("oci:examples/hello:latest")
         digest, manifest = proxy.get_manifest(img)
 
-The trio client runs in a private thread; each method call hops into it and waits.
+        image = proxy.pull("oci:examples/hello:latest", sinks)  # protocol.pull: all layers, verified
+
+The trio client runs in a private thread; each method call hops into it and waits (callbacks such as a pull's
+sinks and ``on_event`` run in that thread). ``SyncImageProxy(socket_path=...)`` talks to a running daemon
+instead of spawning a server.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -18,8 +23,10 @@ from typing import Any
 import trio
 
 from protocol.client import ImageProxy
+from protocol.pull import PulledImage, pull
 
 _METHODS = (
+    "get_capabilities",
     "open_image",
     "open_image_optional",
     "close_image",
@@ -29,12 +36,22 @@ _METHODS = (
     "get_layer_info",
     "get_blob",
     "get_raw_blob",
+    "copy_blob",
+    "copy_raw_blob",
 )
 
 
 class SyncImageProxy:
-    def __init__(self, argv: Sequence[str] | None = None, extra_args: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        argv: Sequence[str] | None = None,
+        extra_args: Sequence[str] = (),
+        *,
+        socket_path: str | os.PathLike[str] | None = None,
+        request_ids: bool = True,
+    ) -> None:
         self._argv, self._extra = argv, tuple(extra_args)
+        self._socket_path, self._request_ids = socket_path, request_ids
         self._ready = threading.Event()
         self._startup_error: BaseException | None = None
         self._proxy: ImageProxy | None = None
@@ -56,7 +73,11 @@ class SyncImageProxy:
             self._ready.set()
 
     async def _main(self) -> None:
-        async with ImageProxy.spawn(self._argv, self._extra) as proxy:
+        if self._socket_path is not None:
+            opened = ImageProxy.connect(self._socket_path, request_ids=self._request_ids)
+        else:
+            opened = ImageProxy.spawn(self._argv, self._extra, request_ids=self._request_ids)
+        async with opened as proxy:
             self._proxy = proxy
             self._token = trio.lowlevel.current_trio_token()
             self._stop = trio.Event()
@@ -73,10 +94,22 @@ class SyncImageProxy:
             return lambda *args: self._run(name, *args)
         raise AttributeError(name)
 
+    def pull(self, reference: str, sinks: Any, **options: Any) -> PulledImage:
+        """``protocol.pull.pull`` on this connection (same options); the sinks run in the client's thread."""
+        if self._proxy is None or self._token is None:
+            raise RuntimeError("the proxy is closed")
+        proxy = self._proxy
+        return trio.from_thread.run(lambda: pull(proxy, reference, sinks, **options), trio_token=self._token)
+
     @property
     def version(self) -> str:
         assert self._proxy is not None
         return self._proxy.version_text
+
+    @property
+    def uses_request_ids(self) -> bool:
+        assert self._proxy is not None
+        return self._proxy.uses_request_ids
 
     def close(self) -> None:
         if self._token is not None and self._stop is not None:

@@ -109,3 +109,130 @@ def test_sync_wrapper(single):
 def test_sync_wrapper_reports_a_server_that_cannot_start():
     with pytest.raises(ProxyError, match="cannot start /nonexistent/image-proxy"):
         SyncImageProxy(["/nonexistent/image-proxy"])
+
+
+# ------------------------------------------------------------------------------------------- request ids
+
+
+async def test_ids_are_used_with_ours_and_in_order_matching_with_skopeo(single, skopeo_proxy_argv):
+    """Ours offers request-ids, so the bindings use them; skopeo's proxy answers the probe with an error, so the
+    bindings fall back to in-order matching, and concurrent calls from many tasks still get their own replies."""
+    async with ImageProxy.spawn() as proxy:
+        assert proxy.uses_request_ids
+    async with ImageProxy.spawn(request_ids=False) as proxy:
+        assert not proxy.uses_request_ids
+    results: dict[int, bytes] = {}
+    async with ImageProxy.spawn(skopeo_proxy_argv) as proxy:
+        assert not proxy.uses_request_ids
+        img = await proxy.open_image(single.ref)
+
+        async def fetch(i: int) -> None:
+            layer = single.layers[i % len(single.layers)]
+            results[i] = await proxy.get_blob(img, layer.digest, layer.size)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(8):
+                nursery.start_soon(fetch, i)
+            nursery.start_soon(proxy.get_manifest, img)
+    assert len(results) == 8
+    for i, data in results.items():
+        assert sha256(data) == single.layers[i % len(single.layers)].digest
+
+
+async def test_calls_with_and_without_ids_interleave_on_one_connection(big, single):
+    """A FinishPipe with an id waits for a blob nobody reads; meanwhile calls without an id (in order among
+    themselves) and calls with ids are all answered, on the same connection; then the blob is read and the
+    waiting FinishPipe answers last."""
+    async with ImageProxy.spawn() as proxy:
+        assert proxy.uses_request_ids
+        img = await proxy.open_image(big.ref)
+        layer = big.layers[0]
+        reply, (blob_fd,) = await proxy.call("GetBlob", [img, layer.digest, layer.size])
+        assert reply.id is not None and reply.value == layer.size
+        finished = trio.Event()
+
+        async def finish_blob() -> None:
+            await proxy.finish_pipe(reply.pipeid)
+            finished.set()
+
+        async def in_order_layer_info(results: list) -> None:
+            info, fds = await proxy.call("GetLayerInfo", [img], ordered=True)
+            assert info.id is None and fds == []
+            results.append(info.value)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(finish_blob)
+            with trio.fail_after(10):
+                ordered: list = []
+                other = await proxy.open_image(single.ref)  # with an id
+                async with trio.open_nursery() as calls:
+                    for _ in range(3):
+                        calls.start_soon(in_order_layer_info, ordered)
+                    calls.start_soon(proxy.get_manifest, other)  # with ids: GetManifest and its FinishPipe
+                closed, _ = await proxy.call("CloseImage", [999], ordered=True)
+                assert closed.id is None and closed.error == "no image 999"
+                assert (await proxy.get_manifest(img))[0] == big.manifest_digest
+            assert ordered == [[layer.info() for layer in big.layers]] * 3
+            assert not finished.is_set()  # still waiting for the blob to be read
+            received = await proxy._drain(blob_fd, lambda chunk: None)
+            with trio.fail_after(10):
+                await finished.wait()
+        assert received == layer.size
+
+
+async def test_a_stalled_registry_blob_does_not_delay_get_manifest(registry_images):
+    """Between our proxy and the real registry, the fault proxy stalls a blob for good; its FinishPipe (with an
+    id) waits. GetManifest and OpenImage on the same connection are answered within a bound meanwhile."""
+    from tests.faults.proxy import Stall, fault_proxy
+
+    big = registry_images.images.big
+    layer = big.layers[0]
+    async with fault_proxy(registry_images.registry.port) as fault:
+        rule = fault.add_rule(Stall(at=256 << 10), path=r"/blobs/" + layer.digest)
+        ref = f"docker://127.0.0.1:{fault.port}/test/big:latest"
+        async with ImageProxy.spawn(extra_args=["--tls-verify=false", "--stall-timeout", "60"]) as proxy:
+            assert proxy.uses_request_ids
+            img = await proxy.open_image(ref)
+            received: list[int] = []
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(proxy.copy_blob, img, layer.digest, layer.size, lambda c: received.append(len(c)))
+                await fault.wait_until(lambda: bool(rule.fired), timeout=30)
+                with trio.fail_after(5):
+                    digest, manifest = await proxy.get_manifest(img)
+                    other = await proxy.open_image(f"docker://127.0.0.1:{fault.port}/test/single:latest")
+                    await proxy.close_image(other)
+                assert digest == big.manifest_digest and manifest == big.manifest
+                assert sum(received) <= 256 << 10  # the blob is still stalled
+                nursery.cancel_scope.cancel()
+
+
+def test_sync_pull_for_scripts(single, tmp_path):
+    """``pull_sync`` and ``SyncImageProxy.pull``: every blob of the image, verified, into plain file writers."""
+    from protocol.pull import pull_sync
+
+    class FileWriter:
+        def __init__(self, path):
+            self.path, self.file = path, path.with_suffix(".partial").open("wb")
+
+        def write(self, chunk):
+            self.file.write(chunk)
+
+        def commit(self):
+            self.file.close()
+            self.path.with_suffix(".partial").rename(self.path)
+
+        def discard(self):
+            self.file.close()
+
+    def sinks(blob):
+        return FileWriter(tmp_path / blob.digest.replace(":", "-"))
+
+    image = pull_sync(single.ref, sinks)
+    assert image.manifest_digest == single.manifest_digest and image.manifest == single.manifest
+    assert image.fetched_bytes == single.config_size + sum(layer.size for layer in single.layers)
+    for digest in (single.config_digest, *(layer.digest for layer in single.layers)):
+        assert sha256((tmp_path / digest.replace(":", "-")).read_bytes()) == digest
+    with SyncImageProxy() as proxy:
+        assert proxy.uses_request_ids
+        again = proxy.pull(single.ref, lambda blob: None)  # the destination has everything: nothing fetched
+        assert again.fetched_bytes == 0 and again.layers == image.layers
