@@ -23,6 +23,8 @@ if $with_tests; then
     command -v gpg >/dev/null || missing+=(gpg)
     command -v gpg-agent >/dev/null || missing+=(gpg-agent)
     command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx)
+    # daemon mode: systemd-analyze verify on contrib/systemd/, systemd-socket-activate --seqpacket
+    { command -v systemd-analyze && command -v systemd-socket-activate; } >/dev/null || missing+=(systemd)
     if [ ${#missing[@]} -gt 0 ]; then
         if [ "$(id -u)" != 0 ]; then
             echo "setup.sh: the tests need ${missing[*]}: run 'sudo apt-get install ${missing[*]}'" >&2

@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import errno
 import fcntl
+import functools
 import hashlib
 import logging
 import os
@@ -359,22 +360,29 @@ class BlobStore:
         spawn: Callable[[Callable[[], Awaitable[None]]], None],
     ) -> Blob:
         """A reader of the blob: from the cache, or following its (shared) download into the cache."""
-        cached = await self.open_cached(digest, expected_size)
-        if cached is not None:
-            return cached
-        if self.read_only:
-            return await open_from(0)
-        download = self._downloads.get(digest)
-        if download is None:
-            try:
-                download = Download(self, digest, expected_size)
-            except Busy:
-                log.info("blob cache: %s is being downloaded by another process; streaming it uncached", digest)
+        for _ in range(3):
+            cached = await self.open_cached(digest, expected_size)
+            if cached is not None:
+                return cached
+            if self.read_only:
                 return await open_from(0)
-            self._downloads[digest] = download
-            spawn(lambda: self._run_download(download, open_from))
-        fd = os.open(download.partial, os.O_RDONLY | os.O_CLOEXEC)
-        return FollowingBlob(download, fd)
+            download = self._downloads.get(digest)
+            if download is None:
+                try:
+                    download = Download(self, digest, expected_size)
+                except Busy:
+                    log.info("blob cache: %s is being downloaded by another process; streaming it uncached", digest)
+                    return await open_from(0)
+                self._downloads[digest] = download
+                spawn(functools.partial(self._run_download, download, open_from))
+            try:
+                fd = os.open(download.partial, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                # the download is just moving its file into place (or dropping it): look again once it is over
+                await download.wait_for_more(download.expected_size or 1 << 62)
+                continue
+            return FollowingBlob(download, fd)
+        raise StoreError(f"blob cache: {digest} keeps disappearing while being stored", ErrorCode.RETRYABLE)
 
     async def _run_download(self, download: Download, open_from: Callable[[int], Awaitable[Blob]]) -> None:
         await download.run(open_from)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import socket
 import sys
 from collections.abc import Sequence
@@ -19,14 +18,16 @@ from collections.abc import Sequence
 import attrs
 import trio
 
-from proxy import __version__
+from proxy import __version__, logs
 from proxy.cache_command import add_cache_parser, run_cache
 from proxy.config import ConfigError, CredentialSource, RegistriesConf, load_registries_conf
 from proxy.config.daemon_conf import DEFAULT_PATH as DEFAULT_DAEMON_CONF
-from proxy.config.daemon_conf import load_daemon_conf
+from proxy.config.daemon_conf import DaemonConfig, load_daemon_conf, parse_byte_size
 from proxy.copy_command import add_copy_parser
+from proxy.daemon_command import add_daemon_flags, run_daemon
 from proxy.http.timeouts import Timeouts
 from proxy.inspect_command import add_inspect_parser, add_layers_parser
+from proxy.limits import SessionLimits
 from proxy.options import ProxyOptions
 from proxy.policy import ImagePolicy
 from proxy.session import serve_socket
@@ -67,15 +68,11 @@ def _seconds(text: str) -> float:
     return value
 
 
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
 def _byte_size(text: str) -> int:
-    """``20G``, ``512M``, ``1.5T``, ``1000`` (bytes); binary units, an optional trailing ``B`` or ``iB``."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
-    if m is None:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r} (try 20G, 512M or a number of bytes)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    try:
+        return parse_byte_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _count(text: str) -> int:
@@ -106,8 +103,10 @@ def _add_global_flags(parser: argparse.ArgumentParser, suppress: bool) -> None:
     parser.add_argument("--command-timeout", metavar="DURATION", **d)
 
 
-def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--sockfd", type=int, default=0, help="the connected socket's fd (default 0, stdin)")
+def _add_serve_flags(parser: argparse.ArgumentParser, connected: bool = True) -> None:
+    """The flags of the serving commands; ``connected``: one client on a connected socket (``--sockfd``)."""
+    if connected:
+        parser.add_argument("--sockfd", type=int, default=0, help="the connected socket's fd (default 0, stdin)")
     parser.add_argument("--authfile", default=os.environ.get("REGISTRY_AUTH_FILE"), metavar="PATH")
     parser.add_argument("--creds", metavar="USERNAME[:PASSWORD]")
     parser.add_argument("--username")
@@ -177,6 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help="serve one client on a connected SOCK_SEQPACKET socket")
         _add_global_flags(p, suppress=True)
         _add_serve_flags(p)
+    p = sub.add_parser("daemon", help="serve many clients on a listening socket (a system service)")
+    _add_global_flags(p, suppress=True)
+    _add_serve_flags(p, connected=False)
+    add_daemon_flags(p)
     add_inspect_parser(sub, _add_global_flags)
     add_layers_parser(sub, _add_global_flags)
     add_copy_parser(sub, _add_global_flags)
@@ -247,9 +250,26 @@ def policy_from_args(args: argparse.Namespace) -> ImagePolicy:
     return policy
 
 
-def options_from_args(args: argparse.Namespace) -> ProxyOptions:
+def limits_from_conf(conf: DaemonConfig, base: SessionLimits) -> SessionLimits:
+    """``base`` with what the config file's [limits] sets; 0 lifts the limits that can be lifted."""
+    values = {}
+    for name in ("open_images", "open_pipes", "requests_per_second"):
+        value = getattr(conf, name)
+        if value is not None:
+            values[name] = value or None
+    for name in ("request_burst", "max_request_size", "concurrent_requests"):
+        value = getattr(conf, name)
+        if value is not None:
+            values[name] = value
+    return attrs.evolve(base, **values)
+
+
+def options_from_args(args: argparse.Namespace, base_limits: SessionLimits | None = None) -> ProxyOptions:
+    """Everything a session needs, from the flags and the config files (raises ConfigError)."""
     registry = registry_settings_from_args(args)
+    conf = load_daemon_conf(getattr(args, "config", None))
     return ProxyOptions(
+        limits=limits_from_conf(conf, base_limits if base_limits is not None else SessionLimits()),
         blob_cache=getattr(args, "blob_cache", None),
         blob_cache_max=getattr(args, "blob_cache_max", None),
         registry=registry,
@@ -266,11 +286,7 @@ def options_from_args(args: argparse.Namespace) -> ProxyOptions:
 
 
 def setup_logging(debug: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if debug else logging.WARNING,
-        format="image-proxy[%(process)d] %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logs.setup_logging(logging.DEBUG if debug else logging.WARNING)
 
 
 def _connected_socket(fd: int) -> socket.socket:
@@ -312,6 +328,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.run(args)
     if args.command == "cache":
         return run_cache(args)
+    if args.command == "daemon":
+        return run_daemon(args, options_from_args)
     raise AssertionError(args.command)  # pragma: no cover
 
 

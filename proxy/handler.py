@@ -128,6 +128,11 @@ class Handler:
             raise ProxyError(f"no image {image_id}")
         return image
 
+    @property
+    def transfers_in_flight(self) -> bool:
+        """Pipes handed out and not finished yet, or GetRawBlob transfers still running."""
+        return bool(self._pipes) or self._raw_transfers > 0
+
     def _check_pipe_limit(self) -> None:
         limit = self._limits.open_pipes
         if limit is not None and len(self._pipes) + self._raw_transfers >= limit:

@@ -91,11 +91,17 @@ class Session:
         #: requests received and not yet answered on the socket
         self._unanswered = 0
         self._all_answered = trio.Event()
+        self._handler: Handler | None = None
+
+    @property
+    def busy(self) -> bool:
+        """Whether a request is unanswered or a transfer is in flight (a daemon's shutdown waits for those)."""
+        return self._unanswered > 0 or (self._handler is not None and self._handler.transfers_in_flight)
 
     async def run(self) -> None:
         try:
             async with trio.open_nursery() as nursery:
-                handler = Handler(self._options, nursery.start_soon, self._resources, self._limits)
+                handler = self._handler = Handler(self._options, nursery.start_soon, self._resources, self._limits)
                 try:
                     nursery.start_soon(self._sender, nursery.cancel_scope)
                     nursery.start_soon(self._dispatch, handler)
@@ -156,10 +162,14 @@ class Session:
             self._in_order_changed.set()
 
     def _decode(self, data: bytes, truncated: bool) -> Request | ProtocolViolation:
+        decoded = decode_request(data, truncated=truncated)
         limit = self._limits.max_request_size
         if len(data) > limit and not truncated and limit < MAX_MSG_SIZE:
-            return ProtocolViolation(f"invalid request: message exceeds this server's {limit} byte request limit")
-        return decode_request(data, truncated=truncated)
+            return ProtocolViolation(
+                f"invalid request: message exceeds this server's {limit} byte request limit",
+                request_id=_request_id(decoded),  # answered with its id, so a client using ids can match it
+            )
+        return decoded
 
     def _accept(self, item: Request | ProtocolViolation, handler: Handler, nursery: trio.Nursery) -> None:
         """Queue a request (or answer it at once when it breaks a limit)."""

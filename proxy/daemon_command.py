@@ -1,0 +1,222 @@
+"""``image-proxy daemon``: its flags, its defaults, and starting it (bound socket or systemd activation).
+
+Defaults follow where systemd puts things for a service (``$RUNTIME_DIRECTORY``, ``$CACHE_DIRECTORY``) and
+the usual places otherwise: ``/run/image-proxy/image-proxy.sock`` and ``/var/cache/image-proxy`` for root,
+``$XDG_RUNTIME_DIR/image-proxy/`` and ``$XDG_CACHE_HOME/image-proxy`` (``~/.cache``) for other users.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import grp
+import logging
+import os
+import pwd
+from collections.abc import Callable
+from pathlib import Path
+
+import attrs
+import trio
+
+from proxy import logs
+from proxy.config import ConfigError
+from proxy.config.daemon_conf import load_daemon_conf
+from proxy.daemon import Daemon, DaemonError, DaemonSettings, activated_socket, bind_listener, is_listening
+from proxy.limits import DAEMON_LIMITS, SessionLimits
+from proxy.options import ProxyOptions
+from proxy.peer import AccessPolicy
+from proxy.session import serve_socket
+
+log = logging.getLogger("image-proxy.daemon")
+
+#: builds the session options from the flags and config files, given the mode's default limits
+OptionsBuilder = Callable[[argparse.Namespace, SessionLimits], ProxyOptions]
+
+DEFAULT_SHUTDOWN_GRACE = 10.0
+SOCKET_NAME = "image-proxy.sock"
+
+
+def _first_dir(variable: str) -> str | None:
+    """A systemd directory variable (``CacheDirectory=a b`` gives ``/var/cache/a:/var/cache/b``): the first."""
+    value = os.environ.get(variable)
+    return value.split(":")[0] if value else None
+
+
+def default_socket_path() -> str:
+    runtime = _first_dir("RUNTIME_DIRECTORY")
+    if runtime:
+        return str(Path(runtime) / SOCKET_NAME)
+    if os.geteuid() != 0 and os.environ.get("XDG_RUNTIME_DIR"):
+        return str(Path(os.environ["XDG_RUNTIME_DIR"]) / "image-proxy" / SOCKET_NAME)
+    return f"/run/image-proxy/{SOCKET_NAME}"
+
+
+def default_cache_dir() -> str:
+    cache = _first_dir("CACHE_DIRECTORY")
+    if cache:
+        return cache
+    if os.geteuid() == 0:
+        return "/var/cache/image-proxy"
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return str(Path(base) / "image-proxy")
+
+
+def _lookup(text: str, by_name: Callable[[str], int], kind: str) -> int:
+    if text.isdigit():
+        return int(text)
+    try:
+        return by_name(text)
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"no {kind} named {text!r} on this system") from None
+
+
+def _user(text: str) -> int:
+    return _lookup(text, lambda name: pwd.getpwnam(name).pw_uid, "user")
+
+
+def _group(text: str) -> int:
+    return _lookup(text, lambda name: grp.getgrnam(name).gr_gid, "group")
+
+
+def _mode(text: str) -> int:
+    try:
+        value = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid octal mode {text!r} (e.g. 0660)") from None
+    if not 0 <= value <= 0o777:
+        raise argparse.ArgumentTypeError(f"invalid socket mode {text!r}")
+    return value
+
+
+def _grace(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"the grace period is 0 or more seconds, not {text!r}")
+    return value
+
+
+def add_daemon_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--listen", metavar="PATH", help=f"the socket to listen on (default {default_socket_path()})")
+    parser.add_argument("--socket-group", type=_group, metavar="GROUP", help="group owning the socket")
+    parser.add_argument("--socket-mode", type=_mode, metavar="MODE", help="the socket's mode (default 0660)")
+    parser.add_argument(
+        "--allow-uid",
+        type=_user,
+        action="append",
+        metavar="USER",
+        help="serve only these users (repeatable; with --allow-gid: either matches); default: whoever can connect",
+    )
+    parser.add_argument(
+        "--allow-gid", type=_group, action="append", metavar="GROUP", help="serve members of these groups"
+    )
+    parser.add_argument(
+        "--shutdown-grace",
+        type=_grace,
+        metavar="SECONDS",
+        help=f"after SIGTERM, how long transfers in flight may finish (default {DEFAULT_SHUTDOWN_GRACE:g})",
+    )
+    parser.add_argument("--no-blob-cache", action="store_true", help=f"no blob cache (default: {default_cache_dir()})")
+
+
+def daemon_config(args: argparse.Namespace, build_options: OptionsBuilder) -> tuple[ProxyOptions, DaemonSettings]:
+    """The daemon's options and settings from flags, then the config file, then the defaults. Raises
+    ConfigError; called again on SIGHUP."""
+    conf = load_daemon_conf(args.config)
+    options = build_options(args, DAEMON_LIMITS)
+    if args.no_blob_cache or (conf.cache_enabled is False and not args.blob_cache):
+        cache_dir = None
+    else:
+        cache_dir = args.blob_cache or conf.cache_dir or default_cache_dir()
+    cache_max = args.blob_cache_max if args.blob_cache_max is not None else conf.cache_max_size
+    options = attrs.evolve(options, blob_cache=cache_dir, blob_cache_max=cache_max)
+
+    def pick(flag: object, configured: object, default: object) -> object:
+        return flag if flag is not None else configured if configured is not None else default
+
+    uids = frozenset(args.allow_uid) if args.allow_uid else conf.allow_uids or frozenset()
+    gids = frozenset(args.allow_gid) if args.allow_gid else conf.allow_gids or frozenset()
+    settings = DaemonSettings(
+        listen=pick(args.listen, conf.listen, default_socket_path()),  # type: ignore[arg-type]
+        socket_group=pick(args.socket_group, conf.socket_group, None),  # type: ignore[arg-type]
+        socket_mode=pick(args.socket_mode, conf.socket_mode, 0o660),  # type: ignore[arg-type]
+        access=AccessPolicy(uids, gids),
+        shutdown_grace=pick(args.shutdown_grace, conf.shutdown_grace, DEFAULT_SHUTDOWN_GRACE),  # type: ignore[arg-type]
+    )
+    return options, settings
+
+
+def run_daemon(args: argparse.Namespace, build_options: OptionsBuilder) -> int:
+    logs.setup_logging(logging.DEBUG if args.debug else logging.INFO)
+    if args.insecure_policy and args.require_signed:
+        log.error("--insecure-policy and --require-signed cannot be used together")
+        return 2
+    try:
+        options, settings = daemon_config(args, build_options)
+    except ConfigError as e:
+        log.error("%s", e)
+        return 2
+    try:
+        listener = activated_socket()
+        activated = listener is not None
+        if listener is None:
+            listener = bind_listener(settings)
+    except DaemonError as e:
+        log.error("%s", e)
+        return 1
+    if activated:
+        settings = attrs.evolve(settings, listen=str(listener.getsockname() or "the activated socket"))
+        if not is_listening(listener):
+            # Accept=yes: systemd passed one client's connection; serve it as the spawned mode would
+            log.info("socket activation passed a connected socket: serving that one client")
+            trio.run(serve_socket, listener, options)
+            return 0
+    options = _usable_cache(options, explicit=options.blob_cache != default_cache_dir())
+    if options is None:
+        return 1
+    bound = None if activated else _inode(settings.listen)
+    try:
+        daemon = Daemon(listener, options, settings, lambda: daemon_config(args, build_options))
+        trio.run(daemon.serve)
+    except DaemonError as e:
+        log.error("%s", e)
+        return 1
+    finally:
+        listener.close()
+        if bound is not None and _inode(settings.listen) == bound:
+            with contextlib.suppress(OSError):
+                os.unlink(settings.listen)  # ours, not a newer daemon's
+    return 0
+
+
+def _usable_cache(options: ProxyOptions, explicit: bool) -> ProxyOptions | None:
+    """Check that the cache directory can be made: a configured one that cannot stops the daemon (None), the
+    default one that cannot is logged and the daemon runs without a cache."""
+    if options.blob_cache is None:
+        log.info("blob cache: off")
+        return options
+    try:
+        (Path(options.blob_cache) / "blobs").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        text = f"blob cache {options.blob_cache}: cannot create it: {e.strerror}"
+        if explicit:
+            log.error("%s", text)
+            return None
+        log.warning("%s; running without a cache", text)
+        return attrs.evolve(options, blob_cache=None)
+    log.info("blob cache: %s", options.blob_cache)
+    return options
+
+
+def _inode(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+__all__ = ["add_daemon_flags", "daemon_config", "run_daemon"]

@@ -1,0 +1,46 @@
+"""Log lines on stderr: one line per record, with its level, readable by people and by journald.
+
+Under systemd (``JOURNAL_STREAM`` set) each line starts with the syslog priority in angle brackets
+(``<3>``, ``<4>``, ``<6>``, ``<7>``), which journald turns into the entry's priority and strips, so
+``journalctl -p warning`` works. Multi-line messages (tracebacks) are folded into the one line.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+
+def _priority(levelno: int) -> int:
+    for level in (logging.CRITICAL, logging.ERROR, logging.WARNING, logging.INFO):
+        if levelno >= level:
+            return _PRIORITY[level]
+    return 7
+
+
+class OneLineFormatter(logging.Formatter):
+    def __init__(self, journald: bool) -> None:
+        super().__init__(
+            "%(levelname)s %(name)s: %(message)s"
+            if journald
+            else "image-proxy[%(process)d] %(levelname)s %(name)s: %(message)s"
+        )
+        self.journald = journald
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record).replace("\r", "").replace("\n", " | ")
+        return f"<{_priority(record.levelno)}>{text}" if self.journald else text
+
+
+def setup_logging(level: int) -> None:
+    """Send records at ``level`` and above to stderr, one line each."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(OneLineFormatter(journald=bool(os.environ.get("JOURNAL_STREAM"))))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)

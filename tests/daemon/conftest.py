@@ -1,0 +1,163 @@
+"""Fixtures for daemon mode: a real ``image-proxy daemon`` process on a socket in a temporary directory, ready
+when it says so over ``NOTIFY_SOCKET`` (as systemd would hear it), its log lines readable as they come; the
+registry images and fault proxy of tests/faults."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
+
+import pytest
+import trio
+
+from tests.faults.conftest import fault, fault_images  # noqa: F401  (fixtures used by the daemon tests)
+
+START_GUARD = 30.0
+
+
+class DaemonProcess:
+    """One daemon. ``log`` holds its stderr lines so far; ``wait_for_log`` waits for a line to appear."""
+
+    def __init__(self, process: trio.Process, socket_path: Path, notify: trio.socket.SocketType) -> None:
+        self.process = process
+        self.socket_path = socket_path
+        self.log: list[str] = []
+        self.notifications: list[str] = []
+        self._notify = notify
+        self._changed = trio.Event()
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def _note(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def _read_log(self) -> None:
+        assert self.process.stderr is not None
+        buffer = b""
+        async for chunk in self.process.stderr:
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\n")
+            self.log.extend(line.decode(errors="replace") for line in lines)
+            self._note()
+        if buffer:
+            self.log.append(buffer.decode(errors="replace"))
+        self._note()
+
+    async def _read_notifications(self) -> None:
+        while True:
+            data = await self._notify.recv(4096)
+            self.notifications.extend(data.decode().split("\n"))
+            self._note()
+
+    async def wait_for(self, predicate: Callable[[], bool], what: str, timeout: float = START_GUARD) -> None:
+        try:
+            with trio.fail_after(timeout):
+                while not predicate():
+                    if self.process.returncode is not None and not predicate():
+                        await trio.sleep(0)  # let the log reader take the last lines
+                        if not predicate():
+                            raise AssertionError(f"daemon exited ({self.process.returncode}) before {what}")
+                    await self._changed.wait()
+        except trio.TooSlowError:
+            raise AssertionError(f"no {what} within {timeout}s; log:\n" + "\n".join(self.log)) from None
+
+    async def wait_for_log(self, pattern: str, timeout: float = START_GUARD) -> str:
+        regex = re.compile(pattern)
+        await self.wait_for(lambda: any(regex.search(line) for line in self.log), f"log line /{pattern}/", timeout)
+        return next(line for line in self.log if regex.search(line))
+
+    async def ready(self) -> None:
+        await self.wait_for(lambda: "READY=1" in self.notifications, "READY=1")
+
+    def signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    async def exit_code(self, timeout: float) -> int:
+        with trio.fail_after(timeout):
+            return await self.process.wait()
+
+    def open_fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def rss_bytes(self) -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS")
+
+
+StartDaemon = Callable[..., Awaitable[DaemonProcess]]
+
+
+@pytest.fixture
+def socket_dir() -> Path:
+    """A directory other users can traverse (pytest's tmp_path is 0700), for the socket."""
+    path = Path(tempfile.mkdtemp(prefix="image-proxy-daemon-"))
+    path.chmod(0o755)
+    yield path
+    for child in path.iterdir():
+        child.unlink()
+    path.rmdir()
+
+
+@pytest.fixture
+async def start_daemon(socket_dir: Path, tmp_path: Path) -> AsyncIterator[StartDaemon]:
+    """``await start_daemon(*flags, argv=None, env=None)`` starts a daemon listening on ``socket_dir/s.sock`` (unless
+    ``argv`` replaces the command) and returns once it notified READY=1. Every daemon still running at the end of
+    the test is killed."""
+    started: list[DaemonProcess] = []
+    async with trio.open_nursery() as nursery:
+
+        async def start(
+            *flags: str, argv: Sequence[str] | None = None, env: dict[str, str] | None = None, wait: bool = True
+        ) -> DaemonProcess:
+            notify_path = tmp_path / f"notify-{len(started)}"
+            notify = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            await notify.bind(str(notify_path))
+            path = socket_dir / "s.sock"
+            command = argv or [
+                sys.executable,
+                "-m",
+                "proxy",
+                "daemon",
+                "--listen",
+                str(path),
+                "--tls-verify=false",
+                *flags,
+            ]
+            process = await trio.lowlevel.open_process(
+                list(command),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                env={**os.environ, "NOTIFY_SOCKET": str(notify_path), **(env or {})},
+            )
+            daemon = DaemonProcess(process, path, notify)
+            started.append(daemon)
+            nursery.start_soon(daemon._read_log)
+            nursery.start_soon(daemon._read_notifications)
+            if wait:
+                await daemon.ready()
+            return daemon
+
+        try:
+            yield start
+        finally:
+            for daemon in started:
+                if daemon.process.returncode is None:
+                    daemon.process.send_signal(signal.SIGKILL)
+                with trio.CancelScope(shield=True):
+                    await daemon.process.wait()
+            nursery.cancel_scope.cancel()
+    for daemon in started:
+        daemon._notify.close()
