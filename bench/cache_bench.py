@@ -22,18 +22,15 @@ Only the standard library is used. See bench/README.md for what each number mean
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import os
 import shutil
 import signal
-import socket
 import statistics
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,12 +41,14 @@ from common import (
     REPO_ROOT,
     REPOSITORY,
     TAG,
+    CountingRelay,
     Drain,
     Layer,
     ProtocolError,
     ProxyClient,
     RunningRegistry,
     build_layout,
+    counting_relay,
     docker_registry,
     machine_info,
     median_range,
@@ -69,11 +68,6 @@ CASES = (OURS_NETWORK, SKOPEO_NETWORK, OURS_FILL, OURS_CACHED)
 OURS = "ours"
 SKOPEO = "skopeo"
 
-#: bytes per relay read
-RELAY_READ_SIZE = 1 << 20
-#: the most connections the relay holds open at once (the servers open one or two)
-RELAY_MAX_CONNECTIONS = 16
-
 STAMP_XATTR = "user.image-proxy.verified"  # proxy/blobstore.py: a cached file checked at its current size/mtime
 
 
@@ -84,147 +78,6 @@ def ours_argv(cache: Path | None = None) -> list[str]:
 
 def skopeo_argv() -> list[str]:
     return ["skopeo", "experimental-image-proxy", "--tls-verify=false"]
-
-
-# ------------------------------------------------------------------------------------------- counting relay
-
-
-class CountingRelay:
-    """A TCP relay on 127.0.0.1 in front of the registry that counts the bytes read from the registry, and can
-    SIGKILL a process once that count reaches a mark (so the kill lands at a byte position, not a time)."""
-
-    def __init__(self, upstream_port: int) -> None:
-        self.upstream_port = upstream_port
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port: int = self._listener.getsockname()[1]
-        self._cond = threading.Condition()
-        self._upstream_bytes = 0
-        self._delivered_bytes = 0
-        self._open: set[socket.socket] = set()
-        self._connections = 0
-        self._kill_pid: int | None = None
-        self._kill_at = 0
-        self.killed_at: int | None = None  # the count when the kill was sent
-        self._closed = False
-        self._acceptor = threading.Thread(target=self._accept_loop, name="relay-accept", daemon=True)
-        self._acceptor.start()
-
-    @property
-    def authority(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def upstream_bytes(self) -> int:
-        with self._cond:
-            return self._upstream_bytes
-
-    @property
-    def delivered_bytes(self) -> int:
-        """Of those, the bytes handed to the client's socket (the rest was in the relay's buffer)."""
-        with self._cond:
-            return self._delivered_bytes
-
-    def arm_kill(self, pid: int, at: int) -> None:
-        """SIGKILL ``pid`` as soon as the count of bytes read from the registry reaches ``at``."""
-        with self._cond:
-            self._kill_pid, self._kill_at, self.killed_at = pid, at, None
-
-    def disarm(self) -> None:
-        with self._cond:
-            self._kill_pid = None
-
-    def wait_idle(self, timeout: float) -> None:
-        """Wait until every relayed connection has ended (after a kill: nothing more is read for it)."""
-        with self._cond:
-            if not self._cond.wait_for(lambda: self._connections == 0, timeout):
-                raise RuntimeError(f"relay: {self._connections} connections still open after {timeout} s")
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            sockets = list(self._open)
-        with contextlib.suppress(OSError):
-            self._listener.close()
-        for sock in sockets:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-        self._acceptor.join(5)
-
-    def _count(self, n: int) -> None:
-        with self._cond:
-            self._upstream_bytes += n
-            if self._kill_pid is not None and self._upstream_bytes >= self._kill_at:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(self._kill_pid, signal.SIGKILL)
-                self.killed_at = self._upstream_bytes
-                self._kill_pid = None
-
-    def _accept_loop(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return  # closed
-            with self._cond:
-                refuse = self._closed or self._connections >= RELAY_MAX_CONNECTIONS
-                if not refuse:
-                    self._connections += 1
-            if refuse:
-                client.close()
-                continue
-            threading.Thread(target=self._serve, args=(client,), name="relay-conn", daemon=True).start()
-
-    def _serve(self, client: socket.socket) -> None:
-        upstream: socket.socket | None = None
-        try:
-            upstream = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=10)
-            upstream.settimeout(None)
-            with self._cond:
-                self._open.update((client, upstream))
-            back = threading.Thread(target=self._pump, args=(upstream, client, True), name="relay-down", daemon=True)
-            back.start()
-            self._pump(client, upstream, False)
-            back.join()
-        except OSError:
-            pass
-        finally:
-            with self._cond:
-                self._open.discard(client)
-                if upstream is not None:
-                    self._open.discard(upstream)
-            client.close()
-            if upstream is not None:
-                upstream.close()
-            with self._cond:
-                self._connections -= 1
-                self._cond.notify_all()
-
-    def _pump(self, src: socket.socket, dst: socket.socket, counted: bool) -> None:
-        buffer = bytearray(RELAY_READ_SIZE)
-        view = memoryview(buffer)
-        try:
-            while n := src.recv_into(view):
-                if counted:
-                    self._count(n)
-                dst.sendall(view[:n])
-                if counted:
-                    with self._cond:
-                        self._delivered_bytes += n
-        except OSError:
-            pass
-        finally:  # one direction ended: end the other too (HTTP/1.1 clients do not half-close)
-            for sock in (src, dst):
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-
-
-@contextlib.contextmanager
-def counting_relay(upstream_port: int) -> Iterator[CountingRelay]:
-    relay = CountingRelay(upstream_port)
-    try:
-        yield relay
-    finally:
-        relay.close()
 
 
 # ------------------------------------------------------------------------------------------- part 1: cached GetBlob

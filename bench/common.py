@@ -14,6 +14,7 @@ import os
 import platform
 import resource
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -42,6 +43,11 @@ OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 REPOSITORY = "bench/big"
 TAG = "latest"
+
+#: bytes per relay read
+RELAY_READ_SIZE = 1 << 20
+#: the most connections the relay holds open at once, by default (one server opens one or two)
+RELAY_MAX_CONNECTIONS = 16
 
 
 # ------------------------------------------------------------------------------------------- /proc readers
@@ -158,13 +164,9 @@ def _write_blob(layout: Path, data: bytes) -> tuple[str, int]:
     return f"sha256:{hexdigest}", len(data)
 
 
-def build_layout(layout: Path, content_size: int) -> tuple[Layer, str]:
-    """An OCI layout with one image (tag ``latest``) whose one layer is a gzip-level-0 tar of one file of
-    ``content_size`` random bytes; written in 1 MiB steps, never held in memory. Returns (layer, diff_id)."""
-    blobs = layout / "blobs" / "sha256"
-    blobs.mkdir(parents=True)
-    (layout / "oci-layout").write_bytes(_canonical({"imageLayoutVersion": "1.0.0"}))
-
+def _write_layer(blobs: Path, name: str, content_size: int) -> tuple[Layer, str]:
+    """A layer blob in ``blobs``: a gzip-level-0 tar of one file ``name`` of ``content_size`` random bytes,
+    written in 1 MiB steps, never held in memory. Returns (layer, diff_id)."""
     diff_hash = hashlib.sha256()  # of the uncompressed tar
     blob_hash = hashlib.sha256()  # of the gzip stream
     compressor = zlib.compressobj(0, zlib.DEFLATED, 31)  # level 0, gzip wrapper (mtime 0)
@@ -178,7 +180,7 @@ def build_layout(layout: Path, content_size: int) -> tuple[Layer, str]:
                 blob_hash.update(compressed)
                 out.write(compressed)
 
-        info = tarfile.TarInfo("random.bin")
+        info = tarfile.TarInfo(name)
         info.size = content_size
         info.mode = 0o644
         info.mtime = 1_704_164_645
@@ -196,17 +198,19 @@ def build_layout(layout: Path, content_size: int) -> tuple[Layer, str]:
         size = out.tell()
     path = blobs / blob_hash.hexdigest()
     partial.rename(path)
-    layer = Layer(path, f"sha256:{blob_hash.hexdigest()}", size)
-    diff_id = f"sha256:{diff_hash.hexdigest()}"
+    return Layer(path, f"sha256:{blob_hash.hexdigest()}", size), f"sha256:{diff_hash.hexdigest()}"
 
+
+def _write_image(layout: Path, layers: Sequence[Layer], diff_ids: Sequence[str], created_by: str) -> None:
+    """The config, the manifest and index.json (tag ``latest``) of an image made of ``layers``."""
     config = _canonical(
         {
             "created": "2024-01-02T03:04:05Z",
             "architecture": "amd64",
             "os": "linux",
             "config": {"Cmd": ["/bin/sh"]},
-            "rootfs": {"type": "layers", "diff_ids": [diff_id]},
-            "history": [{"created": "2024-01-02T03:04:05Z", "created_by": "bench/blob_throughput.py"}],
+            "rootfs": {"type": "layers", "diff_ids": list(diff_ids)},
+            "history": [{"created": "2024-01-02T03:04:05Z", "created_by": created_by}],
         }
     )
     config_digest, config_size = _write_blob(layout, config)
@@ -215,7 +219,7 @@ def build_layout(layout: Path, content_size: int) -> tuple[Layer, str]:
             "schemaVersion": 2,
             "mediaType": OCI_MANIFEST,
             "config": {"mediaType": OCI_CONFIG, "digest": config_digest, "size": config_size},
-            "layers": [{"mediaType": OCI_LAYER_GZIP, "digest": layer.digest, "size": layer.size}],
+            "layers": [{"mediaType": OCI_LAYER_GZIP, "digest": layer.digest, "size": layer.size} for layer in layers],
         }
     )
     manifest_digest, manifest_size = _write_blob(layout, manifest)
@@ -231,7 +235,31 @@ def build_layout(layout: Path, content_size: int) -> tuple[Layer, str]:
         ],
     }
     (layout / "index.json").write_bytes(_canonical(index))
+
+
+def _new_layout(layout: Path) -> Path:
+    blobs = layout / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+    (layout / "oci-layout").write_bytes(_canonical({"imageLayoutVersion": "1.0.0"}))
+    return blobs
+
+
+def build_layout(layout: Path, content_size: int) -> tuple[Layer, str]:
+    """An OCI layout with one image (tag ``latest``) whose one layer is a gzip-level-0 tar of one file of
+    ``content_size`` random bytes; written in 1 MiB steps, never held in memory. Returns (layer, diff_id)."""
+    blobs = _new_layout(layout)
+    layer, diff_id = _write_layer(blobs, "random.bin", content_size)
+    _write_image(layout, [layer], [diff_id], "bench/blob_throughput.py")
     return layer, diff_id
+
+
+def build_layers_layout(layout: Path, content_sizes: Sequence[int], created_by: str) -> list[Layer]:
+    """An OCI layout with one image (tag ``latest``) of one layer per entry of ``content_sizes``, each a
+    gzip-level-0 tar of one file (``layer<n>.bin``) of that many random bytes. Returns the layers in order."""
+    blobs = _new_layout(layout)
+    written = [_write_layer(blobs, f"layer{n}.bin", size) for n, size in enumerate(content_sizes)]
+    _write_image(layout, [layer for layer, _ in written], [diff_id for _, diff_id in written], created_by)
+    return [layer for layer, _ in written]
 
 
 def push(layout: Path, registry: RunningRegistry, timeout: float) -> None:
@@ -263,24 +291,25 @@ class Reply:
     fds: list[int]
 
 
-class ProxyClient:
-    """One server process on the far end of a SOCK_SEQPACKET socketpair (its stdin)."""
+class SocketClient:
+    """The client side of one protocol connection: a connected ``SOCK_SEQPACKET`` socket."""
 
-    def __init__(self, argv: Sequence[str], log: Path, timeout: float) -> None:
-        self.sock, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    def __init__(self, sock: socket.socket, timeout: float, log: Path | None = None) -> None:
+        self.sock = sock
         self.log = log
-        try:
-            with log.open("wb") as out:
-                self.process: subprocess.Popen[bytes] = subprocess.Popen(
-                    list(argv), stdin=child.fileno(), stdout=out, stderr=out, cwd=REPO_ROOT
-                )
-        finally:
-            child.close()
         self.sock.settimeout(timeout)
 
-    @property
-    def pid(self) -> int:
-        return self.process.pid
+    @classmethod
+    def connect(cls, path: str | Path, timeout: float, log: Path | None = None) -> SocketClient:
+        """A connection to a listening server (``image-proxy daemon --listen PATH``); ``log`` is its log file."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(str(path))
+        except BaseException:
+            sock.close()
+            raise
+        return cls(sock, timeout, log)
 
     def call(self, method: str, *args: Any) -> Reply:
         self.sock.send(json.dumps({"method": method, "args": list(args)}).encode())
@@ -304,10 +333,37 @@ class ProxyClient:
         return Reply(reply.get("value"), int(reply.get("pipeid") or 0), list(fds))
 
     def log_tail(self) -> str:
+        if self.log is None:
+            return ""
         try:
             return self.log.read_text(errors="replace")[-2000:]
         except OSError:
             return ""
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class ProxyClient(SocketClient):
+    """One server process on the far end of a SOCK_SEQPACKET socketpair (its stdin)."""
+
+    def __init__(self, argv: Sequence[str], log: Path, timeout: float) -> None:
+        sock, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            with log.open("wb") as out:
+                self.process: subprocess.Popen[bytes] = subprocess.Popen(
+                    list(argv), stdin=child.fileno(), stdout=out, stderr=out, cwd=REPO_ROOT
+                )
+        except BaseException:
+            sock.close()
+            raise
+        finally:
+            child.close()
+        super().__init__(sock, timeout, log)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
 
     def close(self) -> None:
         """Shutdown (best effort), then make sure the process is gone and reaped."""
@@ -325,13 +381,15 @@ class ProxyClient:
 
 @dataclass
 class Drain:
-    """Reads a pipe fd to EOF in a thread, hashing every byte."""
+    """Reads a pipe fd to EOF in a thread, hashing every byte (and keeping them in ``data`` with ``keep``)."""
 
     fd: int
     read_size: int
     hash_data: bool
+    keep: bool = False
     size: int = 0
     sha256: str = ""
+    data: bytearray = field(default_factory=bytearray)
     error: BaseException | None = None
     thread: threading.Thread = field(init=False)
 
@@ -348,6 +406,8 @@ class Drain:
                 while n := pipe.readinto(view):
                     if self.hash_data:
                         digest.update(view[:n])
+                    if self.keep:
+                        self.data += view[:n]
                     self.size += n
             self.sha256 = f"sha256:{digest.hexdigest()}" if self.hash_data else ""
         except BaseException as e:
@@ -359,6 +419,157 @@ class Drain:
             raise ProtocolError(f"the pipe did not reach EOF within {timeout} s")
         if self.error is not None:
             raise ProtocolError(f"reading the pipe failed: {self.error!r}")
+
+
+# ------------------------------------------------------------------------------------------- counting relay
+
+
+class CountingRelay:
+    """A TCP relay on 127.0.0.1 in front of the registry that counts the bytes read from the registry, and can
+    SIGKILL a process once that count reaches a mark (so the kill lands at a byte position, not a time).
+    Connections beyond ``max_connections`` at once are closed at accept and counted in ``refused``."""
+
+    def __init__(
+        self, upstream_port: int, max_connections: int = RELAY_MAX_CONNECTIONS, read_size: int = RELAY_READ_SIZE
+    ) -> None:
+        self.upstream_port = upstream_port
+        self.max_connections = max_connections
+        self.read_size = read_size
+        self.refused = 0
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self._cond = threading.Condition()
+        self._upstream_bytes = 0
+        self._delivered_bytes = 0
+        self._open: set[socket.socket] = set()
+        self._connections = 0
+        self._kill_pid: int | None = None
+        self._kill_at = 0
+        self.killed_at: int | None = None  # the count when the kill was sent
+        self._closed = False
+        self._acceptor = threading.Thread(target=self._accept_loop, name="relay-accept", daemon=True)
+        self._acceptor.start()
+
+    @property
+    def authority(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def upstream_bytes(self) -> int:
+        with self._cond:
+            return self._upstream_bytes
+
+    @property
+    def delivered_bytes(self) -> int:
+        """Of those, the bytes handed to the client's socket (the rest was in the relay's buffer)."""
+        with self._cond:
+            return self._delivered_bytes
+
+    def arm_kill(self, pid: int, at: int) -> None:
+        """SIGKILL ``pid`` as soon as the count of bytes read from the registry reaches ``at``."""
+        with self._cond:
+            self._kill_pid, self._kill_at, self.killed_at = pid, at, None
+
+    def disarm(self) -> None:
+        with self._cond:
+            self._kill_pid = None
+
+    def wait_idle(self, timeout: float) -> None:
+        """Wait until every relayed connection has ended (after a kill: nothing more is read for it)."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._connections == 0, timeout):
+                raise RuntimeError(f"relay: {self._connections} connections still open after {timeout} s")
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            sockets = list(self._open)
+        with contextlib.suppress(OSError):
+            self._listener.close()
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        self._acceptor.join(5)
+
+    def _count(self, n: int) -> None:
+        with self._cond:
+            self._upstream_bytes += n
+            if self._kill_pid is not None and self._upstream_bytes >= self._kill_at:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self._kill_pid, signal.SIGKILL)
+                self.killed_at = self._upstream_bytes
+                self._kill_pid = None
+
+    def _accept_loop(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            with self._cond:
+                refuse = self._closed or self._connections >= self.max_connections
+                if not refuse:
+                    self._connections += 1
+                elif not self._closed:
+                    self.refused += 1
+            if refuse:
+                client.close()
+                continue
+            threading.Thread(target=self._serve, args=(client,), name="relay-conn", daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        upstream: socket.socket | None = None
+        try:
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=10)
+            upstream.settimeout(None)
+            with self._cond:
+                self._open.update((client, upstream))
+            back = threading.Thread(target=self._pump, args=(upstream, client, True), name="relay-down", daemon=True)
+            back.start()
+            self._pump(client, upstream, False)
+            back.join()
+        except OSError:
+            pass
+        finally:
+            with self._cond:
+                self._open.discard(client)
+                if upstream is not None:
+                    self._open.discard(upstream)
+            client.close()
+            if upstream is not None:
+                upstream.close()
+            with self._cond:
+                self._connections -= 1
+                self._cond.notify_all()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, counted: bool) -> None:
+        buffer = bytearray(self.read_size)
+        view = memoryview(buffer)
+        try:
+            while n := src.recv_into(view):
+                if counted:
+                    self._count(n)
+                dst.sendall(view[:n])
+                if counted:
+                    with self._cond:
+                        self._delivered_bytes += n
+        except OSError:
+            pass
+        finally:  # one direction ended: end the other too (HTTP/1.1 clients do not half-close)
+            for sock in (src, dst):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+
+@contextlib.contextmanager
+def counting_relay(
+    upstream_port: int, max_connections: int = RELAY_MAX_CONNECTIONS, read_size: int = RELAY_READ_SIZE
+) -> Iterator[CountingRelay]:
+    relay = CountingRelay(upstream_port, max_connections, read_size)
+    try:
+        yield relay
+    finally:
+        relay.close()
 
 
 # ------------------------------------------------------------------------------------------- report helpers
