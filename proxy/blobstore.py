@@ -197,7 +197,12 @@ class Busy(Exception):
 
 
 class FollowingBlob(Blob):
-    """A reader of a download in progress: reads the partial file as it grows, then the finished file."""
+    """A reader of a download in progress: reads the partial file as it grows, then the finished file.
+
+    It ends (``b""``) only once the download verified size and digest, and raises the download's error
+    otherwise, so it ``verifies_digest``."""
+
+    verifies_digest = True
 
     def __init__(self, download: Download, fd: int) -> None:
         self._download = download

@@ -103,7 +103,8 @@ def _parse_status(text: str) -> tuple[str | None, list[str]]:
     return (fingerprint if not problems else None), problems
 
 
-def _run_gpgv(signature: bytes, keyring: bytes) -> Verified:
+async def _run_gpgv(signature: bytes, keyring: bytes) -> Verified:
+    """gpgv as a trio child process: cancelling the open (Shutdown, a client gone) kills it at once."""
     gpgv = _gpgv()
     with tempfile.TemporaryDirectory(prefix="image-proxy-gpg-") as home:
         os.chmod(home, 0o700)
@@ -115,27 +116,30 @@ def _run_gpgv(signature: bytes, keyring: bytes) -> Verified:
         with open(signature_path, "wb") as f:
             f.write(signature)
         env = {"GNUPGHOME": home, "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C"}
-        try:
-            done = subprocess.run(
-                [
-                    gpgv,
-                    "--homedir",
-                    home,
-                    "--status-fd",
-                    "1",
-                    "--keyring",
-                    keyring_path,
-                    "--output",
-                    output_path,
-                    signature_path,
-                ],
-                capture_output=True,
+        command = [
+            gpgv,
+            "--homedir",
+            home,
+            "--status-fd",
+            "1",
+            "--keyring",
+            keyring_path,
+            "--output",
+            output_path,
+            signature_path,
+        ]
+        done = None
+        with trio.move_on_after(GPGV_TIMEOUT):
+            done = await trio.run_process(
+                command,
+                stdin=subprocess.DEVNULL,
+                capture_stdout=True,
+                capture_stderr=True,
                 env=env,
-                timeout=GPGV_TIMEOUT,
                 check=False,
             )
-        except subprocess.TimeoutExpired:
-            raise InvalidSignature(f"gpgv did not finish within {GPGV_TIMEOUT:.0f} s") from None
+        if done is None:
+            raise InvalidSignature(f"gpgv did not finish within {GPGV_TIMEOUT:.0f} s")
         status = done.stdout.decode("utf-8", "replace")
         fingerprint, problems = _parse_status(status)
         if done.returncode != 0 or fingerprint is None:
@@ -153,4 +157,4 @@ async def verify_simple_signing(signature: bytes, keyring: bytes) -> Verified:
     with ``keyring`` (binary OpenPGP keys); KeyProblem when gpgv is missing."""
     if len(signature) > MAX_SIGNATURE_SIZE:
         raise InvalidSignature("signature too large")
-    return await trio.to_thread.run_sync(_run_gpgv, signature, keyring)
+    return await _run_gpgv(signature, keyring)

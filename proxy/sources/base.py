@@ -38,6 +38,9 @@ class Blob(abc.ABC):
     """An open blob: read it in chunks until ``b""``, then close it."""
 
     size: int  # as the source knows it, -1 when unknown
+    #: True when the blob itself refuses to end (raises instead of returning ``b""``) unless every byte it gave
+    #: matched its digest, as a reader of a blob-cache download does: producers need not hash it a second time
+    verifies_digest: bool = False
 
     @abc.abstractmethod
     async def read(self, max_bytes: int) -> bytes:
