@@ -347,3 +347,69 @@ async def test_credentials_never_reach_a_client(start_daemon, fault_images, tmp_
                 texts.append(str(e))
     assert texts and not any(secret in text for text in texts)
     assert not any(secret in line for line in daemon.log)
+
+
+# --------------------------------------------------------------------------------------------- disconnects
+
+
+async def read_until(stream: trio.lowlevel.FdStream, have: bytearray, count: int) -> None:
+    while len(have) < count:
+        chunk = await stream.receive_some(1 << 20)
+        assert chunk, f"the pipe ended after {len(have)} bytes"
+        have += chunk
+
+
+async def test_a_shared_download_outlives_the_client_that_started_it_and_stops_with_the_last(
+    start_daemon, fault_images, fault, tmp_path
+):
+    """Two clients read one blob; it stalls at 2 MiB. The first client leaves: the download goes on for the
+    second, resuming where it stalled (no byte twice)."""
+    cache = tmp_path / "cache"
+    daemon = await start_daemon("--blob-cache", str(cache), "--stall-timeout", "2")
+    layer = fault_images.long
+    cut = 2 << 20
+    fault.add_rule(Stall(at=cut), path=f"/blobs/{layer.digest}$", nth=1)
+    ref = fault_images.ref(fault.port)
+    with trio.fail_after(HANG_GUARD):
+        async with ImageProxy.connect(daemon.socket_path) as keeps:
+            img = await keeps.open_image(ref)
+            reply, (fd,) = await keeps.call("GetBlob", [img, layer.digest, layer.size])
+            kept = bytearray()
+            async with trio.lowlevel.FdStream(fd) as stream:
+                async with ImageProxy.connect(daemon.socket_path) as leaves:
+                    other = await leaves.open_image(ref)
+                    _, (other_fd,) = await leaves.call("GetBlob", [other, layer.digest, layer.size])
+                    async with trio.lowlevel.FdStream(other_fd) as other_stream:
+                        await read_until(other_stream, bytearray(), cut)  # both follow the same download
+                    await read_until(stream, kept, cut)
+                # `leaves` is gone mid-transfer; `keeps` reads the rest
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(read_until, stream, kept, layer.size)
+                    await keeps.finish_pipe(reply.pipeid)
+            assert bytes(kept) == layer.data
+    requests = fault.requests_for(f"/blobs/{layer.digest}$")
+    assert [r.range for r in requests] == [None, f"bytes={cut}-"]
+    assert sum(r.body_sent for r in requests) == layer.size
+
+
+async def test_a_download_whose_last_reader_leaves_is_stopped(start_daemon, fault_images, fault, tmp_path):
+    """The registry stalls for good; the only reader leaves: the daemon closes the registry connection at once
+    (long before its 60 s stall deadline would) and keeps the partial file for the next pull."""
+    cache = tmp_path / "cache"
+    daemon = await start_daemon("--blob-cache", str(cache), "--stall-timeout", "60")
+    seed = fault_images.seed
+    cut = 2 << 20
+    fault.add_rule(Stall(at=cut), path=f"/blobs/{seed.digest}$", nth=1)
+    with trio.fail_after(HANG_GUARD):
+        async with ImageProxy.connect(daemon.socket_path) as lonely:
+            img = await lonely.open_image(fault_images.ref(fault.port))
+            _, (fd,) = await lonely.call("GetBlob", [img, seed.digest, seed.size])
+            async with trio.lowlevel.FdStream(fd) as stream:
+                await read_until(stream, bytearray(), cut)
+    (first,) = fault.requests_for(f"/blobs/{seed.digest}$")
+    with trio.fail_after(30):  # half the stall deadline: only the reader leaving can end the request this soon
+        await first.finished.wait()
+    partial = cache / "blobs" / "sha256" / (seed.digest.split(":")[1] + ".partial")
+    assert partial.stat().st_size == cut
+    assert len(fault.requests_for(f"/blobs/{seed.digest}$")) == 1
+    assert daemon.process.returncode is None
