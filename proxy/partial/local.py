@@ -96,9 +96,9 @@ def ranges_of_blob(blob: Blob, reopen: Callable[[], Awaitable[Blob]], what: str,
     if fd is not None:
         return FileRanges(fd, 0, known, what, blob.aclose)
     if isinstance(blob, oci_layout.FileBlob):
-        # A section of a file (oci:, dir:, oci-archive:, an uncompressed docker-archive: member).
-        # FileBlob has no public position accessors yet: it is read here at its current window.
-        return FileRanges(blob._fd, blob._pos, known, what, blob.aclose)  # type: ignore[arg-type]
+        # A section of a file (oci:, dir:, oci-archive:, an uncompressed docker-archive: member)
+        fd, offset = blob.file_window
+        return FileRanges(fd, offset, known, what, blob.aclose)
     return SequentialRanges(blob, reopen, known, what)
 
 

@@ -99,6 +99,14 @@ class FileBlob(Blob):
         self._end = offset + length
         self.size = length
 
+    @property
+    def file_window(self) -> tuple[int, int]:
+        """(fd, offset of the blob's next byte in it), for readers that pread ranges of the blob themselves;
+        the fd stays this blob's (closed with it)."""
+        if self._fd is None:
+            raise ValueError("blob is closed")
+        return self._fd, self._pos
+
     def read_sync(self, max_bytes: int) -> bytes:
         if self._fd is None:
             raise ValueError("blob is closed")
