@@ -10,6 +10,7 @@ import re
 import signal
 import socket
 import stat
+import sys
 from pathlib import Path
 
 import pytest
@@ -413,3 +414,22 @@ async def test_a_download_whose_last_reader_leaves_is_stopped(start_daemon, faul
     assert partial.stat().st_size == cut
     assert len(fault.requests_for(f"/blobs/{seed.digest}$")) == 1
     assert daemon.process.returncode is None
+
+
+async def test_copy_through_a_running_daemon(start_daemon, tmp_path):
+    """`image-proxy copy --proxy-socket` uses the daemon instead of starting a proxy; the layout it writes is the
+    example image, byte for byte."""
+    daemon = await start_daemon("--no-blob-cache")
+    example = Path(__file__).resolve().parents[2] / "examples" / "hello"
+    out = tmp_path / "copy"
+    command = [sys.executable, "-m", "proxy", "copy", "--quiet", "--proxy-socket", str(daemon.socket_path)]
+    done = await trio.run_process(
+        [*command, f"oci:{example}:latest", f"oci:{out}:latest"],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    for blob in (example / "blobs" / "sha256").iterdir():
+        assert (out / "blobs" / "sha256" / blob.name).read_bytes() == blob.read_bytes()
+    await daemon.wait_for_log(r"connection from pid \d+ uid \d+ gid \d+ \(python")
