@@ -38,7 +38,7 @@ import math
 import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import attrs
 import trio
@@ -133,10 +133,10 @@ class BlobProgress:
 
 
 @attrs.frozen
-class BlobStalled:
-    """No byte of the blob for ``seconds`` (the daemon is probably resuming the transfer)."""
+class _Gap:
+    """A pause in a blob's bytes: ``done`` bytes received so far, ``seconds`` of silence."""
 
-    kind = "blob-stalled"
+    kind: ClassVar[str]
     blob: Blob
     done: int
     seconds: float
@@ -151,21 +151,17 @@ class BlobStalled:
 
 
 @attrs.frozen
-class BlobFlowing:
+class BlobStalled(_Gap):
+    """No byte of the blob for ``seconds`` (the daemon is probably resuming the transfer)."""
+
+    kind = "blob-stalled"
+
+
+@attrs.frozen
+class BlobFlowing(_Gap):
     """Bytes arrive again after a :class:`BlobStalled`; ``seconds`` is how long the gap lasted."""
 
     kind = "blob-flowing"
-    blob: Blob
-    done: int
-    seconds: float
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "event": self.kind,
-            "digest": self.blob.digest,
-            "done": self.done,
-            "seconds": round(self.seconds, 1),
-        }
 
 
 @attrs.frozen
