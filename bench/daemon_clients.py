@@ -20,7 +20,7 @@ pushed ones), then GetBlob + FinishPipe of every layer, draining the pipe and ch
 threads start together; the wall time runs until the last client has verified its last layer.
 
 Run from anywhere: ``python bench/daemon_clients.py [--clients 1,10,50] [--layers 5] [--layer-mb 20]
-[--rounds 3] [--large-rounds 2]``. Standard library only. See bench/README.md for what each number means.
+[--rounds 3] [--large-rounds 3]``. Standard library only. See bench/README.md for what each number means.
 """
 
 from __future__ import annotations
@@ -436,7 +436,7 @@ def render(runs: list[Run], image: Image, args: argparse.Namespace, machine: dic
                 f"| {n} | {mode} | {median_range([run.wall for run in group], '.2f')} "
                 f"| {median_range([run.mb_s for run in group], '.0f')} "
                 f"| {median_range([run.upstream / MB for run in group], '.0f')} "
-                f"| {median_range([run.upstream / layers for run in group], '.2f')} "
+                f"| {median_range([run.upstream / layers for run in group], '.3f')} "
                 f"| {median_range([run.server_cpu for run in group], '.2f')} | {rss} "
                 f"| {median_range([run.registry_cpu for run in group], '.2f')} |"
             )
@@ -516,7 +516,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--layers", type=int, default=5, help="layers in the image (default 5)")
     parser.add_argument("--layer-mb", type=int, default=20, help="MB (10^6 bytes) of random bytes per layer (20)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per N (default 3)")
-    parser.add_argument("--large-rounds", type=int, default=2, help="rounds for N >= --large-from (default 2)")
+    parser.add_argument("--large-rounds", type=int, default=3, help="rounds for N >= --large-from (default 3)")
     parser.add_argument("--large-from", type=int, default=50, help="the N from which --large-rounds apply (50)")
     parser.add_argument("--read-size-kib", type=int, default=1024, help="client read size per read (default 1024)")
     parser.add_argument("--timeout", type=float, default=300.0, help="bound on every reply and drain, s (300)")
@@ -570,7 +570,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         runs.append(run)
                         progress(
                             f"  N={n} round {round_no} {mode}: {run.wall:.2f} s, {run.mb_s:.0f} MB/s, upstream "
-                            f"{run.upstream / image.layer_bytes:.2f}x, server CPU {run.server_cpu:.2f} s, "
+                            f"{run.upstream / image.layer_bytes:.3f}x, server CPU {run.server_cpu:.2f} s, "
                             f"RSS {run.server_hwm / MIB:.0f} MiB"
                         )
         load = f"{load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
