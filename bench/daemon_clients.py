@@ -573,7 +573,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                             f"{run.upstream / image.layer_bytes:.3f}x, server CPU {run.server_cpu:.2f} s, "
                             f"RSS {run.server_hwm / MIB:.0f} MiB"
                         )
-        load = f"{load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
+        load = (
+            f"{load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end, which counts the bench's own "
+            f"{max(args.clients)} spawned servers and client threads"
+        )
         report = render(runs, image, args, machine, load)
         write_report(Path(args.out), report)
         print(report)
