@@ -17,15 +17,12 @@ Only the standard library is used; ``--py-spy-out`` needs py-spy (``pip install 
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import shutil
-import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,23 +33,26 @@ from common import (
     REPO_ROOT,
     REPOSITORY,
     TAG,
-    Drain,
+    TRANSFER_METRICS,
+    BlobTransfer,
     Layer,
-    ProtocolError,
-    ProxyClient,
     RunningRegistry,
     build_layout,
     docker_registry,
-    machine_info,
+    measure_get_blob,
     median_range,
-    proc_cpu,
-    proc_hwm_bytes,
     push,
-    self_cpu,
+    ratio_of_medians,
+    report_header,
+    start_bench,
+    write_report,
 )
 
 OURS = "ours"
 SKOPEO = "skopeo"
+
+BEGIN_MARK = "<!-- blob_throughput.py: begin -->"
+END_MARK = "<!-- blob_throughput.py: end -->"
 
 
 def server_argv(name: str) -> list[str]:
@@ -62,26 +62,6 @@ def server_argv(name: str) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------- measurements
-
-
-@dataclass
-class ServerRun:
-    server: str
-    round: int
-    bytes: int
-    wall: float  # GetBlob sent -> FinishPipe reply received and pipe at EOF
-    server_cpu: float  # server CPU during the transfer
-    server_cpu_total: float  # server CPU from exec to just before Shutdown
-    server_hwm: int  # VmHWM just before Shutdown
-    client_cpu: float  # this process's CPU during the transfer
-    registry_cpu: float  # docker-registry's CPU during the transfer
-
-    @property
-    def mb_s(self) -> float:
-        return self.bytes / MB / self.wall
-
-    def per_gb(self, seconds: float) -> float:
-        return seconds / (self.bytes / GB)
 
 
 @dataclass
@@ -105,50 +85,22 @@ def run_server(
     workdir: Path,
     args: argparse.Namespace,
     argv: Sequence[str] | None = None,
-) -> ServerRun:
-    client = ProxyClient(argv or server_argv(name), workdir / f"{name}-{round_no}.log", args.timeout)
-    try:
-        version = client.call("Initialize").value
-        image = client.call("OpenImage", f"docker://{registry.authority}/{REPOSITORY}:{TAG}").value
-        registry_cpu0 = proc_cpu(registry.process.pid)
-        server_cpu0 = proc_cpu(client.pid)
-        client_cpu0 = self_cpu()
-        start = time.perf_counter()
-        got = client.call("GetBlob", image, layer.digest, layer.size)
-        if len(got.fds) != 1:
-            raise ProtocolError(f"GetBlob sent {len(got.fds)} fds")
-        drain = Drain(got.fds[0], args.read_size_kib * 1024, not args.no_hash)
-        try:
-            client.call("FinishPipe", got.pipeid)
-        finally:
-            drain.join(args.timeout)
-        wall = time.perf_counter() - start
-        client_cpu = self_cpu() - client_cpu0
-        server_cpu_end = proc_cpu(client.pid)
-        registry_cpu = proc_cpu(registry.process.pid) - registry_cpu0
-        hwm = proc_hwm_bytes(client.pid)
-        if got.value != layer.size or drain.size != layer.size:
-            raise ProtocolError(f"{name}: GetBlob said {got.value} bytes, read {drain.size}, expected {layer.size}")
-        if not args.no_hash and drain.sha256 != layer.digest:
-            raise ProtocolError(f"{name}: read {drain.sha256}, expected {layer.digest}")
-        if args.verbose:
-            print(f"  {name} (protocol {version}) round {round_no}: {layer.size / MB / wall:.0f} MB/s", flush=True)
-        return ServerRun(
-            server=name,
-            round=round_no,
-            bytes=layer.size,
-            wall=wall,
-            server_cpu=server_cpu_end - server_cpu0,
-            server_cpu_total=server_cpu_end,
-            server_hwm=hwm,
-            client_cpu=client_cpu,
-            registry_cpu=registry_cpu,
-        )
-    except BaseException:
-        print(f"{name} round {round_no} failed; server log tail:\n{client.log_tail()}", file=sys.stderr)
-        raise
-    finally:
-        client.close()
+) -> BlobTransfer:
+    run = measure_get_blob(
+        name,
+        round_no,
+        argv or server_argv(name),
+        registry.authority,
+        registry,
+        layer,
+        workdir,
+        args.read_size_kib * 1024,
+        not args.no_hash,
+        args.timeout,
+    )
+    if args.verbose:
+        print(f"  {name} (protocol {run.protocol}) round {round_no}: {run.mb_s:.0f} MB/s", flush=True)
+    return run
 
 
 def run_reference(name: str, round_no: int, argv: Sequence[str], size: int) -> ReferenceRun:
@@ -175,28 +127,15 @@ def profile_ours(registry: RunningRegistry, layer: Layer, workdir: Path, args: a
 # ------------------------------------------------------------------------------------------- report
 
 
-METRICS: list[tuple[str, str, Callable[[ServerRun], float]]] = [
-    ("throughput, MB/s (higher is better)", ".0f", lambda r: r.mb_s),
-    ("transfer wall time, s", ".2f", lambda r: r.wall),
-    ("server CPU during transfer, s/GB", ".2f", lambda r: r.per_gb(r.server_cpu)),
-    ("server CPU, whole process, s", ".2f", lambda r: r.server_cpu_total),
-    ("server peak RSS (VmHWM), MiB", ".1f", lambda r: r.server_hwm / MIB),
-    ("client CPU during transfer, s/GB", ".2f", lambda r: r.per_gb(r.client_cpu)),
-    ("registry CPU during transfer, s/GB", ".2f", lambda r: r.per_gb(r.registry_cpu)),
-]
-
-
 def render(
-    runs: list[ServerRun], refs: list[ReferenceRun], layer: Layer, args: argparse.Namespace, machine: dict[str, str]
+    runs: list[BlobTransfer], refs: list[ReferenceRun], layer: Layer, args: argparse.Namespace, machine: dict[str, str]
 ) -> str:
-    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     hashing = "off (--no-hash)" if args.no_hash else "on (SHA-256 of every byte, checked against the digest)"
     lines = [
+        BEGIN_MARK,
         "# GetBlob throughput: image-proxy vs skopeo experimental-image-proxy",
         "",
-        f"- date: {now}",
-        f"- machine: {machine['nproc']} CPUs, {machine['cpu']}, Linux {machine['kernel']}, Python {machine['python']}",
-        f"- {machine['skopeo']}; {machine['registry']}",
+        *report_header(machine),
         f"- blob: {layer.size:,} bytes ({args.size_mib} MiB of random bytes in a tar, gzip level 0), "
         f"docker-registry on 127.0.0.1 (plain HTTP, filesystem storage, page cache warm)",
         f"- rounds: {args.rounds}, alternating {OURS}, {SKOPEO}, {OURS}, {SKOPEO}, ...; "
@@ -209,11 +148,10 @@ def render(
         f"| metric | {OURS} | {SKOPEO} | ratio |",
         "|---|---:|---:|---:|",
     ]
-    for label, fmt, get in METRICS:
-        ours = [get(r) for r in runs if r.server == OURS]
-        theirs = [get(r) for r in runs if r.server == SKOPEO]
-        base = statistics.median(theirs)
-        ratio = f"{statistics.median(ours) / base:.2f}" if base else "n/a"
+    for label, fmt, get in TRANSFER_METRICS:
+        ours = [get(r) for r in runs if r.case == OURS]
+        theirs = [get(r) for r in runs if r.case == SKOPEO]
+        ratio = ratio_of_medians(ours, theirs)
         lines.append(f"| {label} | {median_range(ours, fmt)} | {median_range(theirs, fmt)} | {ratio} |")
     if refs:
         lines += ["", "References (same blob, same rounds):", "", "| reference | MB/s | CPU s/GB |", "|---|---:|---:|"]
@@ -231,10 +169,10 @@ def render(
     ]
     for r in runs:
         lines.append(
-            f"| {r.round} | {r.server} | {r.mb_s:.0f} | {r.wall:.2f} | {r.server_cpu:.2f} | {r.server_cpu_total:.2f} "
+            f"| {r.round} | {r.case} | {r.mb_s:.0f} | {r.wall:.2f} | {r.server_cpu:.2f} | {r.server_cpu_total:.2f} "
             f"| {r.server_hwm / MIB:.1f} | {r.client_cpu:.2f} | {r.registry_cpu:.2f} |"
         )
-    lines += ["", "Produced by `python bench/blob_throughput.py`; see bench/README.md.", ""]
+    lines += ["", "Produced by `python bench/blob_throughput.py`; see bench/README.md.", END_MARK, ""]
     return "\n".join(lines)
 
 
@@ -245,7 +183,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--size-mib", type=int, default=1024, help="layer content size in MiB (default 1024)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds; each runs ours then skopeo (default 3)")
-    parser.add_argument("--out", default=str(REPO_ROOT / "bench" / "RESULTS.md"), help="Markdown report to write")
+    parser.add_argument(
+        "--out", default=str(REPO_ROOT / "bench" / "RESULTS.md"), help="Markdown file whose section to write"
+    )
     parser.add_argument("--read-size-kib", type=int, default=1024, help="client read size per read (default 1024)")
     parser.add_argument("--no-hash", action="store_true", help="do not SHA-256 the bytes in the client")
     parser.add_argument("--no-references", action="store_true", help="skip the sha256sum and curl references")
@@ -262,18 +202,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    for tool in ("skopeo", "docker-registry"):
-        if shutil.which(tool) is None and not Path(f"/usr/bin/{tool}").exists():
-            print(f"{tool} is required (apt-get install {tool})", file=sys.stderr)
-            return 2
-    machine = machine_info()
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="blob-bench-")).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-
-    def progress(message: str) -> None:
-        if args.verbose:
-            print(message, flush=True)
-
+    bench = start_bench(args.workdir, "blob-bench-", args.verbose)
+    if bench is None:
+        return 2
+    machine, workdir, progress = bench.machine, bench.workdir, bench.progress
     try:
         started = time.perf_counter()
         layer, _ = build_layout(workdir / "layout", args.size_mib * MIB)
@@ -286,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             curl_argv = [curl, "-s", "-f", "-o", "/dev/null", registry.blob_url(layer.digest)] if curl else None
             if curl_argv:  # warm the registry's page cache and check the blob is served
                 run_reference("warm-up", 0, curl_argv, layer.size)
-            runs: list[ServerRun] = []
+            runs: list[BlobTransfer] = []
             refs: list[ReferenceRun] = []
             for round_no in range(1, args.rounds + 1):
                 for name in (OURS, SKOPEO):
@@ -304,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.py_spy_out:
                 profile_ours(registry, layer, workdir, args)
         report = render(runs, refs, layer, args, machine)
-        Path(args.out).write_text(report)
+        write_report(Path(args.out), report, BEGIN_MARK, END_MARK)
         print(report)
         return 0
     finally:

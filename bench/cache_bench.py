@@ -22,25 +22,22 @@ Only the standard library is used. See bench/README.md for what each number mean
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import shutil
 import signal
-import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from common import (
-    GB,
-    MB,
     MIB,
     REPO_ROOT,
     REPOSITORY,
     TAG,
+    TRANSFER_METRICS,
+    BlobTransfer,
     CountingRelay,
     Drain,
     Layer,
@@ -50,12 +47,13 @@ from common import (
     build_layout,
     counting_relay,
     docker_registry,
-    machine_info,
+    measure_get_blob,
     median_range,
-    proc_cpu,
-    proc_hwm_bytes,
     push,
-    self_cpu,
+    ratio_of_medians,
+    report_header,
+    start_bench,
+    write_report,
 )
 
 #: the cases of part 1, in the order each round runs them
@@ -83,28 +81,6 @@ def skopeo_argv() -> list[str]:
 # ------------------------------------------------------------------------------------------- part 1: cached GetBlob
 
 
-@dataclass
-class TransferRun:
-    case: str
-    round: int
-    bytes: int
-    wall: float  # GetBlob sent -> FinishPipe reply received and pipe at EOF
-    server_cpu: float  # server CPU during the transfer
-    server_cpu_total: float  # server CPU from exec to just before Shutdown
-    server_hwm: int  # VmHWM just before Shutdown
-    client_cpu: float  # this process's CPU during the transfer
-    registry_cpu: float  # docker-registry's CPU during the transfer
-    relayed_setup: int | None  # bytes read from the registry by the relay before GetBlob (None: not relayed)
-    relayed_transfer: int | None  # ... between GetBlob and the end of the transfer
-
-    @property
-    def mb_s(self) -> float:
-        return self.bytes / MB / self.wall
-
-    def per_gb(self, seconds: float) -> float:
-        return seconds / (self.bytes / GB)
-
-
 def transfer(
     case: str,
     round_no: int,
@@ -115,56 +91,24 @@ def transfer(
     workdir: Path,
     args: argparse.Namespace,
     relay: CountingRelay | None = None,
-) -> TransferRun:
+) -> BlobTransfer:
     """One server process: Initialize, OpenImage, then GetBlob of the layer drained to EOF, FinishPipe."""
-    log = workdir / f"{case.replace(', ', '-').replace(' ', '-')}-{round_no}.log"
-    client = ProxyClient(argv, log, args.timeout)
-    try:
-        client.call("Initialize")
-        image = client.call("OpenImage", f"docker://{authority}/{REPOSITORY}:{TAG}").value
-        relayed0 = relay.upstream_bytes if relay is not None else 0
-        registry_cpu0 = proc_cpu(registry.process.pid)
-        server_cpu0 = proc_cpu(client.pid)
-        client_cpu0 = self_cpu()
-        start = time.perf_counter()
-        got = client.call("GetBlob", image, layer.digest, layer.size)
-        if len(got.fds) != 1:
-            raise ProtocolError(f"GetBlob sent {len(got.fds)} fds")
-        drain = Drain(got.fds[0], args.read_size_kib * 1024, not args.no_hash)
-        try:
-            client.call("FinishPipe", got.pipeid)
-        finally:
-            drain.join(args.timeout)
-        wall = time.perf_counter() - start
-        client_cpu = self_cpu() - client_cpu0
-        server_cpu_end = proc_cpu(client.pid)
-        registry_cpu = proc_cpu(registry.process.pid) - registry_cpu0
-        relayed1 = relay.upstream_bytes if relay is not None else 0
-        hwm = proc_hwm_bytes(client.pid)
-        if got.value != layer.size or drain.size != layer.size:
-            raise ProtocolError(f"{case}: GetBlob said {got.value} bytes, read {drain.size}, expected {layer.size}")
-        if not args.no_hash and drain.sha256 != layer.digest:
-            raise ProtocolError(f"{case}: read {drain.sha256}, expected {layer.digest}")
-        if args.verbose:
-            print(f"  {case}, round {round_no}: {layer.size / MB / wall:.0f} MB/s", flush=True)
-        return TransferRun(
-            case=case,
-            round=round_no,
-            bytes=layer.size,
-            wall=wall,
-            server_cpu=server_cpu_end - server_cpu0,
-            server_cpu_total=server_cpu_end,
-            server_hwm=hwm,
-            client_cpu=client_cpu,
-            registry_cpu=registry_cpu,
-            relayed_setup=relayed0 if relay is not None else None,
-            relayed_transfer=relayed1 - relayed0 if relay is not None else None,
-        )
-    except BaseException:
-        print(f"{case} round {round_no} failed; server log tail:\n{client.log_tail()}", file=sys.stderr)
-        raise
-    finally:
-        client.close()
+    run = measure_get_blob(
+        case,
+        round_no,
+        argv,
+        authority,
+        registry,
+        layer,
+        workdir,
+        args.read_size_kib * 1024,
+        not args.no_hash,
+        args.timeout,
+        relay,
+    )
+    if args.verbose:
+        print(f"  {case}, round {round_no}: {run.mb_s:.0f} MB/s", flush=True)
+    return run
 
 
 def cached_path(cache: Path, layer: Layer) -> Path:
@@ -179,11 +123,11 @@ def clear_cache(cache: Path) -> None:
 
 def run_cached_rounds(
     registry: RunningRegistry, relay: CountingRelay, layer: Layer, workdir: Path, args: argparse.Namespace
-) -> tuple[list[TransferRun], bool]:
+) -> tuple[list[BlobTransfer], bool]:
     """Part 1. Returns the runs and whether the cached file carried the proxy's verification stamp (without it
     every lookup re-hashes the blob)."""
     cache = workdir / "cache-part1"
-    runs: list[TransferRun] = []
+    runs: list[BlobTransfer] = []
     stamped = True
     for round_no in range(1, args.rounds + 1):
         direct = registry.authority
@@ -316,16 +260,6 @@ def interrupted_pull(
 # ------------------------------------------------------------------------------------------- report
 
 
-CACHED_METRICS: list[tuple[str, str, Callable[[TransferRun], float]]] = [
-    ("throughput, MB/s (higher is better)", ".0f", lambda r: r.mb_s),
-    ("transfer wall time, s", ".2f", lambda r: r.wall),
-    ("server CPU during transfer, s/GB", ".2f", lambda r: r.per_gb(r.server_cpu)),
-    ("server CPU, whole process, s", ".2f", lambda r: r.server_cpu_total),
-    ("server peak RSS (VmHWM), MiB", ".1f", lambda r: r.server_hwm / MIB),
-    ("client CPU during transfer, s/GB", ".2f", lambda r: r.per_gb(r.client_cpu)),
-    ("registry CPU during transfer, s/GB", ".2f", lambda r: r.per_gb(r.registry_cpu)),
-]
-
 INTERRUPTED_METRICS: list[tuple[str, str, Callable[[InterruptedPull], float]]] = [
     ("blob bytes from the registry before the kill, MiB", ".1f", lambda r: r.first_blob_bytes / MIB),
     ("of those, delivered to the server's socket, MiB", ".1f", lambda r: r.first_delivered / MIB),
@@ -342,28 +276,20 @@ BEGIN_MARK = "<!-- cache_bench.py: begin -->"
 END_MARK = "<!-- cache_bench.py: end -->"
 
 
-def _ratio(a: Sequence[float], b: Sequence[float]) -> str:
-    base = statistics.median(b)
-    return f"{statistics.median(a) / base:.2f}" if base else "n/a"
-
-
 def render(
-    runs: list[TransferRun],
+    runs: list[BlobTransfer],
     stamped: bool,
     pulls: list[InterruptedPull],
     layer: Layer,
     args: argparse.Namespace,
     machine: dict[str, str],
 ) -> str:
-    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     hashing = "off (--no-hash)" if args.no_hash else "on (SHA-256 of every byte, checked against the digest)"
     lines = [
         BEGIN_MARK,
         "# Blob cache: GetBlob of a cached blob, and bytes re-downloaded after an interrupted pull",
         "",
-        f"- date: {now}",
-        f"- machine: {machine['nproc']} CPUs, {machine['cpu']}, Linux {machine['kernel']}, Python {machine['python']}",
-        f"- {machine['skopeo']}; {machine['registry']}",
+        *report_header(machine),
         f"- blob: {layer.size:,} bytes ({args.size_mib} MiB of random bytes in a tar, gzip level 0), "
         "docker-registry on 127.0.0.1 (plain HTTP, filesystem storage, page cache warm)",
         f"- client read size {args.read_size_kib} KiB; client hashing {hashing}",
@@ -391,11 +317,11 @@ def render(
             f"| metric | {' | '.join(CASES)} | cached / ours no cache | cached / skopeo |",
             "|---|" + "---:|" * (len(CASES) + 2),
         ]
-        for label, fmt, get in CACHED_METRICS:
+        for label, fmt, get in TRANSFER_METRICS:
             values = {case: [get(r) for r in runs if r.case == case] for case in CASES}
             cells = " | ".join(median_range(values[case], fmt) for case in CASES)
             cached = values[OURS_CACHED]
-            ratios = f"{_ratio(cached, values[OURS_NETWORK])} | {_ratio(cached, values[SKOPEO_NETWORK])}"
+            ratios = " | ".join(ratio_of_medians(cached, values[base]) for base in (OURS_NETWORK, SKOPEO_NETWORK))
             lines.append(f"| {label} | {cells} | {ratios} |")
     if pulls:
         kill_pct = f"{100 * args.kill_at:.0f} %"
@@ -419,9 +345,8 @@ def render(
         for label, fmt, get in INTERRUPTED_METRICS:
             ours = [get(r) for r in pulls if r.server == OURS]
             theirs = [get(r) for r in pulls if r.server == SKOPEO]
-            lines.append(
-                f"| {label} | {median_range(ours, fmt)} | {median_range(theirs, fmt)} | {_ratio(ours, theirs)} |"
-            )
+            ratio = ratio_of_medians(ours, theirs)
+            lines.append(f"| {label} | {median_range(ours, fmt)} | {median_range(theirs, fmt)} | {ratio} |")
     if runs:
         lines += [
             "",
@@ -456,17 +381,6 @@ def render(
     return "\n".join(lines)
 
 
-def write_report(out: Path, report: str) -> None:
-    """Replace this bench's section of ``out`` (between the markers), or append it."""
-    text = out.read_text() if out.exists() else ""
-    begin, end = text.find(BEGIN_MARK), text.find(END_MARK)
-    if begin >= 0 and end > begin:
-        text = text[:begin] + report + text[end + len(END_MARK) :].lstrip("\n")
-    else:
-        text = (text.rstrip("\n") + "\n\n" if text else "") + report
-    out.write_text(text)
-
-
 # ------------------------------------------------------------------------------------------- main
 
 
@@ -497,18 +411,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    for tool in ("skopeo", "docker-registry"):
-        if shutil.which(tool) is None and not Path(f"/usr/bin/{tool}").exists():
-            print(f"{tool} is required (apt-get install {tool})", file=sys.stderr)
-            return 2
-    machine = machine_info()
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="cache-bench-")).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-
-    def progress(message: str) -> None:
-        if args.verbose:
-            print(message, flush=True)
-
+    bench = start_bench(args.workdir, "cache-bench-", args.verbose)
+    if bench is None:
+        return 2
+    machine, workdir, progress = bench.machine, bench.workdir, bench.progress
     try:
         started = time.perf_counter()
         layer, _ = build_layout(workdir / "layout", args.size_mib * MIB)
@@ -517,7 +423,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             started = time.perf_counter()
             push(workdir / "layout", registry, args.timeout)
             progress(f"pushed to {registry.authority}/{REPOSITORY}:{TAG} ({time.perf_counter() - started:.1f} s)")
-            runs: list[TransferRun] = []
+            runs: list[BlobTransfer] = []
             stamped = True
             if args.rounds:
                 progress("part 1: GetBlob of a cached blob")
@@ -529,7 +435,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for server in (OURS, SKOPEO):
                     pulls.append(interrupted_pull(server, round_no, registry, relay, layer, workdir, args))
         report = render(runs, stamped, pulls, layer, args, machine)
-        write_report(Path(args.out), report)
+        write_report(Path(args.out), report, BEGIN_MARK, END_MARK)
         print(report)
         return 0
     finally:

@@ -1,12 +1,13 @@
 """Shared parts of the benchmarks: a docker-registry on loopback, the one-layer image pushed into it, a small
-synchronous client of the proxy protocol over a ``SOCK_SEQPACKET`` socketpair, a pipe drain, /proc readers and
-the report helpers. Standard library only.
+synchronous client of the proxy protocol over a ``SOCK_SEQPACKET`` socketpair, a pipe drain, /proc readers, one
+measured GetBlob, the start of every bench's ``main()`` and the report helpers. Standard library only.
 """
 
 from __future__ import annotations
 
 import array
 import contextlib
+import datetime
 import hashlib
 import http.client
 import json
@@ -18,11 +19,13 @@ import signal
 import socket
 import statistics
 import subprocess
+import sys
 import tarfile
+import tempfile
 import threading
 import time
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,7 +94,8 @@ class RunningRegistry:
         return f"http://{self.authority}/v2/{REPOSITORY}/blobs/{digest}"
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
@@ -115,7 +119,7 @@ def docker_registry(workdir: Path) -> Iterator[RunningRegistry]:
     binary = shutil.which("docker-registry") or "/usr/bin/docker-registry"
     storage = workdir / "storage"
     storage.mkdir(parents=True)
-    port = _free_port()
+    port = free_port()
     config = {
         "version": 0.1,
         "log": {"level": "warn", "accesslog": {"disabled": True}},
@@ -136,12 +140,17 @@ def docker_registry(workdir: Path) -> Iterator[RunningRegistry]:
             time.sleep(0.05)
         yield RunningRegistry(process, port, log)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within 5 s; reaped either way."""
+    process.terminate()
+    try:
+        process.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 # ------------------------------------------------------------------------------------------- image
@@ -572,6 +581,143 @@ def counting_relay(
         relay.close()
 
 
+# ------------------------------------------------------------------------------------------- one measured GetBlob
+
+
+@dataclass
+class BlobTransfer:
+    """One server process's GetBlob of the layer, drained to EOF and measured."""
+
+    case: str  # what ran (which server, with what options)
+    round: int
+    protocol: str  # the version Initialize returned
+    bytes: int
+    wall: float  # GetBlob sent -> FinishPipe reply received and pipe at EOF
+    server_cpu: float  # server CPU during the transfer
+    server_cpu_total: float  # server CPU from exec to just before Shutdown
+    server_hwm: int  # VmHWM just before Shutdown
+    client_cpu: float  # this process's CPU during the transfer
+    registry_cpu: float  # docker-registry's CPU during the transfer
+    relayed_setup: int | None  # bytes read from the registry by the relay before GetBlob (None: not relayed)
+    relayed_transfer: int | None  # ... between GetBlob and the end of the transfer
+
+    @property
+    def mb_s(self) -> float:
+        return self.bytes / MB / self.wall
+
+    def per_gb(self, seconds: float) -> float:
+        return seconds / (self.bytes / GB)
+
+
+#: the rows of a table of transfers: label, number format, value
+TRANSFER_METRICS: list[tuple[str, str, Callable[[BlobTransfer], float]]] = [
+    ("throughput, MB/s (higher is better)", ".0f", lambda r: r.mb_s),
+    ("transfer wall time, s", ".2f", lambda r: r.wall),
+    ("server CPU during transfer, s/GB", ".2f", lambda r: r.per_gb(r.server_cpu)),
+    ("server CPU, whole process, s", ".2f", lambda r: r.server_cpu_total),
+    ("server peak RSS (VmHWM), MiB", ".1f", lambda r: r.server_hwm / MIB),
+    ("client CPU during transfer, s/GB", ".2f", lambda r: r.per_gb(r.client_cpu)),
+    ("registry CPU during transfer, s/GB", ".2f", lambda r: r.per_gb(r.registry_cpu)),
+]
+
+
+def measure_get_blob(
+    case: str,
+    round_no: int,
+    argv: Sequence[str],
+    authority: str,
+    registry: RunningRegistry,
+    layer: Layer,
+    workdir: Path,
+    read_size: int,
+    hash_data: bool,
+    timeout: float,
+    relay: CountingRelay | None = None,
+) -> BlobTransfer:
+    """One server process (``argv``, on a socketpair, its log in ``workdir``): Initialize, OpenImage of the image
+    at ``authority``, then GetBlob of ``layer`` drained to EOF (size and, with ``hash_data``, digest checked) while
+    FinishPipe is sent. With ``relay`` (the server reaches the registry through it), the bytes it read from the
+    registry before and during the transfer are counted too."""
+    log = workdir / f"{case.replace(', ', '-').replace(' ', '-')}-{round_no}.log"
+    client = ProxyClient(argv, log, timeout)
+    try:
+        version = client.call("Initialize").value
+        image = client.call("OpenImage", f"docker://{authority}/{REPOSITORY}:{TAG}").value
+        relayed0 = relay.upstream_bytes if relay is not None else 0
+        registry_cpu0 = proc_cpu(registry.process.pid)
+        server_cpu0 = proc_cpu(client.pid)
+        client_cpu0 = self_cpu()
+        start = time.perf_counter()
+        got = client.call("GetBlob", image, layer.digest, layer.size)
+        if len(got.fds) != 1:
+            raise ProtocolError(f"GetBlob sent {len(got.fds)} fds")
+        drain = Drain(got.fds[0], read_size, hash_data)
+        try:
+            client.call("FinishPipe", got.pipeid)
+        finally:
+            drain.join(timeout)
+        wall = time.perf_counter() - start
+        client_cpu = self_cpu() - client_cpu0
+        server_cpu_end = proc_cpu(client.pid)
+        registry_cpu = proc_cpu(registry.process.pid) - registry_cpu0
+        relayed1 = relay.upstream_bytes if relay is not None else 0
+        hwm = proc_hwm_bytes(client.pid)
+        if got.value != layer.size or drain.size != layer.size:
+            raise ProtocolError(f"{case}: GetBlob said {got.value} bytes, read {drain.size}, expected {layer.size}")
+        if hash_data and drain.sha256 != layer.digest:
+            raise ProtocolError(f"{case}: read {drain.sha256}, expected {layer.digest}")
+        return BlobTransfer(
+            case=case,
+            round=round_no,
+            protocol=str(version),
+            bytes=layer.size,
+            wall=wall,
+            server_cpu=server_cpu_end - server_cpu0,
+            server_cpu_total=server_cpu_end,
+            server_hwm=hwm,
+            client_cpu=client_cpu,
+            registry_cpu=registry_cpu,
+            relayed_setup=relayed0 if relay is not None else None,
+            relayed_transfer=relayed1 - relayed0 if relay is not None else None,
+        )
+    except BaseException:
+        print(f"{case} round {round_no} failed; server log tail:\n{client.log_tail()}", file=sys.stderr)
+        raise
+    finally:
+        client.close()
+
+
+# ------------------------------------------------------------------------------------------- the start of a bench
+
+
+@dataclass(frozen=True)
+class BenchStart:
+    """What a bench's ``main()`` starts with: the machine it runs on, its work directory, its progress lines."""
+
+    machine: dict[str, str]
+    workdir: Path
+    verbose: bool
+
+    def progress(self, message: str) -> None:
+        """A progress line on stdout, unless ``-q``."""
+        if self.verbose:
+            print(message, flush=True)
+
+
+def start_bench(workdir: str | None, prefix: str, verbose: bool) -> BenchStart | None:
+    """Check that skopeo and docker-registry are installed (if not: None, having said on stderr which one is
+    missing), describe the machine, and make the work directory (``workdir``, or a new temporary one named
+    ``prefix...``)."""
+    for tool in ("skopeo", "docker-registry"):
+        if shutil.which(tool) is None and not Path(f"/usr/bin/{tool}").exists():
+            print(f"{tool} is required (apt-get install {tool})", file=sys.stderr)
+            return None
+    machine = machine_info()
+    path = Path(workdir or tempfile.mkdtemp(prefix=prefix)).resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return BenchStart(machine, path, verbose)
+
+
 # ------------------------------------------------------------------------------------------- report helpers
 
 
@@ -602,3 +748,33 @@ def machine_info() -> dict[str, str]:
 
 def median_range(values: Sequence[float], fmt: str) -> str:
     return f"{statistics.median(values):{fmt}} ({min(values):{fmt}} to {max(values):{fmt}})"
+
+
+def ratio_of_medians(a: Sequence[float], b: Sequence[float]) -> str:
+    """median(a) / median(b) to 2 decimals, or ``n/a`` when median(b) is 0."""
+    base = statistics.median(b)
+    return f"{statistics.median(a) / base:.2f}" if base else "n/a"
+
+
+def report_header(machine: dict[str, str]) -> list[str]:
+    """The date, machine and tool version lines that open a report."""
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return [
+        f"- date: {now}",
+        f"- machine: {machine['nproc']} CPUs, {machine['cpu']}, Linux {machine['kernel']}, Python {machine['python']}",
+        f"- {machine['skopeo']}; {machine['registry']}",
+    ]
+
+
+def write_report(out: Path, report: str, begin_mark: str, end_mark: str) -> None:
+    """Replace the section of ``out`` between ``begin_mark`` and ``end_mark`` with ``report`` (which starts and
+    ends with them), or append it; the rest of the file (other benches' sections, notes) stays as it was."""
+    text = out.read_text() if out.exists() else ""
+    begin = text.find(begin_mark)
+    end = text.find(end_mark, begin) if begin >= 0 else -1
+    if end >= 0:
+        after = text[end + len(end_mark) :].lstrip("\n")
+        text = text[:begin] + report + ("\n" + after if after else "")
+    else:
+        text = (text.rstrip("\n") + "\n\n" if text else "") + report
+    out.write_text(text)

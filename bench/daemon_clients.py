@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
 import os
 import shutil
@@ -36,7 +35,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -60,12 +58,14 @@ from common import (
     build_layers_layout,
     counting_relay,
     docker_registry,
-    machine_info,
     median_range,
     proc_cpu,
     proc_hwm_bytes,
     push,
+    report_header,
     self_cpu,
+    start_bench,
+    write_report,
 )
 
 DAEMON = "daemon"
@@ -395,7 +395,6 @@ def _median(runs: Sequence[Run], get: Callable[[Run], float]) -> float:
 
 
 def render(runs: list[Run], image: Image, args: argparse.Namespace, machine: dict[str, str], load: str) -> str:
-    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     layers = image.layer_bytes
     counts = sorted({run.clients for run in runs})
     modes = [mode for mode in MODES if any(run.mode == mode for run in runs)]
@@ -404,9 +403,7 @@ def render(runs: list[Run], image: Image, args: argparse.Namespace, machine: dic
         BEGIN_MARK,
         "## N clients pulling one image: one daemon against one spawned proxy per client (`bench/daemon_clients.py`)",
         "",
-        f"- date: {now}",
-        f"- machine: {machine['nproc']} CPUs, {machine['cpu']}, Linux {machine['kernel']}, Python {machine['python']}",
-        f"- {machine['skopeo']}; {machine['registry']}",
+        *report_header(machine),
         f"- image: {len(image.layers)} layers x {args.layer_mb} MB of random bytes (gzip level 0), {layers:,} bytes "
         f"of layer blobs, in docker-registry on 127.0.0.1 (plain HTTP), reached through a counting TCP relay",
         "- every client: a thread of the bench, Initialize, OpenImage, GetManifest, then GetBlob + FinishPipe of each "
@@ -477,17 +474,6 @@ def render(runs: list[Run], image: Image, args: argparse.Namespace, machine: dic
     return "\n".join(lines)
 
 
-def write_report(out: Path, report: str) -> None:
-    """Replace this bench's section of ``out`` (between the markers), or append it."""
-    text = out.read_text() if out.exists() else ""
-    begin, end = text.find(BEGIN_MARK), text.find(END_MARK)
-    if begin >= 0 and end > begin:
-        text = text[:begin] + report + text[end + len(END_MARK) :].lstrip("\n")
-    else:
-        text = (text.rstrip("\n") + "\n\n" if text else "") + report
-    out.write_text(text)
-
-
 # ------------------------------------------------------------------------------------------- main
 
 
@@ -534,18 +520,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    for tool in ("skopeo", "docker-registry"):
-        if shutil.which(tool) is None and not Path(f"/usr/bin/{tool}").exists():
-            print(f"{tool} is required (apt-get install {tool})", file=sys.stderr)
-            return 2
-    machine = machine_info()
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="daemon-clients-")).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-
-    def progress(message: str) -> None:
-        if args.verbose:
-            print(message, flush=True)
-
+    bench = start_bench(args.workdir, "daemon-clients-", args.verbose)
+    if bench is None:
+        return 2
+    machine, workdir, progress = bench.machine, bench.workdir, bench.progress
     load0 = os.getloadavg()[0]
     try:
         started = time.perf_counter()
@@ -578,7 +556,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{max(args.clients)} spawned servers and client threads"
         )
         report = render(runs, image, args, machine, load)
-        write_report(Path(args.out), report)
+        write_report(Path(args.out), report, BEGIN_MARK, END_MARK)
         print(report)
         progress(f"total {time.perf_counter() - started:.0f} s")
         return 0

@@ -27,18 +27,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
-import json
-import os
 import shutil
 import socket
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
-import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -47,126 +42,27 @@ sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "bench"))
 
 import trio  # noqa: E402
-from common import MB, docker_registry, machine_info  # noqa: E402
+from common import (  # noqa: E402
+    MB,
+    REPOSITORY,
+    TAG,
+    build_layers_layout,
+    docker_registry,
+    free_port,
+    machine_info,
+    median_range,
+    push,
+    stop_process,
+    write_report,
+)
 
 from protocol.client import ImageProxy  # noqa: E402
 from protocol.pull import pull  # noqa: E402
 
-REPOSITORY = "bench/layers"
-TAG = "latest"
 MODES = ("ours-seq", "ours-fifo", "ours-ids", "skopeo")
 BEGIN = "<!-- parallel_pull.py: begin -->"
 END = "<!-- parallel_pull.py: end -->"
 RELAY_READ = 64 << 10
-
-
-# ------------------------------------------------------------------------------------------- image
-
-
-def _canonical(obj: object) -> bytes:
-    return json.dumps(obj, separators=(",", ":")).encode()
-
-
-def build_layout(layout: Path, layers: int, layer_bytes: int) -> int:
-    """An OCI layout, tag ``latest``: ``layers`` layers, each a gzip-level-0 tar of one random file. Returns the
-    total size of the layer blobs."""
-    blobs = layout / "blobs" / "sha256"
-    blobs.mkdir(parents=True)
-    (layout / "oci-layout").write_bytes(_canonical({"imageLayoutVersion": "1.0.0"}))
-    descriptors, diff_ids, total = [], [], 0
-    for n in range(layers):
-        diff_hash, blob_hash = hashlib.sha256(), hashlib.sha256()
-        compressor = zlib.compressobj(0, zlib.DEFLATED, 31)
-        partial = blobs / "layer.partial"
-        with partial.open("wb") as out:
-
-            def emit(tar_bytes: bytes, out=out, diff_hash=diff_hash, blob_hash=blob_hash, compressor=compressor):
-                diff_hash.update(tar_bytes)
-                compressed = compressor.compress(tar_bytes)
-                blob_hash.update(compressed)
-                out.write(compressed)
-
-            info = tarfile.TarInfo(f"layer{n}.bin")
-            info.size, info.mode, info.mtime = layer_bytes, 0o644, 1_704_164_645
-            emit(info.tobuf(format=tarfile.USTAR_FORMAT))
-            remaining = layer_bytes
-            while remaining:
-                chunk = os.urandom(min(remaining, 1 << 20))
-                remaining -= len(chunk)
-                emit(chunk)
-            emit(b"\0" * (-layer_bytes % tarfile.BLOCKSIZE) + b"\0" * (2 * tarfile.BLOCKSIZE))
-            tail = compressor.flush()
-            blob_hash.update(tail)
-            out.write(tail)
-            size = out.tell()
-        partial.rename(blobs / blob_hash.hexdigest())
-        descriptors.append(
-            {
-                "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                "size": size,
-                "digest": f"sha256:{blob_hash.hexdigest()}",
-            }
-        )
-        diff_ids.append(f"sha256:{diff_hash.hexdigest()}")
-        total += size
-
-    def put(data: bytes) -> tuple[str, int]:
-        digest = hashlib.sha256(data).hexdigest()
-        (blobs / digest).write_bytes(data)
-        return f"sha256:{digest}", len(data)
-
-    config_digest, config_size = put(
-        _canonical(
-            {
-                "created": "2024-01-02T03:04:05Z",
-                "architecture": "amd64",
-                "os": "linux",
-                "rootfs": {"type": "layers", "diff_ids": diff_ids},
-            }
-        )
-    )
-    manifest_digest, manifest_size = put(
-        _canonical(
-            {
-                "schemaVersion": 2,
-                "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "config": {
-                    "mediaType": "application/vnd.oci.image.config.v1+json",
-                    "digest": config_digest,
-                    "size": config_size,
-                },
-                "layers": descriptors,
-            }
-        )
-    )
-    index = {
-        "schemaVersion": 2,
-        "manifests": [
-            {
-                "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "digest": manifest_digest,
-                "size": manifest_size,
-                "annotations": {"org.opencontainers.image.ref.name": TAG},
-            }
-        ],
-    }
-    (layout / "index.json").write_bytes(_canonical(index))
-    return total
-
-
-def push(layout: Path, authority: str) -> None:
-    argv = [
-        "skopeo",
-        "--insecure-policy",
-        "copy",
-        "--quiet",
-        "--dest-tls-verify=false",
-        f"oci:{layout}:{TAG}",
-        f"docker://{authority}/{REPOSITORY}:{TAG}",
-    ]
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=1800, check=False)
-    if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed: {result.stderr.strip()}")
 
 
 # ------------------------------------------------------------------------------------------- the pacing relay
@@ -207,9 +103,7 @@ class PacingRelay:
     """The relay in a process of its own (so its CPU is not the client's)."""
 
     def __init__(self, upstream_port: int, mb_per_second: float) -> None:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
+        self.port = free_port()
         self.process = subprocess.Popen(
             [sys.executable, __file__, "--relay", str(self.port), str(upstream_port), str(mb_per_second * MB)]
         )
@@ -224,12 +118,7 @@ class PacingRelay:
                 time.sleep(0.05)
 
     def close(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process)
 
 
 # ------------------------------------------------------------------------------------------- one run
@@ -284,10 +173,6 @@ def run_once(mode: str, authority: str, jobs: int, verify: bool, timeout: float)
 # ------------------------------------------------------------------------------------------- report
 
 
-def _median_range(values: list[float], fmt: str) -> str:
-    return f"{format(statistics.median(values), fmt)} ({format(min(values), fmt)} to {format(max(values), fmt)})"
-
-
 def report(args, info, total, results: dict[tuple[str, str], list[tuple[float, int]]], conditions) -> str:
     lines = [
         BEGIN,
@@ -323,22 +208,11 @@ def report(args, info, total, results: dict[tuple[str, str], list[tuple[float, i
             vs_seq = f"{medians['ours-seq'] / medians[mode]:.2f}x" if "ours-seq" in medians else "-"
             vs_fifo = f"{medians['ours-fifo'] / medians[mode]:.2f}x" if "ours-fifo" in medians else "-"
             lines.append(
-                f"| {condition} | {mode} | {_median_range(seconds, '.1f')} | {_median_range(rates, '.0f')} "
+                f"| {condition} | {mode} | {median_range(seconds, '.1f')} | {median_range(rates, '.0f')} "
                 f"| {vs_seq} | {vs_fifo} |"
             )
     lines += ["", "Produced by `.venv/bin/python bench/parallel_pull.py`; see bench/README.md.", END]
     return "\n".join(lines) + "\n"
-
-
-def write_report(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else ""
-    if BEGIN in text and END in text:
-        before, rest = text.split(BEGIN, 1)
-        after = rest.split(END, 1)[1].lstrip("\n")
-        text = before + section + ("\n" + after if after else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section if text else section
-    path.write_text(text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -364,9 +238,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="parallel-pull-", dir=args.workdir))
     try:
         print(f"building {args.layers} x {args.layer_mb} MB layers in {workdir}", file=sys.stderr)
-        total = build_layout(workdir / "layout", args.layers, args.layer_mb * 1_000_000)
+        layers = build_layers_layout(
+            workdir / "layout", [args.layer_mb * 1_000_000] * args.layers, "bench/parallel_pull.py"
+        )
+        total = sum(layer.size for layer in layers)
         with docker_registry(workdir / "registry") as registry:
-            push(workdir / "layout", registry.authority)
+            push(workdir / "layout", registry, 1800)
             shutil.rmtree(workdir / "layout")
             results: dict[tuple[str, str], list[tuple[float, int]]] = {}
             for condition in args.conditions:
@@ -395,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "relay process\n- **shared",
                 1,
             )
-        write_report(args.out, section)
+        write_report(args.out, section, BEGIN, END)
         print(section)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
