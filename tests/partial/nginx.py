@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import http.client
 import json
 import os
 import shutil
@@ -24,6 +23,7 @@ import attrs
 import pytest
 
 from tests.http.registry import free_port
+from tests.support.registry import answers_v2
 
 NGINX_HINT = "nginx is required for the partial-access tests: apt-get install nginx (./setup.sh --test does)"
 READY_TIMEOUT = 20.0
@@ -123,17 +123,6 @@ http {{
 """
 
 
-def _answers(port: int) -> bool:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-    try:
-        conn.request("GET", "/v2/")
-        return conn.getresponse().status == 200
-    except OSError:
-        return False
-    finally:
-        conn.close()
-
-
 @contextlib.contextmanager
 def nginx_process(prefix: Path, root: Path, max_ranges: int | None = None) -> Iterator[Nginx]:
     binary = nginx_binary()
@@ -150,7 +139,7 @@ def nginx_process(prefix: Path, root: Path, max_ranges: int | None = None) -> It
         )
     try:
         deadline = time.monotonic() + READY_TIMEOUT
-        while not _answers(port):
+        while not answers_v2(port, statuses=(200,)):
             if process.poll() is not None or time.monotonic() > deadline:
                 text = log.read_text(errors="replace") + (prefix / "error.log").read_text(errors="replace")
                 raise RuntimeError(f"nginx did not start:\n{text[-2000:]}")

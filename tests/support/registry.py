@@ -23,7 +23,8 @@ from tests.support.images import BuiltImage, BuiltIndex, StandardImages, skopeo_
 READY_TIMEOUT = 30.0
 
 
-def _answers(port: int, tls: bool) -> bool:
+def answers_v2(port: int, tls: bool = False, statuses: tuple[int, ...] = (200, 401)) -> bool:
+    """Whether a server on 127.0.0.1:``port`` answers ``GET /v2/`` with one of ``statuses`` (a readiness probe)."""
     if tls:
         conn: http.client.HTTPConnection = http.client.HTTPSConnection(
             "127.0.0.1", port, timeout=2, context=ssl._create_unverified_context()
@@ -32,7 +33,7 @@ def _answers(port: int, tls: bool) -> bool:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
     try:
         conn.request("GET", "/v2/")
-        return conn.getresponse().status in (200, 401)
+        return conn.getresponse().status in statuses
     except OSError:
         return False
     finally:
@@ -54,7 +55,7 @@ def registry_process(workdir: Path, options: RegistryOptions | None = None) -> I
         process = subprocess.Popen([find_binary(), "serve", str(config)], stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + READY_TIMEOUT
-        while not _answers(port, options.tls_cert is not None):
+        while not answers_v2(port, options.tls_cert is not None):
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"docker-registry did not start:\n{log.read_text(errors='replace')[-2000:]}")
             time.sleep(0.05)  # polling interval, not synchronisation
