@@ -35,7 +35,7 @@ import trio
 from protocol.errors import ErrorCode, ProtocolViolation, ProxyError
 from protocol.methods import parse_digest
 from proxy.cache_dir import PARTIAL_SUFFIX, CacheDir, Changed
-from proxy.pipes import CHUNK_SIZE
+from proxy.pipes import CHUNK_SIZE, splice_file
 from proxy.sources.base import Blob
 
 log = logging.getLogger(__name__)
@@ -224,6 +224,22 @@ class FollowingBlob(Blob):
                 if download.error is not None:
                     raise download.error
                 return b""
+            await download.wait_for_more(self._pos)
+
+    async def splice_into(self, writer: trio.lowlevel.FdStream) -> int:
+        """All of the blob into a pipe by sendfile, as the download writes it; the bytes sent."""
+        download = self._download
+        while True:
+            if self._pos < download.written:
+                reached = await splice_file(self._fd, download.written, writer, start=self._pos)
+                if reached == self._pos:
+                    raise StoreError(f"blob cache: {download.partial} is shorter than what was written to it")
+                self._pos = reached
+                continue
+            if download.done:
+                if download.error is not None:
+                    raise download.error
+                return self._pos
             await download.wait_for_more(self._pos)
 
     async def aclose(self) -> None:

@@ -157,10 +157,11 @@ async def copy_unhashed(blob: Blob, writer: trio.lowlevel.FdStream) -> int:
     return total
 
 
-async def splice_file(fd: int, size: int, writer: trio.lowlevel.FdStream) -> int:
-    """Copy a whole file into a pipe in the kernel (sendfile), waiting while the pipe is full."""
+async def splice_file(fd: int, size: int, writer: trio.lowlevel.FdStream, start: int = 0) -> int:
+    """Copy bytes ``start`` to ``size`` of a file into a pipe in the kernel (sendfile), waiting while the pipe is
+    full; the offset reached (``size``, or less if the file is shorter)."""
     out = writer.fileno()
-    offset = 0
+    offset = start
     while offset < size:
         try:
             sent = os.sendfile(out, fd, offset, min(size - offset, PIPE_SIZE))
@@ -192,8 +193,12 @@ async def produce_blob(pipe: Pipe, blob: Blob, digest: str, expected_size: int) 
                 return
             if blob.verifies_digest:
                 # a blob-cache download hashes every byte itself and fails rather than end short or wrong:
-                # only the size the client expects is left to check
-                sent = await copy_unhashed(blob, pipe.writer)
+                # only the size the client expects is left to check. Its file goes into the pipe by sendfile.
+                splice_into = getattr(blob, "splice_into", None)
+                if splice_into is not None:
+                    sent = await splice_into(pipe.writer)
+                else:
+                    sent = await copy_unhashed(blob, pipe.writer)
                 if sent != expected_size:
                     raise ProxyError(f"expected {expected_size} bytes in blob, got {sent}")
                 return
