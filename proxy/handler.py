@@ -21,7 +21,6 @@ from protocol.messages import Reply, Request
 from protocol.methods import parse_args
 from proxy import gojson
 from proxy import manifest as mf
-from proxy.limits import SessionLimits
 from proxy.options import ProxyOptions
 from proxy.partial import service as partial
 from proxy.partial.planner import ByteRange
@@ -65,7 +64,6 @@ class Handler:
         config: ProxyOptions,
         spawn: Callable[[Callable[[], Awaitable[None]]], None],
         resources: SharedResources | None = None,
-        limits: SessionLimits | None = None,
     ) -> None:
         """``spawn`` starts this session's producers; ``resources`` are shared with other sessions (None: local
         transports only, no cache)."""
@@ -80,7 +78,7 @@ class Handler:
         self._pipes: dict[int, Pipe] = {}
         self._finishing: set[int] = set()
         self._raw_transfers = 0  # GetRawBlob producers running (their pipes have no pipeid)
-        self._limits = limits if limits is not None else config.limits
+        self._limits = config.limits
         self._methods: dict[str, Callable[..., Awaitable[Outcome]]] = {
             "Initialize": self.initialize,
             "OpenImage": self.open_image,

@@ -33,7 +33,7 @@ from protocol.codec import MAX_MSG_SIZE, decode_request, encode_reply
 from protocol.errors import ErrorCode, ProtocolViolation
 from protocol.messages import Reply, Request
 from proxy.handler import Handler, Outcome
-from proxy.limits import RequestRate, SessionLimits
+from proxy.limits import RequestRate
 from proxy.options import ProxyOptions
 from proxy.resources import SharedResources, open_resources
 
@@ -73,13 +73,12 @@ class Session:
         sock: trio.socket.SocketType,
         options: ProxyOptions,
         resources: SharedResources,
-        limits: SessionLimits | None = None,
         peer: str = "client",
     ) -> None:
         self._sock = sock
         self._options = options
         self._resources = resources
-        self._limits = limits if limits is not None else options.limits
+        self._limits = options.limits
         self._peer = peer
         self._in_order: collections.deque[Request | ProtocolViolation] = collections.deque()
         self._in_order_changed = trio.Event()
@@ -101,7 +100,7 @@ class Session:
     async def run(self) -> None:
         try:
             async with trio.open_nursery() as nursery:
-                handler = self._handler = Handler(self._options, nursery.start_soon, self._resources, self._limits)
+                handler = self._handler = Handler(self._options, nursery.start_soon, self._resources)
                 try:
                     nursery.start_soon(self._sender, nursery.cancel_scope)
                     nursery.start_soon(self._dispatch, handler)
