@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Awaitable, Callable
 
 import attrs
 import trio
@@ -116,7 +117,9 @@ class DigestVerifier:
         return error
 
 
-async def _run_producer(pipe: Pipe, work) -> None:
+async def run_producer(pipe: Pipe, work: Callable[[], Awaitable[None]]) -> None:
+    """Run a producer's work and finish the pipe with what FinishPipe is to report: nothing, the ProxyError it
+    raised, or an internal error (logged) for anything else."""
     error: ProxyError | None = None
     try:
         await work()
@@ -135,7 +138,7 @@ async def produce_bytes(pipe: Pipe, data: bytes) -> None:
     async def work() -> None:
         await write_all(pipe.writer, data)
 
-    await _run_producer(pipe, work)
+    await run_producer(pipe, work)
 
 
 async def copy_verified(blob: Blob, writer: trio.lowlevel.FdStream, verifier: DigestVerifier) -> None:
@@ -208,7 +211,7 @@ async def produce_blob(pipe: Pipe, blob: Blob, digest: str, expected_size: int) 
         if error is not None:
             raise error
 
-    await _run_producer(pipe, work)
+    await run_producer(pipe, work)
 
 
 def encode_error_fd_payload(error: ProxyError) -> bytes:

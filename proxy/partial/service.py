@@ -27,7 +27,7 @@ from proxy.partial import toc as tocs
 from proxy.partial.fetch import RangeSource, RegistryRanges, learn_size
 from proxy.partial.local import FileRanges, ranges_of_blob
 from proxy.partial.planner import ByteRange, RangeError
-from proxy.pipes import DigestVerifier, Pipe, write_all
+from proxy.pipes import DigestVerifier, Pipe, run_producer, write_all
 from proxy.sources.base import Blob, ImageSource
 from proxy.sources.registry import RegistrySource
 
@@ -61,23 +61,18 @@ async def open_ranges(
 
 async def produce_ranges(pipe: Pipe, ranges_source: RangeSource, ranges: Sequence[ByteRange]) -> None:
     """GetBlobAt's producer: the ranges concatenated in request order; FinishPipe reports what failed."""
-    error: ProxyError | None = None
 
     async def write(data: memoryview) -> None:
         await write_all(pipe.writer, data)
 
-    try:
-        async with ranges_source:
-            await ranges_source.copy(ranges, write)
-    except RangeError as e:
-        error = ProxyError(str(e))
-    except ProxyError as e:
-        error = e
-    except Exception as e:
-        log.exception("%s: GetBlobAt failed", ranges_source.what)
-        error = ProxyError(f"internal error: {type(e).__name__}: {e}")
-    finally:
-        pipe.finish(error)
+    async def work() -> None:
+        try:
+            async with ranges_source:
+                await ranges_source.copy(ranges, write)
+        except RangeError as e:
+            raise ProxyError(str(e)) from None
+
+    await run_producer(pipe, work)
 
 
 # ------------------------------------------------------------------------------------------- TOCs
@@ -192,8 +187,8 @@ async def layer_toc(layer: Layer, *, with_tar_split: bool = False) -> LayerTOC:
 
 async def produce_tar_split(pipe: Pipe, what: str, compressed: bytes) -> None:
     """GetLayerTarSplit's producer: the verified tar-split, decompressed (at most 150 MiB)."""
-    error: ProxyError | None = None
-    try:
+
+    async def work() -> None:
         reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(compressed), read_across_frames=True)
         total = 0
         while True:
@@ -202,19 +197,14 @@ async def produce_tar_split(pipe: Pipe, what: str, compressed: bytes) -> None:
             except zstandard.ZstdError as e:
                 raise ProxyError(f"{what}: the tar-split does not decompress: {e}") from None
             if not chunk:
-                break
+                return
             total += len(chunk)
             if total > tocs.MAX_TOC_SIZE:
                 raise ProxyError(f"{what}: the tar-split decompresses to more than {tocs.MAX_TOC_SIZE >> 20} MiB")
             await write_all(pipe.writer, chunk)
             await trio.lowlevel.checkpoint()
-    except ProxyError as e:
-        error = e
-    except Exception as e:
-        log.exception("%s: GetLayerTarSplit failed", what)
-        error = ProxyError(f"internal error: {type(e).__name__}: {e}")
-    finally:
-        pipe.finish(error)
+
+    await run_producer(pipe, work)
 
 
 __all__ = [
