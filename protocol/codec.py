@@ -8,6 +8,7 @@ it can turn into an error reply.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from protocol.errors import ErrorCode, ProtocolViolation
@@ -20,8 +21,36 @@ MAX_SAFE_INTEGER = 2**53 - 1
 _REPLY_KEYS = ("success", "value", "pipeid", "error_code", "error")
 
 
-def _dumps(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+#: UTF-16 surrogates: a JSON text may carry them as lone ``\\udXXX`` escapes; UTF-8 cannot encode them
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def encode_json(obj: Any) -> bytes:
+    """Compact UTF-8 JSON of ``obj``, for anything that reaches the wire (replies, the GetRawBlob error document).
+
+    Total: strings that came from a client may hold lone surrogates (``"\\udcff"`` is valid JSON, and Python
+    decodes it to a string UTF-8 cannot encode); each becomes U+FFFD, as Go's encoder writes invalid UTF-8."""
+    text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return _LONE_SURROGATE.sub("\ufffd", text).encode("utf-8")
+
+
+def shown(value: Any, limit: int = 200) -> str:
+    """A client's value quoted for an error text: JSON-quoted (so control characters and lone surrogates are
+    escapes, never raw bytes), at most about ``limit`` characters."""
+    text = value if isinstance(value, str) else None
+    if text is not None and len(text) > limit:
+        return json.dumps(text[:limit]) + f"... ({len(text)} characters)"
+    try:
+        quoted = json.dumps(value)
+    except (TypeError, ValueError, RecursionError):
+        quoted = f"<{json_type_name(value)}>"
+    return quoted if len(quoted) <= limit + 2 else quoted[:limit] + "..."
+
+
+_dumps = encode_json
 
 
 def decode_request(data: bytes, truncated: bool = False) -> Request | ProtocolViolation:
@@ -43,8 +72,9 @@ def decode_request(data: bytes, truncated: bool = False) -> Request | ProtocolVi
     if "id" in doc:
         request_id = _request_id(doc["id"])
         if request_id is None:
-            shown = json.dumps(doc["id"])[:100]
-            return ProtocolViolation(f'invalid request: "id" must be an integer from 0 to 2^53-1, not {shown}')
+            return ProtocolViolation(
+                f'invalid request: "id" must be an integer from 0 to 2^53-1, not {shown(doc["id"], 100)}'
+            )
     method = doc.get("method")
     if not isinstance(method, str):
         return ProtocolViolation(
@@ -175,7 +205,9 @@ __all__ = [
     "MAX_SAFE_INTEGER",
     "decode_reply",
     "decode_request",
+    "encode_json",
     "encode_reply",
     "encode_request",
     "json_type_name",
+    "shown",
 ]

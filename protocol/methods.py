@@ -8,13 +8,12 @@ typed arguments or raises ``ProtocolViolation`` with a text that names what is w
 from __future__ import annotations
 
 import enum
-import json
 import re
 from typing import Any
 
 import attrs
 
-from protocol.codec import MAX_SAFE_INTEGER, json_type_name
+from protocol.codec import MAX_SAFE_INTEGER, json_type_name, shown
 from protocol.errors import ProtocolViolation
 from protocol.messages import Request
 
@@ -93,18 +92,18 @@ def parse_digest(value: Any) -> str:
     """An ``algo:hex`` digest; only sha256 and sha512, with their exact lengths, lower-case hex."""
     if not isinstance(value, str):
         raise ProtocolViolation(f"expecting string blobid, not {json_type_name(value)}")
-    shown = value if len(value) <= 200 else value[:200] + "..."
+    quoted = shown(value)
     m = _DIGEST_RE.match(value)
     if m is None:
-        raise ProtocolViolation(f"invalid digest {shown!r}: invalid checksum digest format")
+        raise ProtocolViolation(f"invalid digest {quoted}: invalid checksum digest format")
     algo, hexpart = m.groups()
     if algo not in DIGEST_HEX_LENGTHS:
-        raise ProtocolViolation(f"invalid digest {shown!r}: unsupported digest algorithm {algo!r}")
+        raise ProtocolViolation(f"invalid digest {quoted}: unsupported digest algorithm {algo!r}")
     if not _HEX_RE.match(hexpart):
-        raise ProtocolViolation(f"invalid digest {shown!r}: invalid checksum digest format")
+        raise ProtocolViolation(f"invalid digest {quoted}: invalid checksum digest format")
     if len(hexpart) != DIGEST_HEX_LENGTHS[algo]:
         raise ProtocolViolation(
-            f"invalid digest {shown!r}: invalid checksum digest length "
+            f"invalid digest {quoted}: invalid checksum digest length "
             f"(expected {DIGEST_HEX_LENGTHS[algo]} hex digits for {algo}, got {len(hexpart)})"
         )
     return value
@@ -134,7 +133,7 @@ def parse_ranges(value: Any) -> list[tuple[int, int]]:
     ranges = []
     for index, item in enumerate(value):
         if not isinstance(item, list) or len(item) != 2:
-            raise ProtocolViolation(f"range {index}: expecting [offset, length], not {json.dumps(item)[:100]}")
+            raise ProtocolViolation(f"range {index}: expecting [offset, length], not {shown(item, 100)}")
         offset = parse_uint(item[0], f"range {index} offset")
         length = parse_uint(item[1], f"range {index} length")
         if not 1 <= length <= MAX_RANGE_LENGTH:
@@ -178,8 +177,9 @@ def parse_args(request: Request) -> tuple[MethodSpec, list[Any]]:
     """
     spec = METHODS.get(request.method)
     if spec is None:
-        shown = request.method if len(request.method) <= 100 else request.method[:100] + "..."
-        raise ProtocolViolation(f"unknown method: {shown}")
+        # Go's text, the name unquoted (the reply's encoder escapes what JSON must); a long one is cut
+        name = request.method if len(request.method) <= 100 else request.method[:100] + "..."
+        raise ProtocolViolation(f"unknown method: {name}")
     if not spec.strict_arity:
         return spec, []
     if len(request.args) != len(spec.params):

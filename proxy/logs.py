@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 
 _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
@@ -21,6 +22,25 @@ def _priority(levelno: int) -> int:
     return 7
 
 
+#: control characters a client's text may carry into a log line (terminal escapes, NUL, ...)
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def _escape(char: re.Match[str]) -> str:
+    return f"\\x{ord(char.group()):02x}"
+
+
+def printable(text: str) -> str:
+    """``text`` safe for one log line on any stream: control characters and lone surrogates (which a client's
+    JSON may carry) become backslash escapes."""
+    text = _CONTROL.sub(_escape, text)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
 class OneLineFormatter(logging.Formatter):
     def __init__(self, journald: bool) -> None:
         super().__init__(
@@ -31,7 +51,7 @@ class OneLineFormatter(logging.Formatter):
         self.journald = journald
 
     def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record).replace("\r", "").replace("\n", " | ")
+        text = printable(super().format(record).replace("\r", "").replace("\n", " | "))
         return f"<{_priority(record.levelno)}>{text}" if self.journald else text
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import json
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -20,6 +19,7 @@ from collections.abc import Awaitable, Callable
 import attrs
 import trio
 
+from protocol.codec import encode_json
 from protocol.errors import ErrorCode, ProxyError
 from proxy.sources.base import Blob
 
@@ -216,7 +216,7 @@ async def produce_blob(pipe: Pipe, blob: Blob, digest: str, expected_size: int) 
 
 def encode_error_fd_payload(error: ProxyError) -> bytes:
     """What GetRawBlob writes to its error fd: ``{"code": ..., "message": ...}``."""
-    return json.dumps({"code": str(error.code), "message": error.message}, ensure_ascii=False).encode()
+    return encode_json({"code": str(error.code), "message": error.message})
 
 
 async def produce_raw_blob(

@@ -5,9 +5,18 @@ import json
 from hypothesis import given
 from hypothesis import strategies as st
 
-from protocol.codec import MAX_MSG_SIZE, decode_reply, decode_request, encode_reply, encode_request
-from protocol.errors import ErrorCode, ProtocolViolation
+from protocol.codec import (
+    MAX_MSG_SIZE,
+    decode_reply,
+    decode_request,
+    encode_json,
+    encode_reply,
+    encode_request,
+    shown,
+)
+from protocol.errors import ErrorCode, ProtocolViolation, ProxyError
 from protocol.messages import Reply, Request
+from protocol.methods import parse_args
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
@@ -153,3 +162,96 @@ def test_a_violation_after_a_valid_id_carries_it():
     assert isinstance(violation, ProtocolViolation) and violation.request_id == 9
     violation = decode_request(b'{"id": -9, "method": "GetManifest"}')
     assert isinstance(violation, ProtocolViolation) and violation.request_id is None
+
+
+# -- a total codec: whatever a client's JSON holds, every reply encodes (issue 13) --------------------------------
+
+#: any code point, lone surrogates included (hypothesis leaves them out of text() unless asked)
+any_text = st.text(st.characters(exclude_categories=()), max_size=60)
+hostile_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | any_text,
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(any_text, children, max_size=4),
+    max_leaves=12,
+)
+
+
+def _assert_wire_reply(data: bytes) -> Reply:
+    assert len(data) <= MAX_MSG_SIZE
+    data.decode("utf-8")  # strict: never invalid UTF-8 on the wire
+    return decode_reply(data)
+
+
+@given(any_text, st.lists(hostile_values, max_size=4))
+def test_every_request_json_text_gets_an_encodable_error_reply(method, args):
+    # the request as a client may write it: lone surrogates travel as \\udXXX escapes, which is valid JSON
+    packet = json.dumps({"method": method, "args": args}).encode()
+    decoded = decode_request(packet)
+    if isinstance(decoded, ProtocolViolation):
+        error = decoded.message
+    else:
+        try:
+            parse_args(decoded)
+        except ProtocolViolation as e:
+            error = e.message
+        else:
+            error = f"echo {decoded.method} {decoded.args!r}"
+    reply = _assert_wire_reply(encode_reply(Reply.failure(error + method)))
+    assert not reply.success
+
+
+@given(st.text(st.characters(exclude_categories=()), max_size=20_000), request_ids)
+def test_error_text_with_any_code_points_encodes_within_a_packet(error, request_id):
+    reply = _assert_wire_reply(
+        encode_reply(Reply(success=False, error=error, error_code=ErrorCode.OTHER, id=request_id))
+    )
+    assert reply.id == request_id
+    assert "\ud800" not in reply.error  # a lone surrogate arrives as U+FFFD
+
+
+def test_lone_surrogate_becomes_replacement_character():
+    data = encode_reply(Reply.failure('no image "\udcff" here'))
+    assert _assert_wire_reply(data).error == 'no image "\ufffd" here'
+
+
+def test_nul_and_control_characters_are_escaped_not_raw():
+    data = encode_reply(Reply.failure("a\x00b\x1bc"))
+    assert b"\x00" not in data and b"\x1b" not in data
+    assert _assert_wire_reply(data).error == "a\x00b\x1bc"
+
+
+@given(hostile_values)
+def test_encode_json_is_total(value):
+    json.loads(encode_json(value).decode("utf-8"))
+
+
+@given(hostile_values, st.integers(1, 300))
+def test_shown_is_bounded_and_encodable(value, limit):
+    text = shown(value, limit)
+    assert len(text) <= limit + 40
+    encode_json(text).decode("utf-8")
+
+
+def test_shown_survives_deep_nesting():
+    deep: list = []
+    for _ in range(5000):
+        deep = [deep]
+    assert shown(deep) == "<array>"
+
+
+def test_raw_blob_error_document_encodes_any_text():
+    from proxy.pipes import encode_error_fd_payload
+
+    payload = json.loads(encode_error_fd_payload(ProxyError("bad \udcff digest")).decode("utf-8"))
+    assert payload == {"code": "other", "message": "bad \ufffd digest"}
+
+
+@given(any_text)
+def test_log_lines_are_printable_whatever_the_client_sent(text):
+    import logging
+
+    from proxy.logs import OneLineFormatter
+
+    record = logging.LogRecord("t", logging.WARNING, __file__, 1, "client sent %s", (text,), None)
+    line = OneLineFormatter(journald=True).format(record)
+    line.encode("utf-8")  # never a lone surrogate
+    assert "\n" not in line and "\x1b" not in line and "\x00" not in line
