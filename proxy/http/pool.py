@@ -1,14 +1,24 @@
 """A pool of HTTP/1.1 connections keyed by (scheme, host, port).
 
-- At most ``max_per_host`` connections per origin, counting idle and busy ones; further requests wait in FIFO
-  order on a ``trio.Semaphore`` (no lock is held across network I/O: a slot is taken before connecting and given
-  back when the response is closed).
+- At most ``max_per_host`` requests per origin **waiting for the network**: connecting, sending, waiting for the
+  response's headers. Further requests wait in FIFO order on a ``trio.Semaphore``. A slot is given back as soon
+  as the headers are in: a response whose body is being read holds its own connection and nothing else. So a
+  body that waits for a slow consumer (a client that does not read its pipe) never keeps another request, of
+  this client or of any other, from reaching the host. Every wait that holds a slot has a deadline
+  (:class:`~proxy.http.timeouts.Timeouts`); no lock is held across network I/O.
+- At most ``max_per_host`` idle connections are kept per origin; more are closed when given back.
 - A connection returns to the pool only when its response was read to the end and both sides keep-alive.
   Anything else (an unread body, an error, a cancellation) closes it.
 - An idle connection is checked before reuse: one the server closed (readable at EOF) or kept too long is
   discarded. If an idempotent request still fails on a reused connection before any response byte arrived (the
   server closed it just as we sent), it is sent once more on a new connection.
 - Proxies come from the environment (:class:`~proxy.http.proxies.ProxyConfig`).
+
+Why bodies do not count: the per-host cap exists to bound how many connections we open at once, politely, as
+browsers do. Counting bodies too would let six unread pipes (of one client, or of six clients of a daemon)
+stop every other request to that host with nothing to bound the wait: the hang of skopeo#2878 moved from a
+stalled CDN to a slow neighbour. Open bodies are bounded instead by what holds them: each belongs to one pipe,
+and pipes are limited per connection, per user and per daemon (``proxy.limits``).
 """
 
 from __future__ import annotations
@@ -94,19 +104,15 @@ class ConnectionPool:
 
     async def send(self, method: str, url: str | URL, headers: HeaderInput = (), body: bytes = b"") -> Response:
         """Send a request and return the response once its headers arrived. The caller must
-        ``await response.aclose()`` (or ``abandon()``), which gives the connection slot back."""
+        ``await response.aclose()`` (or ``abandon()``), which gives the connection back (or closes it)."""
         if self._closed:
             raise RuntimeError("connection pool is closed")
         parsed = url if isinstance(url, URL) else URL.parse(url)
         host = self._hosts.get(parsed.origin)
         if host is None:
             host = self._hosts[parsed.origin] = _Host(self.max_per_host)
-        await host.slots.acquire()
-        try:
+        async with host.slots:  # only until the headers are in: see the module docstring
             response = await self._exchange(host, parsed, method.upper(), header_pairs(headers), body)
-        except BaseException:
-            host.slots.release()
-            raise
         response.url = str(parsed)
 
         async def release(response: Response) -> None:
@@ -195,8 +201,7 @@ class ConnectionPool:
         return context
 
     async def _release(self, host: _Host, conn: Connection) -> None:
-        host.slots.release()
-        if conn.reusable and not self._closed:
+        if conn.reusable and not self._closed and len(host.idle) < self.max_per_host:
             host.idle.append(conn)
         else:
             await conn.abandon()

@@ -60,33 +60,41 @@ async def test_head_and_empty_bodies_are_reused(server: TestServer, pool: Connec
     assert server.connections == 1
 
 
-async def test_per_host_limit(server: TestServer) -> None:
-    server.route("/slow", Reply(body=b"slow"))
+async def test_per_host_limit_counts_requests_waiting_for_headers(server: TestServer) -> None:
+    # a server that never answers: every request holds its slot until its header deadline
+    server.route("/hang", Reply(no_response=True))
     limit = 2
-    active = 0
-    most = 0
-    async with ConnectionPool(FAST, max_per_host=limit, proxies=ProxyConfig()) as pool:
+    async with ConnectionPool(FAST, max_per_host=limit, proxies=ProxyConfig()) as pool, trio.open_nursery() as nursery:
+        for _ in range(5):
+            nursery.start_soon(pool.send, "GET", server.url("/hang"))
+        await trio.testing.wait_all_tasks_blocked()
+        # two requests reached the host; three wait for a slot
+        assert server.connections == limit
+        assert len(server.requests) == limit
+        nursery.cancel_scope.cancel()
 
-        async def fetch(release: trio.Event) -> None:
-            nonlocal active, most
-            async with pool.request("GET", server.url("/slow")) as response:
-                active += 1
-                most = max(most, active)
-                await release.wait()  # hold the connection until the test lets go
-                await response.read_all(100)
-                active -= 1
 
-        events = [trio.Event() for _ in range(5)]
-        async with trio.open_nursery() as nursery:
-            for event in events:
-                nursery.start_soon(fetch, event)
-            await trio.testing.wait_all_tasks_blocked()
-            assert active == limit
-            for event in events:
-                event.set()
-        assert most == limit
-        assert server.connections <= limit
-        assert len(server.requests) == 5
+async def test_unread_bodies_do_not_hold_slots(server: TestServer) -> None:
+    # eight responses whose bodies nobody reads (a client that does not read its pipes) do not keep a ninth
+    # request from reaching the host: the per-host cap counts only requests waiting for the network
+    body = b"x" * (512 << 10)  # under the 1 MiB a connection reads past h11 (then it is not reused)
+    server.route("/blob", Reply(body=body))
+    server.route("/small", Reply(body=b"ok"))
+    async with ConnectionPool(FAST, max_per_host=2, proxies=ProxyConfig()) as pool:
+        held: list = []
+        try:
+            with trio.fail_after(5):
+                for _ in range(8):
+                    held.append(await pool.send("GET", server.url("/blob")))
+                async with pool.request("GET", server.url("/small")) as response:
+                    assert await response.read_all(10) == b"ok"
+            for response in held:
+                assert await response.read_all(len(body)) == body
+        finally:
+            for response in held:
+                await response.aclose()
+        # given back after reading: at most max_per_host stay idle, the rest are closed
+        assert pool.idle_connections(server.url()) == 2
 
 
 async def test_server_closed_idle_connection_is_discarded(server: TestServer, pool: ConnectionPool) -> None:
