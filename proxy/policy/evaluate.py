@@ -118,7 +118,7 @@ class ImagePolicy:
         is ``top`` and, for a list, whose chosen instance is ``instance`` (digest, bytes)."""
         if self.policy is None:
             raise PolicyRejected(self.error or "no signature policy")
-        scope = image_scope(reference)
+        scope = image_scope(reference, source.local_path)
         scope_name, requirements = self.policy.requirements_for(scope)
         reader = SignatureReader(source, scope.docker_reference, registry, self.registries_d, self.registries_d_error)
         checker = _Checker(scope, requirements, reader, self.require_signed)

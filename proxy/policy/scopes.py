@@ -64,19 +64,23 @@ def _resolve(path: str) -> str:
     return os.path.realpath(os.path.abspath(path))
 
 
-def image_scope(reference: str) -> ImageScope:
-    """The scope of ``TRANSPORT:REF``; the reference was already accepted by its transport."""
+def image_scope(reference: str, opened_path: str | None = None) -> ImageScope:
+    """The scope of ``TRANSPORT:REF``; the reference was already accepted by its transport.
+
+    ``opened_path``: for a local transport, the path the kernel opened (``ImageSource.local_path``); the scope is
+    matched on it rather than on the reference's text, so a symlink and ``..`` cannot make the policy judge one
+    path while another is read. Without it, the text is resolved here (as containers/image does)."""
     transport, _, within = reference.partition(":")
     if transport == "docker":
         ref = parse_docker_reference(within[2:] if within.startswith("//") else within).with_default_tag()
         identity = ref.name + (f":{ref.tag}" if ref.tag else f"@{ref.digest}")
         return ImageScope(transport, identity, docker_namespaces(ref), ref)
     if transport == "dir":
-        path = _resolve(within)
+        path = opened_path or _resolve(within)
         return ImageScope(transport, path, _path_parents(path))
     if transport in ("oci", "oci-archive"):
         path, _, name = within.partition(":")
-        path = _resolve(path)
+        path = opened_path or _resolve(path)
         if name:
             return ImageScope(transport, f"{path}:{name}", (path, *_path_parents(path)))
         return ImageScope(transport, path, _path_parents(path))

@@ -41,7 +41,9 @@ from proxy.gojson import (
 )
 from proxy.sources.base import Blob, BlobNotFound, BytesBlob, ImageSource, SourceError, SourceOptions
 from proxy.sources.docker_reference import normalize_docker_reference
+from proxy.sources.localfs import LocalDir
 from proxy.sources.oci_layout import (
+    DirFiles,
     FileBlob,
     FileSection,
     OCILayoutSource,
@@ -131,7 +133,8 @@ async def open_oci_archive(reference: str, within: str, options: SourceOptions) 
         raise SourceError(f"{reference}: creating temp directory: {os_error_text(e)}") from None
     try:
         await trio.to_thread.run_sync(_extract, reference, path, tmp)
-        layout = await OCILayoutSource.open(reference, tmp, image, SourceOptions(tmpdir=options.tmpdir))
+        files = await trio.to_thread.run_sync(DirFiles, LocalDir(tmp))
+        layout = await OCILayoutSource.open_files(reference, files, image)
     except BaseException:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(shutil.rmtree, tmp, True)

@@ -12,6 +12,7 @@ import abc
 import attrs
 
 from protocol.errors import ErrorCode, ProxyError
+from proxy.sources.localfs import Identity
 
 
 class SourceError(ProxyError):
@@ -32,6 +33,8 @@ class SourceOptions:
 
     tmpdir: str | None = None
     shared_blob_dir: str | None = None
+    #: whose permissions local paths are opened with (a daemon's client); None: this process's own
+    identity: Identity | None = None
 
 
 class Blob(abc.ABC):
@@ -78,6 +81,9 @@ class ImageSource(abc.ABC):
 
     #: the reference as the user wrote it, with its transport (for error texts)
     reference: str
+    #: for local transports, the path the kernel opened (symlinks and ``..`` resolved): signature policy scopes
+    #: are matched on it, never on the reference's text
+    local_path: str | None = None
 
     @abc.abstractmethod
     async def get_manifest(self, instance_digest: str | None = None) -> tuple[bytes, str]:

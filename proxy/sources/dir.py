@@ -13,15 +13,17 @@ import trio
 from proxy import manifest
 from proxy.gojson import go_quote
 from proxy.sources.base import Blob, BlobNotFound, ImageSource, SourceError, SourceOptions
-from proxy.sources.oci_layout import open_file_blob, os_error_text, read_inside
+from proxy.sources.oci_layout import MAX_JSON_SIZE, DirFiles, open_local_dir, os_error_text
 
 VERSION_PREFIX = "Directory Transport Version: "
 
 
 class DirSource(ImageSource):
-    def __init__(self, reference: str, root: str) -> None:
+    def __init__(self, reference: str, files: DirFiles) -> None:
         self.reference = reference
-        self.root = root
+        self.files = files
+        self.root = files.where
+        self.local_path = files.real_path
 
     def _hex(self, digest: str) -> str:
         if not manifest.is_valid_digest(digest):
@@ -30,45 +32,55 @@ class DirSource(ImageSource):
 
     async def get_manifest(self, instance_digest: str | None = None) -> tuple[bytes, str]:
         name = "manifest.json" if instance_digest is None else self._hex(instance_digest) + ".manifest.json"
-        path = os.path.join(self.root, name)
         try:
-            raw = await trio.to_thread.run_sync(read_inside, self.root, path)
+            raw = await trio.to_thread.run_sync(self.files.read, name, MAX_JSON_SIZE)
         except OSError as e:
             raise SourceError(f"{self.reference}: {os_error_text(e)}") from None
         return raw, manifest.guess_mime_type(raw)
+
+    def read_file(self, name: str, limit: int) -> bytes:
+        """A small file of the directory (a ``signature-N``), as the client (synchronous)."""
+        return self.files.read(name, limit)
 
     async def open_blob(self, digest: str) -> Blob:
         hex_ = self._hex(digest)
         for name in (hex_, hex_ + ".tar"):
             try:
-                return await trio.to_thread.run_sync(open_file_blob, self.root, os.path.join(self.root, name))
+                return await trio.to_thread.run_sync(self.files.open_blob, name)
             except FileNotFoundError:
                 continue
             except OSError as e:
                 raise SourceError(f"{self.reference}: opening blob {digest}: {os_error_text(e)}") from None
         raise BlobNotFound(f"{self.reference}: blob {digest} not found")
 
+    async def aclose(self) -> None:
+        self.files.close()
 
-def _check_dir(reference: str, path: str) -> None:
-    if not os.path.isdir(path):
-        raise SourceError(f"{reference}: {path} is not a directory")
-    version_path = os.path.join(path, "version")
+
+def _open(reference: str, path: str, options: SourceOptions) -> DirFiles:
+    files = open_local_dir(reference, path, options, f"{path} is not a directory")
     try:
-        version = read_inside(path, version_path, limit=4096).decode("utf-8", "replace")
-    except FileNotFoundError:
-        return  # c/image's source does not require it
-    except OSError as e:
-        raise SourceError(f"{reference}: {os_error_text(e)}") from None
-    if not version.startswith(VERSION_PREFIX):
-        raise SourceError(f"{reference}: {version_path} is not a dir: transport version file")
+        version_path = os.path.join(path, "version")
+        try:
+            version = files.read("version", 4096).decode("utf-8", "replace")
+        except FileNotFoundError:
+            return files  # c/image's source does not require it
+        except OSError as e:
+            raise SourceError(f"{reference}: {os_error_text(e)}") from None
+        if not version.startswith(VERSION_PREFIX):
+            raise SourceError(f"{reference}: {version_path} is not a dir: transport version file")
+    except BaseException:
+        files.close()
+        raise
+    return files
 
 
 async def open_dir(reference: str, path: str, options: SourceOptions) -> DirSource:
     """Open ``dir:PATH`` (``path`` is everything after ``dir:``)."""
     if not path:
         raise SourceError(f"{reference}: no path given")
-    await trio.to_thread.run_sync(_check_dir, reference, path)
-    return DirSource(reference, path)
+    files = await trio.to_thread.run_sync(_open, reference, path, options)
+    return DirSource(reference, files)
 
 
 __all__ = ["DirSource", "open_dir"]

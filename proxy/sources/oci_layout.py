@@ -4,11 +4,10 @@ transports share: confined opening of files and blobs read with ``pread`` off th
 
 from __future__ import annotations
 
-import errno
+import abc
 import io
 import os
 import re
-import stat
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +16,7 @@ import trio
 from proxy import gojson, manifest
 from proxy.gojson import GoJSONError, go_quote
 from proxy.sources.base import Blob, BlobNotFound, ImageNotFound, ImageSource, SourceError, SourceOptions
+from proxy.sources.localfs import LocalDir, LocalPathError
 
 #: largest JSON document (index.json, manifest) read into memory
 MAX_JSON_SIZE = 16 * 1024 * 1024
@@ -41,51 +41,16 @@ def parse_source_index(reference: str, text: str) -> int:
     return n
 
 
-def open_inside(root: str, path: str) -> tuple[int, int]:
-    """Open ``path`` read-only if it resolves to a regular file inside ``root``; (fd, size).
-
-    Symlinks are followed only while they stay inside ``root``. Raises FileNotFoundError
-    when absent, PermissionError when the path leads out of ``root``, IsADirectoryError
-    (or OSError) when not a regular file.
-    """
-    real_root = os.path.realpath(root)
-    real = os.path.realpath(path)
-    if os.path.commonpath([real_root, real]) != real_root:
-        raise PermissionError(errno.EACCES, "path leads outside the image directory", path)
-    fd = os.open(real, os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0))
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise IsADirectoryError(errno.EISDIR, "not a regular file", path)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd, st.st_size
-
-
 def read_inside(root: str, path: str, limit: int = MAX_JSON_SIZE) -> bytes:
-    """The whole content of a (small) file confined to ``root``."""
-    fd, size = open_inside(root, path)
-    try:
-        if size > limit:
-            raise OSError(errno.EFBIG, f"file larger than {limit} bytes", path)
-        chunks = []
-        pos = 0
-        while True:
-            data = os.pread(fd, _CHUNK, pos)
-            if not data:
-                break
-            chunks.append(data)
-            pos += len(data)
-            if pos > limit:
-                raise OSError(errno.EFBIG, f"file larger than {limit} bytes", path)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
+    """The whole content of a (small) file ``path`` inside ``root``, confined to it (as this process)."""
+    with LocalDir(root) as directory:
+        return directory.read(os.path.relpath(path, root), limit)
 
 
 def os_error_text(e: OSError) -> str:
     """Go-like text for a failed file operation: ``open PATH: no such file or directory``."""
+    if isinstance(e, LocalPathError):
+        return str(e)
     reason = (e.strerror or str(e)).lower()
     return f"open {e.filename}: {reason}" if e.filename else reason
 
@@ -161,9 +126,44 @@ class StreamBlob(Blob):
         self._close()
 
 
-def open_file_blob(root: str, path: str) -> FileBlob:
-    fd, size = open_inside(root, path)
-    return FileBlob(fd, 0, size)
+class LayoutFiles(abc.ABC):
+    """Where an OCI layout's files are: a directory (``DirFiles``) or an archive's index. Synchronous: called in
+    worker threads. Errors are OSErrors naming the file (FileNotFoundError when absent)."""
+
+    #: what the layout is, for messages
+    where: str
+    #: the resolved path of what was opened, for signature policy scopes
+    real_path: str
+
+    @abc.abstractmethod
+    def read(self, relative: str, limit: int) -> bytes:
+        """The whole file at ``relative`` (a slash-separated path inside the layout), at most ``limit`` bytes."""
+
+    @abc.abstractmethod
+    def open_blob(self, relative: str) -> FileBlob:
+        """The file at ``relative``, open for reading as a blob (owned by the caller)."""
+
+    def close(self) -> None:  # noqa: B027 - some hold nothing
+        """Release what the files hold (a directory fd, an archive)."""
+
+
+class DirFiles(LayoutFiles):
+    """Files of a directory a client named, opened as that client (``proxy.sources.localfs``)."""
+
+    def __init__(self, directory: LocalDir) -> None:
+        self.directory = directory
+        self.where = directory.path
+        self.real_path = directory.real_path
+
+    def read(self, relative: str, limit: int) -> bytes:
+        return self.directory.read(relative, limit)
+
+    def open_blob(self, relative: str) -> FileBlob:
+        fd, st = self.directory.open(relative)
+        return FileBlob(fd, 0, st.st_size)
+
+    def close(self) -> None:
+        self.directory.close()
 
 
 # ---- the oci: transport ------------------------------------------------------------------
@@ -176,27 +176,53 @@ def split_path_and_image(reference: str) -> tuple[str, str]:
 
 
 class OCILayoutSource(ImageSource):
-    """An image in an OCI layout, chosen by tag, ``@N`` (index position) or ``@sha256:...``."""
+    """An image in an OCI layout, chosen by tag, ``@N`` (index position) or ``@sha256:...``.
 
-    def __init__(self, reference: str, root: str, descriptor: dict[str, Any], index: dict[str, Any], blob_dir: str):
+    The layout's files come from ``files`` (a directory, or an archive's index); blobs from ``blob_files``
+    (the same, or ``--shared-blob-dir``, whose ``<algo>/<hex>`` files stand for ``blobs/<algo>/<hex>``)."""
+
+    def __init__(
+        self,
+        reference: str,
+        files: LayoutFiles,
+        descriptor: dict[str, Any],
+        index: dict[str, Any],
+        blob_files: LayoutFiles | None = None,
+    ) -> None:
         self.reference = reference
-        self.root = root
+        self.files = files
+        self.root = files.where
+        self.local_path = files.real_path
         self._descriptor = descriptor
         self._index = index
-        self._blob_dir = blob_dir
+        self._blob_files = blob_files
+        self._blob_prefix = "" if blob_files is not None else "blobs/"
 
     @classmethod
-    async def open(cls, reference: str, root: str, image: str, options: SourceOptions) -> OCILayoutSource:
-        index = await trio.to_thread.run_sync(_read_index, reference, root)
-        descriptor = _choose_descriptor(reference, index, image)
-        blob_dir = options.shared_blob_dir or os.path.join(root, "blobs")
-        return cls(reference, root, descriptor, index, blob_dir)
+    async def open_files(
+        cls, reference: str, files: LayoutFiles, image: str, blob_files: LayoutFiles | None = None
+    ) -> OCILayoutSource:
+        """The image ``image`` (tag, ``@N``, ``@digest`` or empty) of the layout in ``files``; the files are the
+        source's from then on (closed with it, or here on failure)."""
+        try:
+            index = await trio.to_thread.run_sync(_read_index, reference, files)
+            descriptor = _choose_descriptor(reference, index, image)
+        except BaseException:
+            files.close()
+            if blob_files is not None:
+                blob_files.close()
+            raise
+        return cls(reference, files, descriptor, index, blob_files)
 
     def _blob_path(self, digest: str) -> str:
         if not manifest.is_valid_digest(digest):
             raise SourceError(f"{self.reference}: unexpected digest reference {go_quote(digest)}")
         algo, _, hex_ = digest.partition(":")
-        return os.path.join(self._blob_dir, algo, hex_)
+        return f"{self._blob_prefix}{algo}/{hex_}"
+
+    @property
+    def _blobs(self) -> LayoutFiles:
+        return self._blob_files if self._blob_files is not None else self.files
 
     async def get_manifest(self, instance_digest: str | None = None) -> tuple[bytes, str]:
         if instance_digest is None:
@@ -209,7 +235,7 @@ class OCILayoutSource(ImageSource):
                     break
         path = self._blob_path(digest)
         try:
-            raw = await trio.to_thread.run_sync(read_inside, self._blob_dir, path)
+            raw = await trio.to_thread.run_sync(self._blobs.read, path, MAX_JSON_SIZE)
         except FileNotFoundError as e:
             raise SourceError(f"{self.reference}: manifest {digest} not found: {os_error_text(e)}") from None
         except OSError as e:
@@ -219,23 +245,27 @@ class OCILayoutSource(ImageSource):
     async def open_blob(self, digest: str) -> Blob:
         path = self._blob_path(digest)
         try:
-            return await trio.to_thread.run_sync(open_file_blob, self._blob_dir, path)
+            return await trio.to_thread.run_sync(self._blobs.open_blob, path)
         except FileNotFoundError:
             raise BlobNotFound(f"{self.reference}: blob {digest} not found") from None
         except OSError as e:
             raise SourceError(f"{self.reference}: opening blob {digest}: {os_error_text(e)}") from None
 
+    async def aclose(self) -> None:
+        self.files.close()
+        if self._blob_files is not None:
+            self._blob_files.close()
 
-def _read_index(reference: str, root: str) -> dict[str, Any]:
-    path = os.path.join(root, "index.json")
+
+def _read_index(reference: str, files: LayoutFiles) -> dict[str, Any]:
     try:
-        raw = read_inside(root, path)
+        raw = files.read("index.json", MAX_JSON_SIZE)
     except OSError as e:
         raise SourceError(f"{reference}: {os_error_text(e)}") from None
     try:
         return gojson.unmarshal(raw, manifest.OCI_INDEX_STRUCT)
     except GoJSONError as e:
-        raise SourceError(f"{reference}: parsing {path}: {e}") from None
+        raise SourceError(f"{reference}: parsing {os.path.join(files.where, 'index.json')}: {e}") from None
 
 
 _LOOKUP_TYPES = (manifest.OCI_MANIFEST, manifest.OCI_INDEX, manifest.DOCKER_V2S2, manifest.DOCKER_V2_LIST)
@@ -280,21 +310,48 @@ def _checked(reference: str, d: dict[str, Any]) -> dict[str, Any]:
     return d
 
 
+def open_local_dir(reference: str, path: str, options: SourceOptions, missing: str | None = None) -> DirFiles:
+    """A client-named directory, opened as the client (synchronous; SourceError naming it, with ``missing`` as
+    the text when it does not exist or is not a directory)."""
+    try:
+        return DirFiles(LocalDir(path, options.identity))
+    except (FileNotFoundError, NotADirectoryError) as e:
+        raise SourceError(f"{reference}: {missing or os_error_text(e)}") from None
+    except OSError as e:
+        raise SourceError(f"{reference}: {os_error_text(e)}") from None
+
+
+def _open_layout_dirs(reference: str, path: str, options: SourceOptions) -> tuple[DirFiles, DirFiles | None]:
+    # c/image finds no index.json there
+    files = open_local_dir(
+        reference, path, options, f"open {os.path.join(path, 'index.json')}: no such file or directory"
+    )
+    if options.shared_blob_dir is None:
+        return files, None
+    try:
+        return files, open_local_dir(reference, options.shared_blob_dir, options)
+    except BaseException:
+        files.close()
+        raise
+
+
 async def open_oci_layout(reference: str, within: str, options: SourceOptions) -> OCILayoutSource:
     """Open ``oci:PATH[:IMAGE]`` (``within`` is what follows ``oci:``)."""
     path, image = split_path_and_image(within)
     if not path:
         raise SourceError(f"{reference}: no path given")
-    return await OCILayoutSource.open(reference, path, image, options)
+    files, blob_files = await trio.to_thread.run_sync(_open_layout_dirs, reference, path, options)
+    return await OCILayoutSource.open_files(reference, files, image, blob_files)
 
 
 __all__ = [
+    "DirFiles",
     "FileBlob",
     "FileSection",
+    "LayoutFiles",
     "OCILayoutSource",
     "StreamBlob",
-    "open_file_blob",
-    "open_inside",
+    "open_local_dir",
     "open_oci_layout",
     "os_error_text",
     "read_inside",
