@@ -257,7 +257,9 @@ def limits_from_conf(conf: DaemonConfig, base: SessionLimits) -> SessionLimits:
         value = getattr(conf, name)
         if value is not None:
             values[name] = value or None
-    for name in ("request_burst", "max_request_size", "concurrent_requests"):
+    if conf.queued_request_bytes is not None:
+        values["queued_bytes"] = conf.queued_request_bytes or None
+    for name in ("request_burst", "max_request_size", "concurrent_requests", "worker_threads"):
         value = getattr(conf, name)
         if value is not None:
             values[name] = value

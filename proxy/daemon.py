@@ -30,8 +30,11 @@ from pathlib import Path
 import attrs
 import trio
 
+from protocol.codec import encode_reply
+from protocol.messages import Reply
 from proxy import systemd
 from proxy.blobstore import BlobStore
+from proxy.limits import DAEMON_WIDE_LIMITS, DaemonLimits, Ledger
 from proxy.options import ProxyOptions
 from proxy.peer import AccessPolicy, PeerCredentials, peer_credentials
 from proxy.resources import SharedResources
@@ -44,6 +47,10 @@ log = logging.getLogger("image-proxy.daemon")
 _DRAIN_POLL = 0.05
 #: pause after a failed accept (out of fds, ...), so a persistent failure does not spin
 _ACCEPT_BACKOFF = 0.1
+#: a refused connection may still get one error reply, if it sends its first request within this time
+_REFUSAL_WAIT = 2.0
+#: refused connections being answered at once; more are closed without a reply
+_MAX_REFUSALS = 32
 
 
 class DaemonError(Exception):
@@ -59,6 +66,7 @@ class DaemonSettings:
     socket_mode: int = 0o660
     access: AccessPolicy = attrs.field(factory=AccessPolicy)
     shutdown_grace: float = 10.0
+    limits: DaemonLimits = DAEMON_WIDE_LIMITS
 
 
 #: reads the configuration files again: (options, settings), or raises ConfigError
@@ -173,6 +181,8 @@ class Daemon:
         self._background: trio.Nursery | None = None
         self._grace_over = trio.Event()
         self._registries: list[RegistryClient] = []  # of every generation not yet retired
+        self._ledger = Ledger(settings.limits)
+        self._refusals = 0
 
     # ----------------------------------------------------------------------------- lifecycle
 
@@ -257,6 +267,7 @@ class Daemon:
             elif self._store is not None:
                 self._store.max_bytes = options.blob_cache_max
             self._settings = attrs.evolve(settings, listen=old.settings.listen)
+            self._ledger.limits = settings.limits
             self._generation = self._new_generation(options, self._settings)
             if old.connections == 0:
                 self._retire(old)
@@ -298,18 +309,39 @@ class Daemon:
             if not generation.settings.access.allows(peer):
                 log.warning("refused connection from %s: not on the allow-list", _describe(peer))
                 return
+            refused = self._ledger.connect(peer.uid)
+            if refused is not None:
+                log.warning("refused connection from %s: %s", _describe(peer), refused)
+                await self._refuse(conn, refused)
+                return
             log.info("connection from %s", _describe(peer))
             generation.connections += 1
-            session = Session(conn, generation.options, generation.resources, peer=f"client pid {peer.pid}")
+            session = Session(conn, generation.options, generation.resources, peer=peer, ledger=self._ledger)
             self._sessions.add(session)
             try:
                 await session.run()
             finally:
                 self._sessions.discard(session)
+                self._ledger.disconnect(peer.uid)
                 generation.connections -= 1
                 if generation is not self._generation and generation.connections == 0:
                     self._retire(generation)
                 log.info("connection from pid %d closed", peer.pid)
+
+    async def _refuse(self, conn: trio.socket.SocketType, why: str) -> None:
+        """Tell a refused client why: its first request gets the reason as an error reply (briefly; a client that
+        sends nothing, or too many refused at once, just sees the socket closed)."""
+        if self._refusals >= _MAX_REFUSALS:
+            return
+        self._refusals += 1
+        try:
+            with trio.move_on_after(_REFUSAL_WAIT):
+                if await conn.recv(1):  # the first request (cut short: its content does not matter)
+                    await conn.send(encode_reply(Reply.failure(f"image-proxy daemon: connection refused: {why}")))
+        except OSError:
+            pass
+        finally:
+            self._refusals -= 1
 
 
 def _describe(peer: PeerCredentials) -> str:

@@ -13,6 +13,7 @@ import grp
 import logging
 import os
 import pwd
+import resource
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from proxy import logs
 from proxy.config import ConfigError
 from proxy.config.daemon_conf import load_daemon_conf
 from proxy.daemon import Daemon, DaemonError, DaemonSettings, activated_socket, bind_listener, is_listening
-from proxy.limits import DAEMON_LIMITS, SessionLimits
+from proxy.limits import DAEMON_LIMITS, DAEMON_WIDE_LIMITS, SessionLimits
 from proxy.options import ProxyOptions
 from proxy.peer import AccessPolicy
 from proxy.session import serve_socket
@@ -139,18 +140,29 @@ def daemon_config(args: argparse.Namespace, build_options: OptionsBuilder) -> tu
 
     uids = frozenset(args.allow_uid) if args.allow_uid else conf.allow_uids or frozenset()
     gids = frozenset(args.allow_gid) if args.allow_gid else conf.allow_gids or frozenset()
+    wide = DAEMON_WIDE_LIMITS
+    configured = {
+        "connections": conf.max_connections,
+        "connections_per_uid": conf.max_connections_per_uid,
+        "open_images_per_uid": conf.open_images_per_uid,
+        "open_pipes_per_uid": conf.open_pipes_per_uid,
+        "queued_bytes": conf.daemon_queued_request_bytes,
+    }
+    wide = attrs.evolve(wide, **{name: value or None for name, value in configured.items() if value is not None})
     settings = DaemonSettings(
         listen=pick(args.listen, conf.listen, default_socket_path()),  # type: ignore[arg-type]
         socket_group=pick(args.socket_group, conf.socket_group, None),  # type: ignore[arg-type]
         socket_mode=pick(args.socket_mode, conf.socket_mode, 0o660),  # type: ignore[arg-type]
         access=AccessPolicy(uids, gids),
         shutdown_grace=pick(args.shutdown_grace, conf.shutdown_grace, DEFAULT_SHUTDOWN_GRACE),  # type: ignore[arg-type]
+        limits=wide,
     )
     return options, settings
 
 
 def run_daemon(args: argparse.Namespace, build_options: OptionsBuilder) -> int:
     logs.setup_logging(logging.DEBUG if args.debug else logging.INFO)
+    raise_fd_limit()
     if args.insecure_policy and args.require_signed:
         log.error("--insecure-policy and --require-signed cannot be used together")
         return 2
@@ -190,6 +202,16 @@ def run_daemon(args: argparse.Namespace, build_options: OptionsBuilder) -> int:
             with contextlib.suppress(OSError):
                 os.unlink(settings.listen)  # ours, not a newer daemon's
     return 0
+
+
+def raise_fd_limit() -> None:
+    """Raise the soft limit on open files to the hard limit, as Go programs (skopeo) do at start: the daemon's
+    fd use is bounded by its own limits (proxy/limits.py), not by a 1024 default meant for select()."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    log.debug("open files limit: %d", resource.getrlimit(resource.RLIMIT_NOFILE)[0])
 
 
 def _usable_cache(options: ProxyOptions, explicit: bool) -> ProxyOptions | None:

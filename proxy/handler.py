@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 import trio
@@ -21,6 +21,7 @@ from protocol.messages import Reply, Request
 from protocol.methods import parse_args
 from proxy import gojson
 from proxy import manifest as mf
+from proxy.limits import Account, Ledger, Resource
 from proxy.options import ProxyOptions
 from proxy.partial import service as partial
 from proxy.partial.planner import ByteRange
@@ -31,6 +32,8 @@ from proxy.sources.reference import open_source
 from proxy.sources.registry import RegistrySource
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: the largest config blob GetConfig / GetFullConfig will read into memory
 MAX_CONFIG_SIZE = 32 << 20
@@ -64,9 +67,11 @@ class Handler:
         config: ProxyOptions,
         spawn: Callable[[Callable[[], Awaitable[None]]], None],
         resources: SharedResources | None = None,
+        account: Account | None = None,
     ) -> None:
         """``spawn`` starts this session's producers; ``resources`` are shared with other sessions (None: local
-        transports only, no cache)."""
+        transports only, no cache); ``account`` counts what this connection holds against its limits and its
+        user's (default: this connection's limits only)."""
         self.config = config
         self._resources = resources
         self._registry = resources.registry if resources is not None else None
@@ -78,7 +83,7 @@ class Handler:
         self._pipes: dict[int, Pipe] = {}
         self._finishing: set[int] = set()
         self._raw_transfers = 0  # GetRawBlob producers running (their pipes have no pipeid)
-        self._limits = config.limits
+        self._account = account if account is not None else Ledger().account(None, config.limits)
         self._methods: dict[str, Callable[..., Awaitable[Outcome]]] = {
             "Initialize": self.initialize,
             "OpenImage": self.open_image,
@@ -131,23 +136,50 @@ class Handler:
         """Pipes handed out and not finished yet, or GetRawBlob transfers still running."""
         return bool(self._pipes) or self._raw_transfers > 0
 
-    def _check_pipe_limit(self) -> None:
-        limit = self._limits.open_pipes
-        if limit is not None and len(self._pipes) + self._raw_transfers >= limit:
-            raise ProxyError(
-                f"too many open pipes ({limit} is this connection's limit): finish transfers with FinishPipe "
-                "(or read GetRawBlob's pipes to the end) before starting more"
-            )
+    async def _transfer(
+        self,
+        opener: Callable[[], Awaitable[T]],
+        value: Callable[[T], Any],
+        produce: Callable[[Pipe, T], Awaitable[None]],
+    ) -> Outcome:
+        """Reply with a pipe that ``produce`` fills from what ``opener`` opened (a blob, ranges, bytes).
 
-    def _reply_with_pipe(self, value: Any, work: Callable[[Pipe], Awaitable[None]]) -> Outcome:
-        self._check_pipe_limit()
-        pipe = Pipe.create()
+        The pipe is counted against the limits before anything is opened, and every failure on the way (a limit,
+        an error of the source, no fd left for the pipe, a cancellation) closes what was opened and gives the
+        count back; from the reply on, the producer owns it."""
+        self._account.take(Resource.PIPES)
+        opened: T | None = None
+        try:
+            opened = await opener()
+            pipe = Pipe.create()
+        except BaseException:
+            self._account.give(Resource.PIPES)
+            await _close_quietly(opened)
+            raise
         self._pipes[pipe.pipeid] = pipe
-        self._spawn(lambda: work(pipe))
-        return Outcome(Reply.ok(value, pipeid=pipe.pipeid), (pipe.read_fd,))
+        self._spawn(lambda: produce(pipe, opened))
+        return Outcome(Reply.ok(value(opened), pipeid=pipe.pipeid), (pipe.read_fd,))
 
     def _reply_with_bytes(self, value: Any, data: bytes) -> Outcome:
-        return self._reply_with_pipe(value, lambda pipe: produce_bytes(pipe, data))
+        """Reply with a pipe carrying ``data`` (synchronous: nothing to open, nothing awaited before the reply)."""
+        self._account.take(Resource.PIPES)
+        try:
+            pipe = Pipe.create()
+        except BaseException:
+            self._account.give(Resource.PIPES)
+            raise
+        self._pipes[pipe.pipeid] = pipe
+        self._spawn(lambda: produce_bytes(pipe, data))
+        return Outcome(Reply.ok(value, pipeid=pipe.pipeid), (pipe.read_fd,))
+
+    async def _end_pipe(self, pipe: Pipe) -> None:
+        """A handed-out pipe is done with (finished, or the session ends): close our end, give back its count
+        (once, whoever comes first)."""
+        if self._pipes.pop(pipe.pipeid, None) is None:
+            return
+        self._account.give(Resource.PIPES)
+        with trio.CancelScope(shield=True):
+            await pipe.aclose()
 
     async def _read_config(self, image: OpenedImage) -> bytes:
         """The image's config blob, verified; refused for OCI artifacts (no image config)."""
@@ -184,39 +216,35 @@ class Handler:
     async def get_capabilities(self) -> Outcome:
         return Outcome(Reply.ok(list(SERVER_EXTENSIONS)))
 
-    def _check_image_limit(self, reference: str) -> None:
-        limit = self._limits.open_images
-        if limit is not None and len(self._images) >= limit:
-            raise ProxyError(
-                f"cannot open {reference}: {limit} images are open, this connection's limit; close some with CloseImage"
-            )
-
     async def _open(self, reference: str, optional: bool) -> Outcome:
-        self._check_image_limit(reference)
         try:
-            source = await open_source(reference, self.config.source_options, self._registry)
-            try:
-                image = await self._resolve(reference, source)
-            except BaseException:
-                with trio.CancelScope(shield=True):
-                    await source.aclose()
-                raise
+            self._account.take(Resource.IMAGES)
+        except ProxyError as e:
+            raise ProxyError(f"cannot open {reference}: {e.message}", e.code) from None
+        try:
+            image = await self._open_image(reference)
         except ImageNotFound as e:
+            self._account.give(Resource.IMAGES)
             if optional:
                 log.debug("OpenImageOptional %s: not found: %s", reference, e)
                 return Outcome(Reply.ok(0))
             raise
-        try:
-            self._check_image_limit(reference)  # again: others may have been opened meanwhile (request ids)
-        except ProxyError:
-            with trio.CancelScope(shield=True):
-                await image.source.aclose()
+        except BaseException:
+            self._account.give(Resource.IMAGES)
             raise
         image_id = self._next_image_id
         self._next_image_id += 1
         self._images[image_id] = image
         log.debug("opened %s as image %d (manifest %s)", reference, image_id, image.manifest_digest)
         return Outcome(Reply.ok(image_id))
+
+    async def _open_image(self, reference: str) -> OpenedImage:
+        source = await open_source(reference, self.config.source_options, self._registry)
+        try:
+            return await self._resolve(reference, source)
+        except BaseException:
+            await _close_quietly(source)
+            raise
 
     async def _resolve(self, reference: str, source: ImageSource) -> OpenedImage:
         raw, mime = await source.get_manifest(None)
@@ -251,6 +279,7 @@ class Handler:
     async def close_image(self, image_id: int) -> Outcome:
         image = self._image(image_id)
         del self._images[image_id]
+        self._account.give(Resource.IMAGES)
         with trio.CancelScope(shield=True):
             await image.source.aclose()
         return Outcome(Reply.ok())
@@ -316,24 +345,23 @@ class Handler:
 
     async def get_blob(self, image_id: int, digest: str, size: int) -> Outcome:
         image = self._image(image_id)
-        blob = await self._open_blob(image, digest, size)
-        return self._reply_with_pipe(blob.size, lambda pipe: produce_blob(pipe, blob, digest, size))
+        return await self._transfer(
+            lambda: self._open_blob(image, digest, size),
+            lambda blob: blob.size,
+            lambda pipe, blob: produce_blob(pipe, blob, digest, size),
+        )
 
     # -- partial access (docs/PROTOCOL.md: blob-ranges, layer-toc) -----------------------------------
 
     async def get_blob_at(self, image_id: int, digest: str, ranges: list[tuple[int, int]]) -> Outcome:
         image = self._image(image_id)
         what = f"{image.reference}: blob {digest}"
-        source = await partial.open_ranges(image.source, digest, self._known_size(image, digest), self._store, what)
         wanted = [ByteRange(offset, length) for offset, length in ranges]
-        try:
-            return self._reply_with_pipe(
-                sum(r.length for r in wanted), lambda pipe: partial.produce_ranges(pipe, source, wanted)
-            )
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                await source.aclose()
-            raise
+        return await self._transfer(
+            lambda: partial.open_ranges(image.source, digest, self._known_size(image, digest), self._store, what),
+            lambda _source: sum(r.length for r in wanted),
+            lambda pipe, source: partial.produce_ranges(pipe, source, wanted),
+        )
 
     def _layer(self, image: OpenedImage, digest: str) -> partial.Layer:
         desc = partial.find_layer(image.parsed, digest, image.reference)
@@ -358,16 +386,32 @@ class Handler:
         assert toc.tar_split is not None and toc.location.tar_split is not None
         size = toc.location.tar_split.uncompressed
         compressed = toc.tar_split
-        return self._reply_with_pipe(
-            size if size is not None else -1, lambda pipe: partial.produce_tar_split(pipe, layer.what, compressed)
+
+        async def nothing_to_open() -> None:
+            return None
+
+        return await self._transfer(
+            nothing_to_open,
+            lambda _: size if size is not None else -1,
+            lambda pipe, _: partial.produce_tar_split(pipe, layer.what, compressed),
         )
 
     async def get_raw_blob(self, image_id: int, digest: str) -> Outcome:
         image = self._image(image_id)
-        self._check_pipe_limit()
-        blob = await self._open_blob(image, digest, self._known_size(image, digest))
-        data_pipe = Pipe.create()
-        err_pipe = Pipe.create()
+        self._account.take(Resource.PIPES)  # both pipes of a raw transfer count as one, until the producer ends
+        blob: Blob | None = None
+        pipes: list[Pipe] = []
+        try:
+            blob = await self._open_blob(image, digest, self._known_size(image, digest))
+            pipes.append(Pipe.create())
+            pipes.append(Pipe.create())
+        except BaseException:
+            self._account.give(Resource.PIPES)
+            for pipe in pipes:
+                pipe.close_now()
+            await _close_quietly(blob)
+            raise
+        data_pipe, err_pipe = pipes
         self._raw_transfers += 1
 
         async def produce() -> None:
@@ -375,6 +419,7 @@ class Handler:
                 await produce_raw_blob(blob, digest, data_pipe.writer, err_pipe.writer)
             finally:
                 self._raw_transfers -= 1
+                self._account.give(Resource.PIPES)
 
         self._spawn(produce)
         return Outcome(Reply.ok(blob.size), (data_pipe.read_fd, err_pipe.read_fd))
@@ -391,9 +436,7 @@ class Handler:
         finally:
             self._finishing.discard(pipeid)
         # The pipe may have been finished meanwhile only by session teardown, which cancels us.
-        del self._pipes[pipeid]
-        with trio.CancelScope(shield=True):
-            await pipe.aclose()
+        await self._end_pipe(pipe)
         if pipe.error is not None:
             raise pipe.error
         return Outcome(Reply.ok())
@@ -404,14 +447,26 @@ class Handler:
         """Close every pipe and image; runs shielded at session end."""
         with trio.CancelScope(shield=True):
             for pipe in list(self._pipes.values()):
-                await pipe.aclose()
-            self._pipes.clear()
+                await self._end_pipe(pipe)
             for image in list(self._images.values()):
+                self._account.give(Resource.IMAGES)
                 try:
                     await image.source.aclose()
                 except Exception:
                     log.exception("closing %s", image.reference)
             self._images.clear()
+
+
+async def _close_quietly(opened: object) -> None:
+    """Close what a failed request opened (a blob, a source, ranges); never raises, never cancelled."""
+    aclose = getattr(opened, "aclose", None)
+    if aclose is None:
+        return
+    with trio.CancelScope(shield=True):
+        try:
+            await aclose()
+        except Exception:
+            log.exception("closing %r after a failed request", opened)
 
 
 __all__ = ["Handler", "Outcome"]

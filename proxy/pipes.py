@@ -70,8 +70,18 @@ class Pipe:
 
     @classmethod
     def create(cls) -> Pipe:
-        read_fd, write_fd = open_pipe()
+        """A new pipe; ProxyError (retryable) when the process has no fd left for it."""
+        try:
+            read_fd, write_fd = open_pipe()
+        except OSError as e:
+            log.error("cannot create a pipe: %s", e.strerror)
+            raise ProxyError(f"cannot create a pipe: {e.strerror}", ErrorCode.RETRYABLE) from None
         return cls(read_fd=read_fd, writer=trio.lowlevel.FdStream(write_fd), pipeid=write_fd)
+
+    def close_now(self) -> None:
+        """Close both ends of a pipe that was never handed out (synchronous)."""
+        os.close(self.read_fd)
+        self.writer.close()
 
     def finish(self, error: ProxyError | None) -> None:
         self.error = error

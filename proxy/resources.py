@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import attrs
 import trio
 
+from proxy import threads
 from proxy.blobstore import BlobStore
 from proxy.options import ProxyOptions
 from proxy.sources.registry_client import RegistryClient
@@ -31,8 +32,14 @@ class SharedResources:
     _nursery: trio.Nursery
 
     def spawn(self, work: Callable[[], Awaitable[None]]) -> None:
-        """Start background work that belongs to the process, not to one client."""
-        self._nursery.start_soon(work)
+        """Start background work that belongs to the process, not to one client (its worker threads are not
+        counted in the share of the client that happened to start it)."""
+
+        async def as_process() -> None:
+            threads.no_client_threads()
+            await work()
+
+        self._nursery.start_soon(as_process)
 
 
 @contextlib.asynccontextmanager

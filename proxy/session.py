@@ -29,13 +29,16 @@ import socket
 import attrs
 import trio
 
-from protocol.codec import MAX_MSG_SIZE, decode_request, encode_reply
+from protocol.codec import MAX_MSG_SIZE, decode_request, encode_reply, shown
 from protocol.errors import ErrorCode, ProtocolViolation
 from protocol.messages import Reply, Request
+from proxy import threads
 from proxy.handler import Handler, Outcome
-from proxy.limits import RequestRate
+from proxy.limits import Account, Ledger, RequestRate, daemon_busy
 from proxy.options import ProxyOptions
+from proxy.peer import PeerCredentials
 from proxy.resources import SharedResources, open_resources
+from proxy.sources.localfs import Identity, needs_switch
 
 log = logging.getLogger(__name__)
 
@@ -65,32 +68,70 @@ def _request_id(item: Request | ProtocolViolation) -> int | None:
     return item.id if isinstance(item, Request) else item.request_id
 
 
+@attrs.frozen
+class _Queued:
+    """A request waiting its turn, with the bytes it is counted for; or (``answer``) a reply already decided for
+    an in-order request (a refusal), which must still leave in its turn."""
+
+    item: Request | ProtocolViolation | Reply
+    size: int
+
+
+@attrs.frozen
+class _Encoded:
+    """A reply ready for the socket: its packet (None: nothing to send, Shutdown), the fds to pass, and the
+    queued bytes it holds until sent."""
+
+    data: bytes | None
+    fds: tuple[int, ...]
+    size: int
+
+
+def identity_of(peer: PeerCredentials | None) -> Identity | None:
+    """Whose permissions this session's local file accesses use: the peer's, when it is not this process's own
+    user (a daemon's client). None: the process's (a spawned proxy, whose client is its parent)."""
+    if peer is None:
+        return None
+    identity = Identity(peer.uid, peer.gid, tuple(sorted(peer.groups)))
+    return identity if needs_switch(identity) else None
+
+
 class Session:
-    """Serves the protocol on one connected SOCK_SEQPACKET socket until EOF or Shutdown."""
+    """Serves the protocol on one connected SOCK_SEQPACKET socket until EOF or Shutdown.
+
+    ``peer`` is who is connected (SO_PEERCRED), ``ledger`` the daemon-wide accounting it shares with other
+    sessions (None: a session of its own)."""
 
     def __init__(
         self,
         sock: trio.socket.SocketType,
         options: ProxyOptions,
         resources: SharedResources,
-        peer: str = "client",
+        peer: PeerCredentials | None = None,
+        ledger: Ledger | None = None,
     ) -> None:
         self._sock = sock
+        identity = identity_of(peer)
+        if identity is not None:
+            options = attrs.evolve(options, source_options=attrs.evolve(options.source_options, identity=identity))
         self._options = options
         self._resources = resources
         self._limits = options.limits
         self._peer = peer
-        self._in_order: collections.deque[Request | ProtocolViolation] = collections.deque()
+        self.name = f"client pid {peer.pid} uid {peer.uid}" if peer is not None else "client"
+        self._account: Account = (ledger or Ledger()).account(peer.uid if peer is not None else None, self._limits)
+        self._in_order: collections.deque[_Queued] = collections.deque()
         self._in_order_changed = trio.Event()
         self._receiving = True
         self._ids_in_flight: set[int] = set()
         self._id_slots = trio.CapacityLimiter(max(1, self._limits.concurrent_requests))
         self._rate = RequestRate(self._limits.requests_per_second, self._limits.request_burst)
-        self._outbox_send, self._outbox_recv = trio.open_memory_channel[Outcome](math.inf)
+        self._outbox_send, self._outbox_recv = trio.open_memory_channel[_Encoded](math.inf)
         #: requests received and not yet answered on the socket
         self._unanswered = 0
         self._all_answered = trio.Event()
         self._handler: Handler | None = None
+        self._debug = log.isEnabledFor(logging.DEBUG)
 
     @property
     def busy(self) -> bool:
@@ -98,9 +139,20 @@ class Session:
         return self._unanswered > 0 or (self._handler is not None and self._handler.transfers_in_flight)
 
     async def run(self) -> None:
+        """Serve until EOF or Shutdown. Whatever goes wrong inside (a bug in a handler, a sender, a producer) ends
+        this session only: it is logged once with its traceback, and everything the session held is closed."""
+        try:
+            with threads.client_threads(self._limits.worker_threads):
+                await self._run()
+        except Exception:
+            log.exception("%s: internal error; closing this connection", self.name)
+        finally:
+            self._account.release()
+
+    async def _run(self) -> None:
         try:
             async with trio.open_nursery() as nursery:
-                handler = self._handler = Handler(self._options, nursery.start_soon, self._resources)
+                handler = self._handler = Handler(self._options, nursery.start_soon, self._resources, self._account)
                 try:
                     nursery.start_soon(self._sender, nursery.cancel_scope)
                     nursery.start_soon(self._dispatch, handler)
@@ -117,10 +169,10 @@ class Session:
             self._outbox_send.close()
             while True:
                 try:
-                    outcome = self._outbox_recv.receive_nowait()
+                    encoded = self._outbox_recv.receive_nowait()
                 except (trio.WouldBlock, trio.EndOfChannel):
                     break
-                _close_fds(outcome.fds)
+                _close_fds(encoded.fds)
 
     # ------------------------------------------------------------------ receiving
 
@@ -133,29 +185,43 @@ class Session:
                         MAX_MSG_SIZE + 1, _ANCILLARY_SPACE, socket.MSG_CMSG_CLOEXEC
                     )
                 except OSError as e:
-                    log.warning("%s: socket: %s; ending session", self._peer, e)
+                    log.warning("%s: socket: %s; ending session", self.name, e)
                     return False
                 stray_fds = _fds_from_ancillary(ancdata)
                 if stray_fds:
                     # Clients never send descriptors; do not leak what a confused one sends.
                     _close_fds(stray_fds)
                 if not data:
-                    log.debug("%s closed the socket", self._peer)
+                    log.debug("%s closed the socket", self.name)
                     return False
                 item = self._decode(data, bool(flags & socket.MSG_TRUNC))
                 if isinstance(item, Request) and item.method == "Shutdown":
-                    log.debug("%s: Shutdown requested", self._peer)
+                    log.debug("%s: Shutdown requested", self.name)
                     return True
                 if self._unanswered >= MAX_PENDING_REQUESTS:
                     log.error(
                         "%s sent over %d requests without reading replies; ending session",
-                        self._peer,
+                        self.name,
                         MAX_PENDING_REQUESTS,
+                    )
+                    return False
+                size = len(data)
+                refused = self._account.queue(size)
+                if refused == "connection":
+                    log.error(
+                        "%s queued over %d bytes of requests and replies without reading replies; ending session",
+                        self.name,
+                        self._limits.queued_bytes,
                     )
                     return False
                 self._unanswered += 1
                 self._all_answered = trio.Event()
-                self._accept(item, handler, nursery)
+                if refused == "daemon":
+                    error = daemon_busy(self._account.daemon_limits)
+                    log.warning("%s: request refused: %s", self.name, error)
+                    self._answer(Reply.failure(error.message, error.code), item, 0)
+                    continue
+                self._accept(_Queued(item, size), handler, nursery)
         finally:
             self._receiving = False
             self._in_order_changed.set()
@@ -170,32 +236,39 @@ class Session:
             )
         return decoded
 
-    def _accept(self, item: Request | ProtocolViolation, handler: Handler, nursery: trio.Nursery) -> None:
+    def _answer(self, reply: Reply, item: Request | ProtocolViolation, size: int) -> None:
+        """Answer ``item`` with ``reply`` without handling it: at once when it has an id, else in its turn."""
+        request_id = _request_id(item)
+        if request_id is None:
+            self._in_order.append(_Queued(reply, size))
+            self._in_order_changed.set()
+        else:
+            self._send_soon(Outcome(attrs.evolve(reply, id=request_id)), size)
+
+    def _accept(self, queued: _Queued, handler: Handler, nursery: trio.Nursery) -> None:
         """Queue a request (or answer it at once when it breaks a limit)."""
+        item = queued.item
+        assert not isinstance(item, Reply)
         request_id = _request_id(item)
         if not self._rate.allow(trio.current_time()):
             rate = self._limits.requests_per_second
-            self._answer_now(
-                Reply.failure(
-                    f"request rate limit exceeded ({rate:g} requests per second, bursts of "
-                    f"{self._limits.request_burst}); slow down and retry",
-                    ErrorCode.RETRYABLE,
-                ),
-                request_id,
+            log.warning("%s: request refused: over the rate limit of %g per second", self.name, rate)
+            reply = Reply.failure(
+                f"request rate limit exceeded ({rate:g} requests per second, bursts of "
+                f"{self._limits.request_burst}); slow down and retry",
+                ErrorCode.RETRYABLE,
             )
+            self._answer(reply, item, queued.size)
             return
         if request_id is None:
-            self._in_order.append(item)
+            self._in_order.append(queued)
             self._in_order_changed.set()
             return
         if request_id in self._ids_in_flight:
-            self._answer_now(Reply.failure(f"request id {request_id} is already in use"), request_id)
+            self._answer(Reply.failure(f"request id {request_id} is already in use"), item, queued.size)
             return
         self._ids_in_flight.add(request_id)
-        nursery.start_soon(self._handle_with_id, handler, item, request_id)
-
-    def _answer_now(self, reply: Reply, request_id: int | None) -> None:
-        self._outbox_send.send_nowait(Outcome(attrs.evolve(reply, id=request_id)))
+        nursery.start_soon(self._handle_with_id, handler, queued, request_id)
 
     # ------------------------------------------------------------------ handling
 
@@ -206,62 +279,87 @@ class Session:
                     return
                 self._in_order_changed = trio.Event()
                 await self._in_order_changed.wait()
-            request = self._in_order.popleft()
-            if isinstance(request, Request):
-                log.debug("request %s %s", request.method, _shorten(request.args))
-            self._outbox_send.send_nowait(await handler.handle(request))
+            queued = self._in_order.popleft()
+            if isinstance(queued.item, Reply):
+                self._send_soon(Outcome(queued.item), queued.size)
+                continue
+            if self._debug and isinstance(queued.item, Request):
+                log.debug("request %s %s", shown(queued.item.method, 100), shown(queued.item.args))
+            self._send_soon(await handler.handle(queued.item), queued.size)
 
-    async def _handle_with_id(self, handler: Handler, item: Request | ProtocolViolation, request_id: int) -> None:
+    async def _handle_with_id(self, handler: Handler, queued: _Queued, request_id: int) -> None:
         try:
             async with self._id_slots:
-                if isinstance(item, Request):
-                    log.debug("request %s %s id %d", item.method, _shorten(item.args), request_id)
+                item = queued.item
+                if self._debug and isinstance(item, Request):
+                    log.debug("request %s %s id %d", shown(item.method, 100), shown(item.args), request_id)
+                assert not isinstance(item, Reply)
                 outcome = await handler.handle(item)
             reply = outcome.reply
             if reply is not None:
                 outcome = attrs.evolve(outcome, reply=attrs.evolve(reply, id=request_id))
-            self._outbox_send.send_nowait(outcome)
+            self._send_soon(outcome, queued.size)
         finally:
             self._ids_in_flight.discard(request_id)
+
+    def _send_soon(self, outcome: Outcome, request_size: int) -> None:
+        """Encode a reply now (once) and queue it for the sender; it holds its own size in queued bytes instead of
+        its request's."""
+        data = self._encode(outcome.reply) if outcome.reply is not None else None
+        size = len(data) if data is not None else 0
+        self._account.requeue(request_size, size)
+        self._outbox_send.send_nowait(_Encoded(data, outcome.fds, size))
+
+    def _encode(self, reply: Reply) -> bytes:
+        try:
+            return encode_reply(reply)
+        except Exception:
+            log.exception("%s: cannot encode a reply; answering with an internal error instead", self.name)
+            return encode_reply(
+                attrs.evolve(Reply.failure("internal error: the reply could not be encoded"), id=reply.id)
+            )
 
     # ------------------------------------------------------------------ sending
 
     async def _sender(self, session_scope: trio.CancelScope) -> None:
-        async for outcome in self._outbox_recv:
+        async for encoded in self._outbox_recv:
             try:
-                await self._send(outcome)
+                await self._send(encoded)
             except OSError as e:
-                log.warning("%s: cannot send reply: %s; ending session", self._peer, e)
+                log.warning("%s: cannot send reply: %s; ending session", self.name, e)
                 session_scope.cancel()
                 return
+            finally:
+                self._account.unqueue(encoded.size)
             self._unanswered -= 1
             if self._unanswered == 0:
                 self._all_answered.set()
 
-    async def _send(self, outcome: Outcome) -> None:
+    async def _send(self, encoded: _Encoded) -> None:
         try:
-            if outcome.reply is None:
+            if encoded.data is None:
                 return
-            data = encode_reply(outcome.reply)
-            log.debug("reply %s", data[:300])
-            if outcome.fds:
-                ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", outcome.fds))]
-                await self._sock.sendmsg([data], ancillary)
+            if self._debug:
+                log.debug("reply %s", encoded.data[:300])
+            if encoded.fds:
+                ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", encoded.fds))]
+                await self._sock.sendmsg([encoded.data], ancillary)
             else:
-                await self._sock.send(data)
+                await self._sock.send(encoded.data)
         finally:
             # Our copies of the read ends: the client has its own now (or never will).
-            _close_fds(outcome.fds)
-
-
-def _shorten(args: object) -> str:
-    text = repr(args)
-    return text if len(text) <= 200 else text[:200] + "..."
+            _close_fds(encoded.fds)
 
 
 async def serve_socket(sock: socket.socket, options: ProxyOptions) -> None:
-    """Serve one client on an already connected stdlib socket."""
+    """Serve one client on an already connected stdlib socket (spawned, or one connection passed by systemd)."""
+    from proxy.peer import peer_credentials
+
+    try:
+        peer: PeerCredentials | None = peer_credentials(sock)
+    except OSError:
+        peer = None
     tsock = trio.socket.from_stdlib_socket(sock)
     with tsock:
         async with open_resources(options) as resources:
-            await Session(tsock, options, resources).run()
+            await Session(tsock, options, resources, peer=peer).run()

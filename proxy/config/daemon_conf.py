@@ -24,6 +24,8 @@ and the key. Every key is optional::
     request-burst = 1000
     max-request-size = 32768      # bytes, 512 to 32768
     concurrent-requests = 32      # requests with ids at work at once
+    queued-request-bytes = "4M"   # requests and replies waiting (a client that never reads); over: closed
+    worker-threads = 4            # worker threads (file reads, hashing) one connection may hold at once
 
     [daemon]
     listen = "/run/image-proxy/image-proxy.sock"
@@ -32,6 +34,11 @@ and the key. Every key is optional::
     allow-uids = [0, "zincati"]   # peers allowed by uid (numbers or user names) ...
     allow-gids = ["image-proxy"]  # ... or by any of their groups; both empty: everyone who can connect
     shutdown-grace = 10           # seconds given to transfers in flight after SIGTERM
+    max-connections = 256         # daemon-wide limits; 0 lifts one. Connections in all ...
+    max-connections-per-uid = 64  # ... and per user
+    open-images-per-uid = 256     # images and pipes one user holds over all its connections
+    open-pipes-per-uid = 256
+    queued-request-bytes = "64M"  # requests and replies waiting, all connections together
 """
 
 from __future__ import annotations
@@ -84,6 +91,8 @@ class DaemonConfig:
     request_burst: int | None = None
     max_request_size: int | None = None
     concurrent_requests: int | None = None
+    queued_request_bytes: int | None = None
+    worker_threads: int | None = None
     # [daemon]
     listen: str | None = None
     socket_group: int | None = None
@@ -91,6 +100,11 @@ class DaemonConfig:
     allow_uids: frozenset[int] | None = None
     allow_gids: frozenset[int] | None = None
     shutdown_grace: float | None = None
+    max_connections: int | None = None
+    max_connections_per_uid: int | None = None
+    open_images_per_uid: int | None = None
+    open_pipes_per_uid: int | None = None
+    daemon_queued_request_bytes: int | None = None
     path: Path | None = None
 
 
@@ -196,6 +210,8 @@ _SCHEMA: dict[str, dict[str, tuple[str, Callable[[_Reader, str, Any], Any]]]] = 
         "request-burst": ("request_burst", lambda r, k, v: r.count(k, v, minimum=1)),
         "max-request-size": ("max_request_size", lambda r, k, v: r.count(k, v, minimum=512, maximum=32768)),
         "concurrent-requests": ("concurrent_requests", lambda r, k, v: r.count(k, v, minimum=1)),
+        "queued-request-bytes": ("queued_request_bytes", _Reader.size),
+        "worker-threads": ("worker_threads", lambda r, k, v: r.count(k, v, minimum=1, maximum=40)),
     },
     "daemon": {
         "listen": ("listen", _Reader.text),
@@ -204,6 +220,11 @@ _SCHEMA: dict[str, dict[str, tuple[str, Callable[[_Reader, str, Any], Any]]]] = 
         "allow-uids": ("allow_uids", lambda r, k, v: r.ids(k, v, "user")),
         "allow-gids": ("allow_gids", lambda r, k, v: r.ids(k, v, "group")),
         "shutdown-grace": ("shutdown_grace", _Reader.seconds_or_zero),
+        "max-connections": ("max_connections", _Reader.count),
+        "max-connections-per-uid": ("max_connections_per_uid", _Reader.count),
+        "open-images-per-uid": ("open_images_per_uid", _Reader.count),
+        "open-pipes-per-uid": ("open_pipes_per_uid", _Reader.count),
+        "queued-request-bytes": ("daemon_queued_request_bytes", _Reader.size),
     },
 }
 
