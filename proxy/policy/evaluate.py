@@ -17,9 +17,9 @@ import os
 from collections.abc import Mapping
 
 import attrs
-import trio
 
 from proxy import manifest as mf
+from proxy import threads
 from proxy.policy.errors import InvalidSignature, PolicyFileError, PolicyRejected
 from proxy.policy.gpg import KeyProblem, dearmor, verify_simple_signing
 from proxy.policy.payload import COSIGN_TYPE, SIMPLE_SIGNING_TYPE, SignedClaims, parse_payload
@@ -204,7 +204,7 @@ class _Checker:
     async def _signed_by(self, requirement: SignedBy, manifest: _Manifest) -> None:
         if requirement.key_type != "GPGKeys":
             raise _Refused(f"signedBy with keyType {requirement.key_type!r} is not supported")
-        keyring = await trio.to_thread.run_sync(_gpg_keyring, requirement)
+        keyring = await threads.run_sync(_gpg_keyring, requirement)
         signatures = await self._signatures(manifest)
         simple = [s for s in signatures if isinstance(s, SimpleSignature)]
         if not simple:
@@ -229,7 +229,7 @@ class _Checker:
     async def _sigstore_signed(self, requirement: SigstoreSigned, manifest: _Manifest) -> None:
         if requirement.unsupported is not None:
             raise _Refused(f"{requirement.unsupported} is not supported by image-proxy")
-        keys = await trio.to_thread.run_sync(_sigstore_keys, requirement)
+        keys = await threads.run_sync(_sigstore_keys, requirement)
         signatures = await self._signatures(manifest)
         sigstore = [s for s in signatures if isinstance(s, SigstoreSignature)]
         if not sigstore:

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import os
 
-import trio
-
-from proxy import manifest
+from proxy import manifest, threads
 from proxy.gojson import go_quote
 from proxy.sources.base import Blob, BlobNotFound, ImageSource, SourceError, SourceOptions
 from proxy.sources.oci_layout import MAX_JSON_SIZE, DirFiles, open_local_dir, os_error_text
@@ -33,7 +31,7 @@ class DirSource(ImageSource):
     async def get_manifest(self, instance_digest: str | None = None) -> tuple[bytes, str]:
         name = "manifest.json" if instance_digest is None else self._hex(instance_digest) + ".manifest.json"
         try:
-            raw = await trio.to_thread.run_sync(self.files.read, name, MAX_JSON_SIZE)
+            raw = await threads.run_sync(self.files.read, name, MAX_JSON_SIZE)
         except OSError as e:
             raise SourceError(f"{self.reference}: {os_error_text(e)}") from None
         return raw, manifest.guess_mime_type(raw)
@@ -46,7 +44,7 @@ class DirSource(ImageSource):
         hex_ = self._hex(digest)
         for name in (hex_, hex_ + ".tar"):
             try:
-                return await trio.to_thread.run_sync(self.files.open_blob, name)
+                return await threads.run_sync(self.files.open_blob, name)
             except FileNotFoundError:
                 continue
             except OSError as e:
@@ -79,7 +77,7 @@ async def open_dir(reference: str, path: str, options: SourceOptions) -> DirSour
     """Open ``dir:PATH`` (``path`` is everything after ``dir:``)."""
     if not path:
         raise SourceError(f"{reference}: no path given")
-    files = await trio.to_thread.run_sync(_open, reference, path, options)
+    files = await threads.run_sync(_open, reference, path, options)
     return DirSource(reference, files)
 
 

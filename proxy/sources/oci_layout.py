@@ -11,9 +11,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-import trio
-
-from proxy import gojson, manifest
+from proxy import gojson, manifest, threads
 from proxy.gojson import GoJSONError, go_quote
 from proxy.sources.base import Blob, BlobNotFound, ImageNotFound, ImageSource, SourceError, SourceOptions
 from proxy.sources.localfs import LocalDir, LocalPathError
@@ -85,7 +83,7 @@ class FileBlob(Blob):
         return data
 
     async def read(self, max_bytes: int) -> bytes:
-        return await trio.to_thread.run_sync(self.read_sync, max_bytes)
+        return await threads.run_sync(self.read_sync, max_bytes)
 
     def close_sync(self) -> None:
         if self._fd is not None:
@@ -120,7 +118,7 @@ class StreamBlob(Blob):
         self.size = size
 
     async def read(self, max_bytes: int) -> bytes:
-        return await trio.to_thread.run_sync(self._reader.read, max_bytes)
+        return await threads.run_sync(self._reader.read, max_bytes)
 
     async def aclose(self) -> None:
         self._close()
@@ -205,7 +203,7 @@ class OCILayoutSource(ImageSource):
         """The image ``image`` (tag, ``@N``, ``@digest`` or empty) of the layout in ``files``; the files are the
         source's from then on (closed with it, or here on failure)."""
         try:
-            index = await trio.to_thread.run_sync(_read_index, reference, files)
+            index = await threads.run_sync(_read_index, reference, files)
             descriptor = _choose_descriptor(reference, index, image)
         except BaseException:
             files.close()
@@ -235,7 +233,7 @@ class OCILayoutSource(ImageSource):
                     break
         path = self._blob_path(digest)
         try:
-            raw = await trio.to_thread.run_sync(self._blobs.read, path, MAX_JSON_SIZE)
+            raw = await threads.run_sync(self._blobs.read, path, MAX_JSON_SIZE)
         except FileNotFoundError as e:
             raise SourceError(f"{self.reference}: manifest {digest} not found: {os_error_text(e)}") from None
         except OSError as e:
@@ -245,7 +243,7 @@ class OCILayoutSource(ImageSource):
     async def open_blob(self, digest: str) -> Blob:
         path = self._blob_path(digest)
         try:
-            return await trio.to_thread.run_sync(self._blobs.open_blob, path)
+            return await threads.run_sync(self._blobs.open_blob, path)
         except FileNotFoundError:
             raise BlobNotFound(f"{self.reference}: blob {digest} not found") from None
         except OSError as e:
@@ -340,7 +338,7 @@ async def open_oci_layout(reference: str, within: str, options: SourceOptions) -
     path, image = split_path_and_image(within)
     if not path:
         raise SourceError(f"{reference}: no path given")
-    files, blob_files = await trio.to_thread.run_sync(_open_layout_dirs, reference, path, options)
+    files, blob_files = await threads.run_sync(_open_layout_dirs, reference, path, options)
     return await OCILayoutSource.open_files(reference, files, image, blob_files)
 
 
