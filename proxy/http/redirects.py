@@ -1,8 +1,12 @@
 """Following redirects ourselves (h11 does not), the way the distribution spec wants it.
 
 - 301/302/303/307/308 are followed for GET and HEAD only; any other method gets the redirect response back.
-- ``Authorization`` is dropped as soon as the scheme, host or port changes, and stays dropped (a presigned
-  storage URL must not see the registry token, and S3 refuses requests that carry both).
+- ``Authorization``, ``Proxy-Authorization`` and ``Cookie`` (what the caller meant for the first origin) are
+  dropped as soon as the scheme, host or port changes, and stay dropped for the rest of the chain, even when it
+  comes back to the first origin or another port or scheme of its host (a presigned storage URL must not see
+  the registry token, S3 refuses requests that carry both, and a storage host must not be able to bounce a
+  request to where the credentials are wanted). The pool adds the Proxy-Authorization of the proxy it uses for
+  each hop itself.
 - https -> http is refused; so are loops and more than ``max_hops`` redirects. The error names the chain.
 """
 
@@ -17,6 +21,8 @@ from .pool import ConnectionPool
 from .url import URL
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+#: request headers meant for the first origin only
+CREDENTIAL_HEADERS = ("authorization", "proxy-authorization", "cookie")
 FOLLOWED_METHODS = frozenset({"GET", "HEAD"})
 #: a redirect body up to this size is read so the connection can be reused; a larger one closes it
 DRAIN_LIMIT = 64 * 1024
@@ -54,7 +60,7 @@ async def request_following_redirects(
         if hop == max_hops:
             raise RedirectError(f"too many redirects (more than {max_hops})", chain)
         if following.origin != current.origin:
-            pairs = without(pairs, "authorization")
+            pairs = without(pairs, *CREDENTIAL_HEADERS)
         current = following
     raise AssertionError("unreachable")  # pragma: no cover
 

@@ -1,10 +1,12 @@
-"""Redirects: followed for GET/HEAD, Authorization dropped across origins, no downgrade, no loops."""
+"""Redirects: followed for GET/HEAD, Authorization, Proxy-Authorization and Cookie dropped across origins (and never
+back), no downgrade, no loops."""
 
 from __future__ import annotations
 
 import pytest
 
 from proxy.http.errors import RedirectError
+from proxy.http.headers import Headers
 from proxy.http.pool import ConnectionPool
 from proxy.http.redirects import request_following_redirects
 from tests.http.server import Reply, TestServer, redirect, serve
@@ -96,3 +98,110 @@ async def test_bad_location(server: TestServer, pool: ConnectionPool) -> None:
     server.route("/", redirect("ftp://example.com/file"))
     with pytest.raises(RedirectError, match="invalid redirect Location"):
         await request_following_redirects(pool, "GET", server.url("/"))
+
+
+# -- what a redirect carries to another origin ------------------------------------------------------------------
+
+CREDENTIALED = {
+    "Authorization": "Bearer secret",
+    "Proxy-Authorization": "Basic cHJveHk6cHc=",
+    "Cookie": "session=registry-only",
+    "Accept": "application/json",
+}
+CREDENTIAL_FIELDS = ("authorization", "proxy-authorization", "cookie")
+
+
+async def test_same_origin_redirect_keeps_cookie_and_proxy_auth(server: TestServer, pool: ConnectionPool) -> None:
+    server.route("/a", redirect("/b", 307))
+    server.route("/b", Reply(body=b"ok"))
+    async with await request_following_redirects(pool, "GET", server.url("/a"), CREDENTIALED) as response:
+        assert await response.read_all(10) == b"ok"
+    for request in server.requests:
+        assert [request.headers.get(name) for name in CREDENTIAL_FIELDS] == [
+            "Bearer secret",
+            "Basic cHJveHk6cHc=",
+            "session=registry-only",
+        ]
+
+
+@pytest.mark.parametrize("back_to", ["127.0.0.1", "localhost"])
+async def test_chain_registry_storage_registry_looking_host_carries_no_credentials(
+    server: TestServer, pool: ConnectionPool, back_to: str
+) -> None:
+    """registry -> storage (another port) -> the registry's own origin, or its server named differently:
+    Authorization, Proxy-Authorization and Cookie leave with the first hop and never come back."""
+    async with serve() as storage:
+        server.route("/v2/blob", redirect(storage.url("/storage/blob?sig=1"), 307))
+        storage.route("/storage/blob", redirect(server.url("/final", host=back_to), 307))
+        server.route("/final", Reply(body=b"data"))
+        async with await request_following_redirects(pool, "GET", server.url("/v2/blob"), CREDENTIALED) as response:
+            assert await response.read_all(10) == b"data"
+        assert response.history == (server.url("/v2/blob"), storage.url("/storage/blob?sig=1"))
+        (first, final) = server.requests
+        assert first.headers.get("authorization") == "Bearer secret"
+        for request in (*storage.requests, final):
+            assert not any(name in request.headers for name in CREDENTIAL_FIELDS), request.headers
+            assert request.headers.get("accept") == "application/json"  # other headers do follow
+        assert final.headers.get("host") == f"{back_to}:{server.port}"
+        raw = bytes(storage.received).lower()
+        assert b"secret" not in raw and b"cookie" not in raw and b"authorization" not in raw
+
+
+class _Scripted:
+    """Stands in for the pool where real servers cannot: two schemes on one host and port. Records what each
+    hop was sent and answers from ``answers`` (URL -> (status, Location or None))."""
+
+    def __init__(self, answers: dict[str, tuple[int, str | None]]) -> None:
+        self.answers = answers
+        self.sent: list[tuple[str, dict[str, str]]] = []
+
+    async def send(self, method: str, url: object, headers: list[tuple[str, str]]) -> _ScriptedResponse:
+        self.sent.append((str(url), {name.lower(): value for name, value in headers}))
+        status, location = self.answers[str(url)]
+        return _ScriptedResponse(status, location, str(url))
+
+
+class _ScriptedResponse:
+    def __init__(self, status: int, location: str | None, url: str) -> None:
+        self.status = status
+        self.url = url
+        self.history: tuple[str, ...] = ()
+        self.headers = Headers([("Location", location)] if location else [])
+        self.content_length = 0
+
+    async def read_all(self, limit: int) -> bytes:
+        return b""
+
+    async def aclose(self) -> None:
+        pass
+
+    async def abandon(self) -> None:
+        pass
+
+
+async def test_scheme_change_on_the_same_host_and_port_drops_credentials() -> None:
+    pool = _Scripted(
+        {
+            "http://registry.example:5000/v2/blob": (307, "https://registry.example:5000/storage"),
+            "https://registry.example:5000/storage": (307, "https://registry.example:5001/v2/again"),
+            "https://registry.example:5001/v2/again": (200, None),
+        }
+    )
+    response = await request_following_redirects(pool, "GET", "http://registry.example:5000/v2/blob", CREDENTIALED)  # type: ignore[arg-type]
+    assert response.status == 200
+    (first, *rest) = pool.sent
+    assert first[1]["authorization"] == "Bearer secret"
+    assert [url for url, _ in rest] == [
+        "https://registry.example:5000/storage",
+        "https://registry.example:5001/v2/again",
+    ]
+    for _, headers in rest:
+        assert not any(name in headers for name in CREDENTIAL_FIELDS), headers
+        assert headers["accept"] == "application/json"
+
+
+async def test_https_to_http_on_the_same_host_is_refused() -> None:
+    pool = _Scripted({"https://registry.example/v2/blob": (302, "http://registry.example/v2/blob")})
+    with pytest.raises(RedirectError, match="from https to http"):
+        await request_following_redirects(pool, "GET", "https://registry.example/v2/blob", CREDENTIALED)  # type: ignore[arg-type]
+    assert len(pool.sent) == 1
