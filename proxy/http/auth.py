@@ -7,11 +7,16 @@
   token, or a Bearer token fetched from the challenge's realm (docker token GET, or OAuth2 POST with an identity
   token) and cached per (realm, service, scopes, credentials) until shortly before it expires. Concurrent callers
   wanting the same token share one fetch. :meth:`RegistryAuth.invalidate` drops a token the registry refused.
-- :func:`send_authorized`: a request with auth and redirects; a 401 with a challenge is retried once.
+- :func:`send_authorized`: every request to a registry (``RegistryClient.get`` sends through it): auth,
+  redirects, and a 401 from the registry answered once.
 
-Credentials go only to the registry (Basic) and to the realm (token GET/POST); never to a redirect target on
-another origin. Errors (:class:`AuthError`) name the realm and the registry and say whether credentials were
-sent; passwords and tokens never appear in messages or logs.
+Credentials and tokens go only to the registry endpoint (Basic, or the token) and to the token realm the registry
+named in its own 401 (token GET/POST); never to a redirect target on another origin. A challenge is believed only
+when the registry itself sent it (:meth:`RegistryAuth.own_challenges`): a 401 from anywhere else (a redirect
+target, a CDN, the registry reached again through another host) is an :class:`UnauthorizedElsewhere` error naming
+that host, never a reason to fetch a token, and its challenge is never kept. Errors (:class:`AuthError`) name the
+realm and the registry and say whether credentials were sent; passwords and tokens never appear in messages or
+logs.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import json
 import logging
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Protocol
 
 import attrs
@@ -287,6 +292,40 @@ class AuthError(ProxyError):
         self.retryable = retryable
 
 
+class UnauthorizedElsewhere(AuthError):
+    """A host other than the registry endpoint answered 401: an error naming it, never a reason to send
+    credentials or to fetch a token (its challenge names a realm the registry did not choose)."""
+
+    def __init__(self, message: str, *, registry: str, host: str) -> None:
+        super().__init__(message, registry=registry, status=401)
+        #: who answered (``host:port``)
+        self.host = host
+
+
+def _chain(response: Response) -> list[URL]:
+    """The URLs the request went to, first to last (the ones that do not parse are left out)."""
+    urls = []
+    for text in (*response.history, response.url):
+        with contextlib.suppress(HTTPError):
+            urls.append(URL.parse(text))
+    return urls
+
+
+def answered_elsewhere(response: Response, origin: Origin, name: str) -> str | None:
+    """None when ``response`` came from ``origin`` and its redirects (if any) never left it; else who answered,
+    for an error text: ``"storage:8443 (a redirect target of <name>)"``, or, when a redirect chain left ``origin``
+    and came back, ``"<name> (reached again through a redirect via storage:8443)"``. Only host names and ports,
+    never a redirect target's path or query (a presigned URL's signature)."""
+    chain = _chain(response)
+    if all(url.origin == origin for url in chain):
+        return None
+    final = chain[-1]
+    if final.origin != origin:
+        return f"{final.authority} (a redirect target of {name})"
+    via = next(url.authority for url in chain if url.origin != origin)
+    return f"{name} (reached again through a redirect via {via})"
+
+
 def _redact(text: str, secrets: Iterable[str | None]) -> str:
     for secret in secrets:
         if secret:
@@ -405,7 +444,7 @@ class RegistryAuth:
         self.refresh_margin = refresh_margin
         self.oauth2_password_grant = oauth2_password_grant
         self.user_agent = user_agent
-        #: the challenges last seen from this registry (kept by :func:`send_authorized`)
+        #: the challenges last seen from this registry itself (see :meth:`own_challenges`)
         self.challenges: list[Challenge] = []
         #: how many token requests went out (for tests and diagnostics)
         self.token_fetches = 0
@@ -462,6 +501,32 @@ class RegistryAuth:
                 return token
             slot.token = await self._fetch(pool, realm, challenge.service, scope_list, credentials)
             return slot.token
+
+    def own_challenges(self, response: Response) -> list[Challenge]:
+        """The challenges of a 401 ``response`` when the registry endpoint itself answered it, every hop on its
+        origin (nothing for any other status).
+
+        The one gate for challenges: a 401 from any other host (a redirect target, a CDN, a lookalike on another
+        port or scheme, the registry reached again through a redirect via another host) raises
+        :class:`UnauthorizedElsewhere` naming that host; nothing of it is kept, no token is fetched for it and no
+        credentials are sent because of it. The caller still owns (and closes) ``response``."""
+        if response.status != 401:
+            return []
+        elsewhere = answered_elsewhere(response, self.origin, self.registry)
+        if elsewhere is None:
+            return response_challenges(response)
+        final = _chain(response)[-1]
+        why = (
+            "credentials are sent only to the registry"
+            if final.origin != self.origin
+            else "credentials do not follow a redirect that left the registry"
+        )
+        log.warning("registry %s: %s answered 401; its challenge is ignored", self.registry, elsewhere)
+        raise UnauthorizedElsewhere(
+            f"{elsewhere} answered 401 Unauthorized; {why}",
+            registry=self.registry,
+            host=final.authority,
+        )
 
     def invalidate(self, challenges: Sequence[Challenge], scopes: Sequence[Scope | str]) -> list[Scope | str]:
         """The registry refused a request made for ``scopes`` and sent ``challenges``: forget the tokens for those
@@ -565,8 +630,8 @@ class RegistryAuth:
             headers.append(("Authorization", basic_authorization(credentials.username, credentials.password)))
         path = realm.target.partition("?")[0]
         url = attrs.evolve(realm, target=path + ("?" + urllib.parse.urlencode(query) if query else ""))
-        status, body = await self._exchange(pool, "GET", url, headers, b"", realm, credentials, sent)
-        return self._token_from(status, body, realm, credentials, sent)
+        status, body, elsewhere = await self._exchange(pool, "GET", url, headers, b"", realm, credentials, sent)
+        return self._token_from(status, body, realm, credentials, sent, elsewhere)
 
     async def _fetch_oauth2(
         self, pool: ConnectionPool, realm: URL, service: str, scopes: list[str], credentials: Credentials | None
@@ -587,7 +652,7 @@ class RegistryAuth:
             form.append(("scope", " ".join(scopes)))
         headers = [*self._headers(), ("Content-Type", "application/x-www-form-urlencoded")]
         body = urllib.parse.urlencode(form).encode()
-        status, answer = await self._exchange(pool, "POST", realm, headers, body, realm, credentials, True)
+        status, answer, _ = await self._exchange(pool, "POST", realm, headers, body, realm, credentials, True)
         if status in (404, 405):
             log.debug("token server %s does not do OAuth2 (%d), using GET", _realm_name(realm), status)
             return None
@@ -603,7 +668,10 @@ class RegistryAuth:
         realm: URL,
         credentials: Credentials | None,
         sent: bool,
-    ) -> tuple[int, bytes]:
+    ) -> tuple[int, bytes, str | None]:
+        """(status, body, who answered when it was not the realm: a redirect target, see
+        :func:`answered_elsewhere`). A GET follows redirects, without the credentials once it leaves the realm's
+        origin; a POST (its body holds them) is not followed."""
         self.token_fetches += 1
         try:
             if method == "GET":
@@ -612,7 +680,8 @@ class RegistryAuth:
                 response = await pool.send(method, url, headers, body)
             async with response:
                 limit = MAX_TOKEN_BODY if response.status == 200 else MAX_ERROR_BODY
-                return response.status, await response.read_all(limit)
+                elsewhere = answered_elsewhere(response, realm.origin, f"token server {_realm_name(realm)}")
+                return response.status, await response.read_all(limit), elsewhere
         except HTTPError as e:
             raise AuthError(
                 f"cannot get a token from {_realm_name(realm)} for registry {self.registry} "
@@ -623,11 +692,22 @@ class RegistryAuth:
                 retryable=e.retryable,
             ) from e
 
-    def _token_from(self, status: int, body: bytes, realm: URL, credentials: Credentials | None, sent: bool) -> Token:
-        where = f"token server {_realm_name(realm)} for registry {self.registry}"
+    def _token_from(
+        self,
+        status: int,
+        body: bytes,
+        realm: URL,
+        credentials: Credentials | None,
+        sent: bool,
+        elsewhere: str | None = None,
+    ) -> Token:
+        where = f"{elsewhere or f'token server {_realm_name(realm)}'} for registry {self.registry}"
         if status != 200:
             hint = ""
-            if status in (401, 403):
+            if status in (401, 403) and elsewhere is not None:
+                hint = " (credentials go only to the token server the registry named, not where it redirects)"
+                sent = False
+            elif status in (401, 403):
                 hint = " (check the credentials)" if sent else " (no credentials were found for this registry)"
             detail = _snippet(body, _secrets(credentials))
             raise AuthError(
@@ -680,6 +760,9 @@ def _secrets(credentials: Credentials | None) -> list[str | None]:
 # -- requests --------------------------------------------------------------------------------------------------
 
 
+Sender = Callable[[URL, list[tuple[str, str]]], Awaitable[Response]]
+
+
 async def send_authorized(
     pool: ConnectionPool,
     auth: RegistryAuth,
@@ -690,25 +773,42 @@ async def send_authorized(
     headers: HeaderInput = (),
     *,
     max_hops: int = 10,
+    send: Sender | None = None,
 ) -> Response:
     """Send a GET/HEAD-like request (no body) to the registry with the ``Authorization`` that ``auth.challenges``
-    call for, following redirects (which drop ``Authorization`` on leaving the registry's origin). A 401 carrying a
-    challenge is answered once: the challenges are kept, the refused token is dropped, scopes the challenge names
-    are added, and the request is sent again. The caller closes the returned response."""
+    call for (only when ``url`` is on the registry's origin), following redirects (which drop ``Authorization``
+    on leaving the registry's origin).
+
+    A 401 the registry itself sent, carrying a challenge, is answered once: the challenges are kept, the refused
+    token is dropped, scopes the challenge names are added, and the request is sent again. A 401 from anywhere
+    else raises :class:`UnauthorizedElsewhere` (see :meth:`RegistryAuth.own_challenges`), also on the second try.
+
+    ``send(url, headers)`` sends one request and follows its redirects (default: :func:`request_following_redirects`
+    with ``max_hops``); the registry client passes one that also retries. The caller closes the returned response.
+    """
     target = url if isinstance(url, URL) else URL.parse(url)
     pairs = without(header_pairs(headers), "authorization")
     current_scopes: Sequence[Scope | str] = list(scopes)
+
+    async def follow(where: URL, request_headers: list[tuple[str, str]]) -> Response:
+        return await request_following_redirects(pool, method, where, request_headers, max_hops)
+
+    sender = send or follow
     for attempt in range(2):
         request_headers = list(pairs)
         if target.origin == auth.origin and auth.challenges:
             value = await auth.authorization(pool, auth.challenges, current_scopes, credentials)
             if value is not None:
                 request_headers.append(("Authorization", value))
-        response = await request_following_redirects(pool, method, target, request_headers, max_hops)
-        if response.status != 401 or attempt == 1 or response.url != str(target):
+        response = await sender(target, request_headers)
+        if response.status != 401:
             return response
-        challenges = response_challenges(response)
-        if not challenges:
+        try:
+            challenges = auth.own_challenges(response)
+        except UnauthorizedElsewhere:
+            await _drain(response)
+            raise
+        if attempt == 1 or not challenges:
             return response
         await _drain(response)
         current_scopes = auth.invalidate(challenges, current_scopes)

@@ -1,11 +1,13 @@
 """Talking to one registry host (distribution API v2): scheme detection, authorization, retries and
 honest errors. The image logic (which manifest, which source for a blob) is in ``registry.py``.
 
-Every request goes through :meth:`RegistryClient.get`: it follows redirects (dropping ``Authorization``
-when the origin changes), answers a 401 challenge once, and retries what is worth retrying with
-full-jitter backoff that honours ``Retry-After`` and counts toward a deadline. What it gives up on becomes
-a :class:`RegistryError` whose text names the host and what failed, and whose code is ``retryable``
-exactly when trying again later may help.
+Every request goes through :meth:`RegistryClient.get`, which sends it through
+:func:`proxy.http.auth.send_authorized`: it follows redirects (dropping ``Authorization`` when the origin
+changes), answers a 401 challenge of the registry itself once, and retries what is worth retrying with
+full-jitter backoff that honours ``Retry-After`` and counts toward a deadline. A 401 from any other host (a
+redirect target: storage, a CDN) is an error naming that host; its challenge is never kept, so no later request
+sends credentials or fetches a token because of it. What it gives up on becomes a :class:`RegistryError` whose
+text names the host and what failed, and whose code is ``retryable`` exactly when trying again later may help.
 """
 
 from __future__ import annotations
@@ -23,7 +25,14 @@ import trio
 
 from protocol.errors import ErrorCode, ProxyError
 from proxy.config import Credentials, CredentialSource, RegistriesConf, RegistryToken, cert_dirs_for
-from proxy.http.auth import Challenge, RegistryAuth, Scope, pull, response_challenges
+from proxy.http.auth import (
+    Challenge,
+    RegistryAuth,
+    UnauthorizedElsewhere,
+    answered_elsewhere,
+    pull,
+    send_authorized,
+)
 from proxy.http.connection import Response
 from proxy.http.errors import HTTPError
 from proxy.http.pool import ConnectionPool
@@ -100,8 +109,8 @@ class _Endpoint:
     """What we learnt about one registry host."""
 
     scheme: str
+    #: also holds the challenges the registry itself sent last (``auth.challenges``)
     auth: RegistryAuth
-    challenges: list[Challenge] = attrs.field(factory=list)  # from the last 401
     #: whether the last request there carried the user's credentials (for error texts)
     sent_credentials: bool = False
 
@@ -166,12 +175,15 @@ class RegistryClient:
             except RegistryError as e:
                 failure = e
                 continue
+            auth = self._auth(scheme, authority)
             async with response:
                 await _drain(response)
+                try:
+                    auth.challenges = auth.own_challenges(response)
+                except UnauthorizedElsewhere as e:
+                    raise RegistryError(f"pinging registry {authority}: {e}", status=401) from None
             if response.status in (200, 401):
-                endpoint = _Endpoint(scheme, self._auth(scheme, authority))
-                if response.status == 401:
-                    endpoint.challenges = response_challenges(response)
+                endpoint = _Endpoint(scheme, auth)
                 self._endpoints[authority] = endpoint
                 return endpoint
             failure = RegistryError(
@@ -215,29 +227,27 @@ class RegistryClient:
         and must close it); raises RegistryError when the registry cannot be reached or keeps failing.
         """
         endpoint = await self._endpoint(authority, retry)
-        url = f"{endpoint.scheme}://{authority}/v2/{repository}/{path}"
-        scopes: list[Scope | str] = [pull(repository)]
+        text = f"{endpoint.scheme}://{authority}/v2/{repository}/{path}"
+        try:
+            url = URL.parse(text)
+        except HTTPError as e:
+            raise RegistryError(f"{_what(text)}: {e}", retryable=False) from None
         found = await self._credentials(endpoint, authority, repository, logical_host or authority)
         credentials = found if isinstance(found, Credentials) else None
-        answered_challenge = False
-        while True:
-            pairs = [("User-Agent", self.settings.user_agent), *headers]
-            if endpoint.challenges:
-                value = await endpoint.auth.authorization(self.pool, endpoint.challenges, scopes, credentials)
-                if value:
-                    pairs.append(("Authorization", value))
-            endpoint.sent_credentials = found is not None
-            response = await self._send_with_retries(url, pairs, authority, retry)
-            if response.status == 401 and not answered_challenge:
-                challenges = response_challenges(response)
-                if challenges:
-                    await _drain(response)
-                    await response.aclose()
-                    endpoint.challenges = challenges
-                    scopes = endpoint.auth.invalidate(challenges, scopes)
-                    answered_challenge = True
-                    continue
-            return response
+        endpoint.sent_credentials = found is not None
+
+        async def send(target: URL, pairs: list[tuple[str, str]]) -> Response:
+            return await self._send_with_retries(str(target), pairs, authority, retry)
+
+        pairs = [("User-Agent", self.settings.user_agent), *headers]
+        try:
+            return await send_authorized(
+                self.pool, endpoint.auth, "GET", url, [pull(repository)], credentials, pairs, send=send
+            )
+        except UnauthorizedElsewhere as e:
+            # the registry did not refuse us: a host it redirected to did (storage, a CDN); nothing of that
+            # answer was kept, and this is not worth retrying (the same redirect would get the same answer)
+            raise RegistryError(str(e), status=401) from None
 
     async def _credentials(
         self, endpoint: _Endpoint, authority: str, repository: str, logical_host: str
@@ -253,8 +263,9 @@ class RegistryClient:
             )
             if isinstance(found, RegistryToken):
                 # --registry-token: sent as the bearer token itself, with or without a challenge
+                challenges = endpoint.auth.challenges
                 endpoint.auth = self._auth(endpoint.scheme, authority, found.token)
-                endpoint.challenges = endpoint.challenges or [Challenge("bearer", {})]
+                endpoint.auth.challenges = challenges or [Challenge("bearer", {})]
             self._lookups[key] = found
         return self._lookups[key]
 
@@ -295,8 +306,16 @@ class RegistryClient:
         """Turn a non-2xx response into an error that says what failed where (and closes the response)."""
         endpoint = self._endpoints.get(authority)
         sent_credentials = endpoint is not None and endpoint.sent_credentials
+        elsewhere = None if endpoint is None else answered_elsewhere(response, endpoint.auth.origin, authority)
         body = await _read_error_body(response)
         text, codes = describe_failure(response.status, response.reason, body)
+        if response.status in (401, 403) and elsewhere is not None:
+            # a redirect target refused: it never gets credentials, so they cannot be what is wrong
+            return RegistryError(
+                f"{what}: {elsewhere} refused access ({text}; credentials are sent only to the registry)",
+                status=response.status,
+                codes=codes,
+            )
         if response.status in (401, 403):
             who = "credentials were sent" if sent_credentials else "no credentials were sent"
             return RegistryError(

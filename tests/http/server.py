@@ -2,7 +2,9 @@
 
 Each request is answered by the next :class:`Reply` queued for its path (the last one repeats), so a test says
 exactly what the client sees: status, headers, body, a stall or a close after N body bytes, an LF-only head,
-no answer at all, keep-alive on or off. The server records every request and every accepted connection.
+no answer at all, keep-alive on or off. A ``gate`` may answer a request before its route does (an auth check:
+a 401 unless the right ``Authorization`` came). The server records every request, every accepted connection,
+and every byte it received (``received``: what a test asserts a secret never reached).
 
 Nothing here sleeps to synchronise: a "stall" parks the handler until the test's nursery is cancelled.
 """
@@ -80,6 +82,10 @@ class TestServer:
         self.port = 0
         self.requests: list[Recorded] = []
         self.connections = 0
+        #: every byte read from every connection, in order (after TLS decryption)
+        self.received = bytearray()
+        #: called with each request before routing: a Reply answers it instead of the route (None: route it)
+        self.gate: Callable[[Recorded], Reply | None] | None = None
         self._routes: dict[str, list[Reply]] = {}
         self._ids = itertools.count(1)
 
@@ -94,6 +100,10 @@ class TestServer:
         """Answer requests for ``path`` with ``replies`` in turn; the last one repeats."""
         self._routes[path] = list(replies)
 
+    def requested(self, path: str) -> list[Recorded]:
+        """The requests for ``path`` (any query)."""
+        return [r for r in self.requests if urllib.parse.urlsplit(r.target).path == path]
+
     def _reply_for(self, target: str) -> Reply:
         path = urllib.parse.urlsplit(target).path if "://" in target else target.split("?")[0]
         replies = self._routes.get(path)
@@ -107,7 +117,7 @@ class TestServer:
         conn = h11.Connection(h11.SERVER)
         try:
             while True:
-                request = await _next_request(stream, conn)
+                request = await _next_request(stream, conn, self.received)
                 if request is None:
                     return
                 event, body = request
@@ -119,7 +129,7 @@ class TestServer:
                     connection=number,
                 )
                 self.requests.append(recorded)
-                reply = self._reply_for(recorded.target)
+                reply = (self.gate(recorded) if self.gate is not None else None) or self._reply_for(recorded.target)
                 if not await self._respond(stream, conn, reply, head_only=recorded.method == "HEAD"):
                     return
                 if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
@@ -174,13 +184,19 @@ def _set_linger_zero(stream: trio.abc.Stream) -> None:
         stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
-async def _next_request(stream: trio.abc.Stream, conn: h11.Connection) -> tuple[h11.Request, bytes] | None:
+async def _next_request(
+    stream: trio.abc.Stream, conn: h11.Connection, sink: bytearray | None = None
+) -> tuple[h11.Request, bytes] | None:
+    """The next request and its body (None when the client closed); every byte read is appended to ``sink``."""
     request: h11.Request | None = None
     body = b""
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
-            conn.receive_data(await stream.receive_some(65536))
+            data = await stream.receive_some(65536)
+            if sink is not None:
+                sink += data
+            conn.receive_data(data)
         elif isinstance(event, h11.Request):
             request = event
         elif isinstance(event, h11.Data):

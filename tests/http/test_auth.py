@@ -1,5 +1,7 @@
 """Registry auth: the challenge parser, token fetching and caching, against the real distribution 2.8 registry
-(token and htpasswd modes), token-server failures, and where credentials may go."""
+(token and htpasswd modes), token-server failures, and where credentials may go (only to the registry and the
+realm it names; a 401 from anywhere else is an error, its challenge never kept). ``tests/http/test_redirect_auth.py``
+drives the same rules through the registry client."""
 
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ from proxy.http.auth import (
     Challenge,
     RegistryAuth,
     Scope,
+    UnauthorizedElsewhere,
+    answered_elsewhere,
     parse_challenges,
     parse_token_response,
     parse_www_authenticate,
@@ -509,3 +513,71 @@ async def test_no_authorization_for_urls_outside_the_registry(server: TestServer
     auth.challenges = [Challenge("basic", {"realm": "r"})]
     assert await get(pool, auth, server.url("/elsewhere"), [], ALICE) == (200, b"ok")
     assert "authorization" not in server.requests[0].headers
+
+
+async def test_401_from_a_redirect_target_is_an_error_and_its_challenge_is_never_kept(
+    server: TestServer, pool: ConnectionPool
+) -> None:
+    steal = server.url("/steal", host="localhost")
+    server.route("/v2/app/blobs/sha256:1", redirect(server.url("/cdn/blob?sig=1", host="localhost"), 307))
+    server.route("/cdn/blob", Reply(status=401, headers=[("WWW-Authenticate", f'Bearer realm="{steal}"')]))
+    server.route("/steal", Reply(body=b'{"token":"stolen"}'))
+    auth = RegistryAuth(server.url("/"), insecure=True)
+    registry_challenge = [Challenge("basic", {"realm": "registry"})]
+    auth.challenges = list(registry_challenge)
+    for _ in range(2):  # and the next request is authorized as the registry asked, not as the CDN did
+        with pytest.raises(UnauthorizedElsewhere) as caught:
+            await get(pool, auth, server.url("/v2/app/blobs/sha256:1"), [pull("app")], ALICE)
+        assert caught.value.host == f"localhost:{server.port}" and caught.value.status == 401
+        assert str(caught.value) == (
+            f"localhost:{server.port} (a redirect target of 127.0.0.1:{server.port}) answered 401 Unauthorized; "
+            "credentials are sent only to the registry"
+        )
+        assert auth.challenges == registry_challenge and auth.token_fetches == 0
+    targets = [(r.target.split("?")[0], r.headers.get("authorization")) for r in server.requests]
+    basic = "Basic " + base64.b64encode(f"alice:{PASSWORD}".encode()).decode()
+    assert targets == [("/v2/app/blobs/sha256:1", basic), ("/cdn/blob", None)] * 2
+
+
+async def test_401_from_the_registry_reached_again_through_another_host_is_not_answered(
+    server: TestServer, pool: ConnectionPool
+) -> None:
+    server.route("/v2/app/manifests/x", redirect(server.url("/bounce", host="localhost"), 307))
+    server.route("/bounce", redirect(server.url("/v2/other/manifests/y"), 307))
+    challenge = 'Bearer realm="https://auth.example/token",scope="repository:other:pull,push"'
+    server.route("/v2/other/manifests/y", Reply(status=401, headers=[("WWW-Authenticate", challenge)]))
+    auth = RegistryAuth(server.url("/"), insecure=True)
+    with pytest.raises(UnauthorizedElsewhere, match=r"reached again through a redirect via localhost:\d+"):
+        await get(pool, auth, server.url("/v2/app/manifests/x"), [pull("app")], ALICE)
+    assert auth.challenges == [] and auth.token_fetches == 0
+    assert len(server.requests) == 3  # not sent again with a token for the scope that answer named
+
+
+@attrs.define
+class _Answered:
+    url: str
+    history: tuple[str, ...] = ()
+    status: int = 401
+
+
+def test_answered_elsewhere() -> None:
+    registry = RegistryAuth("https://registry.example:5000").origin
+    name = "registry.example:5000"
+    here = "https://registry.example:5000/v2/a/blobs/x"
+    assert answered_elsewhere(_Answered(here), registry, name) is None  # type: ignore[arg-type]
+    same_origin_hop = _Answered("https://registry.example:5000/storage/x", (here,))
+    assert answered_elsewhere(same_origin_hop, registry, name) is None  # type: ignore[arg-type]
+    for url in (
+        "https://registry.example:5001/x",  # another port
+        "http://registry.example:5000/x",  # another scheme
+        "https://storage.example/x?X-Amz-Signature=secret",
+    ):
+        found = answered_elsewhere(_Answered(url, (here,)), registry, name)  # type: ignore[arg-type]
+        assert found is not None and found.endswith(f"(a redirect target of {name})") and "secret" not in found
+    assert answered_elsewhere(_Answered("https://cdn.example:8443/x", (here,)), registry, name) == (  # type: ignore[arg-type]
+        f"cdn.example:8443 (a redirect target of {name})"
+    )
+    back = _Answered(here, (here, "https://cdn.example/x"))
+    assert answered_elsewhere(back, registry, name) == f"{name} (reached again through a redirect via cdn.example)"  # type: ignore[arg-type]
+    auth = RegistryAuth("https://registry.example:5000")
+    assert auth.own_challenges(_Answered("https://cdn.example/x", (here,), status=200)) == []  # type: ignore[arg-type]

@@ -9,8 +9,9 @@ What distribution 2.8 (``registry/auth/token``, libtrust era) checks, found by r
   works), ``exp``/``nbf`` with 60 s of leeway, ``access`` as ``[{type, name, actions}]``.
 
 The issuer answers ``GET /token?service=..&scope=..`` (Basic credentials optional) and the OAuth2
-``POST /token`` (``grant_type=password`` or ``refresh_token``), records every request, and can be told to fail
-or to hand out tokens the registry will find expired.
+``POST /token`` (``grant_type=password`` or ``refresh_token``), records every request and every token it handed
+out (``issued``: what a fake registry checks a bearer token against), and can be told to fail or to hand out
+tokens the registry will find expired.
 """
 
 from __future__ import annotations
@@ -39,6 +40,16 @@ from tests.http.server import _next_request, serve_on_loopback
 
 #: what anonymous and authenticated clients get, per repository ("*": any repository)
 Grants = dict[str | None, dict[str, frozenset[str]]]
+
+
+@attrs.frozen
+class IssuedToken:
+    """What a token the issuer handed out stands for."""
+
+    #: None: anonymous
+    user: str | None
+    #: the granted scopes, ``repository:name:action`` one action each
+    scopes: frozenset[str]
 
 
 @attrs.frozen
@@ -102,6 +113,8 @@ class TokenIssuer:
         #: how many of the next tokens are signed with an ``exp`` long past (the registry refuses them)
         self.expired_next = 0
         self.requests: list[TokenRequest] = []
+        #: every token handed out
+        self.issued: dict[str, IssuedToken] = {}
         self.port = 0
         self.scheme = "http"
         self._jti = itertools.count(1)
@@ -219,6 +232,12 @@ class TokenIssuer:
         expired = self.expired_next > 0
         self.expired_next -= 1 if expired else 0
         token = self.sign(user or "", access, lifetime=lifetime, expired=expired)
+        granted = frozenset(
+            f"{entry['type']}:{entry['name']}:{action}"
+            for entry in access
+            for action in entry["actions"]  # type: ignore[attr-defined]
+        )
+        self.issued[token] = IssuedToken(user, granted)
         answer: dict[str, object] = {"token": token, "access_token": token}
         if self.expires_in is not None:
             answer["expires_in"] = self.expires_in
