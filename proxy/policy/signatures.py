@@ -2,7 +2,9 @@
 
 - ``docker://``: the lookaside storage registries.d names (``BASE/<repo path>@sha256=<hex>/signature-N``,
   N = 1, 2, ... until one is missing; ``file://``, ``http://`` or ``https://``, read through the same
-  hardened HTTP client as the registry), then, when ``use-sigstore-attachments`` is on, the layers of the
+  hardened HTTP client as the registry, but never with the registry's credentials or tokens: only the lookaside
+  URL's own ``user:password@``, as Basic auth, to its own origin; a 401 is an error naming the host that sent it),
+  then, when ``use-sigstore-attachments`` is on, the layers of the
   ``sha256-<hex>.sig`` attachment manifest in the image's repository.
 - ``dir:``: ``signature-N`` (``<hex>.signature-N`` for an instance of a list), in the format containers/image
   writes: raw simple-signing bytes, or ``\\x00simple-signing\\n`` / ``\\x00sigstore-json\\n`` + JSON.
@@ -26,8 +28,11 @@ import attrs
 import trio
 
 from proxy import manifest as mf
+from proxy.http.auth import answered_elsewhere
+from proxy.http.connection import Response
 from proxy.http.errors import HTTPError
 from proxy.http.redirects import request_following_redirects
+from proxy.http.url import URL
 from proxy.policy.errors import PolicyFileError
 from proxy.policy.gpg import MAX_SIGNATURE_SIZE
 from proxy.policy.registries_d import RegistriesD
@@ -109,6 +114,19 @@ def _read_file(path: str) -> bytes | None:
     if len(data) > MAX_SIGNATURE_SIZE:
         raise SignatureFetchError(f"signature {path} is larger than {MAX_SIGNATURE_SIZE} bytes")
     return data
+
+
+def _unauthorized(response: Response, url: str, username: str | None) -> str:
+    """Why a lookaside server's 401 is final: it names who answered; its challenge is not answered (registry
+    credentials never go to a lookaside server, whatever realm it names)."""
+    lookaside = URL.parse(url)
+    who = answered_elsewhere(response, lookaside.origin, lookaside.authority) or lookaside.authority
+    if username is not None and who == lookaside.authority:
+        return f"{who} answered 401 Unauthorized to the credentials in the lookaside URL"
+    return (
+        f"{who} answered 401 Unauthorized; registry credentials are never sent to a lookaside server "
+        "(give it its own as user:password@ in the lookaside URL)"
+    )
 
 
 class SignatureReader:
@@ -213,10 +231,16 @@ class SignatureReader:
         url = redact(url)
         try:
             with trio.fail_after(LOOKASIDE_TIMEOUT):
+                # the pool is the registry client's, but nothing of the registry's authorization comes along:
+                # requests through the pool carry only the headers given here
                 response = await request_following_redirects(self._registry.pool, "GET", url, headers)
                 async with response:
                     if response.status == 404:
                         return None
+                    if response.status == 401:
+                        raise SignatureFetchError(
+                            f"reading signature from {redact(url)}: {_unauthorized(response, url, parts.username)}"
+                        )
                     if response.status != 200:
                         raise SignatureFetchError(
                             f"reading signature from {redact(url)}: status {response.status} ({response.reason})"
