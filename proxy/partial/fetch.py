@@ -15,15 +15,34 @@ fetches finish in::
 Errors never escape a fetch task: they are stored with the unit and raised by the copy task when it reaches
 that unit, so the error a client sees is the first one in request order (and never an ExceptionGroup).
 
-A multi-range request is abandoned at once (connection closed, not drained) when the server answers 200
-with the whole blob, and the host is marked single-range; 400 and 416 halve the parts per request; a
-multipart answer that stalls, breaks its framing or lacks a range falls back to single ranges for what is
-missing. A single range answered with 200 means the host cannot serve parts at all (RangesIgnored).
+**Probing a host.** A host is asked for several ranges at once only after a probe showed it answers them:
+three single bytes of the smallest blob of the same image that has at most ``PROBE_MAX_BYTES`` (256 KiB):
+its config as a rule, or the blob being read when it is smaller. A host that ignores multi-range requests
+(S3, ECR, nginx with ``max_ranges 1``) answers with that whole blob, so the probe costs at most 256 KiB of
+body whatever any socket buffer holds (159 bytes for the test image's config); that body is read, so its
+connection is kept. Without such a blob the host is not probed: single ranges, which cost nothing extra.
+
+Why not probe on the blob the call wants and abandon a 200 at once? Because what a server sends before we
+close is set by socket buffers, mostly the server's. Against Debian nginx 1.22 with ``max_ranges 1`` on
+loopback (Linux 6.18), GetBlobAt of 3 ranges of a 100 MiB blob made nginx hand its socket 3.92 MB for the
+abandoned 200 (``$body_bytes_sent``; tests/partial/test_nginx.py). A fresh probe connection with ``SO_RCVBUF``
+set before connect (which also turns autotuning off) hardly changes that: 64 KiB gave 3.91 MB, 16 KiB
+2.75 to 3.60 MB, since nginx's send buffer grows on its own up to ``tcp_wmem``'s maximum (4 MiB). Only a
+4 KiB buffer with ``TCP_MAXSEG`` 536 brought it to 45 to 100 KB, through how Linux sizes a sender's buffer
+from its peer's segment size: nothing a client can count on from S3's servers, or anyone's. Probing on a
+small blob is bounded by that blob, which no buffer changes, for one extra small request per host.
+
+After a probe, a multi-range request answered 200 (a host whose small and large blobs are served
+differently) is abandoned at once (connection closed, not drained) and the host is marked single-range;
+400 and 416 halve the parts per request; a multipart answer that stalls, breaks its framing or lacks a
+range falls back to single ranges for what is missing. A single range answered with 200 means the host
+cannot serve parts at all (RangesIgnored).
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
 import logging
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
@@ -45,16 +64,20 @@ from proxy.partial.multipart import (
 from proxy.partial.planner import (
     BATCH_MAX_BYTES,
     PARALLEL_FETCHES,
+    PROBE_MAX_BYTES,
     ByteMap,
     ByteRange,
     HostRanges,
     Span,
     SpanCutter,
+    Support,
     Unit,
     check_within,
     multi_range_header,
     plan_spans,
     plan_units,
+    probe_choice,
+    probe_ranges,
     small_span_count,
     union,
 )
@@ -67,6 +90,10 @@ Write = Callable[[memoryview], Awaitable[None]]
 
 #: bytes asked per read of a streamed span
 READ_SIZE = 1 << 20
+#: how many blobs a probe tries before giving up for this call (one may be missing: a converted config)
+PROBE_ATTEMPTS = 2
+#: the most of an error answer to the probe (400, 416) that is read to keep its connection
+PROBE_ERROR_BODY = 64 * 1024
 
 
 class RangeSource(abc.ABC):
@@ -172,27 +199,114 @@ async def copy_units(
 
 # ------------------------------------------------------------------------------------------ registry
 
+
+@attrs.define(eq=False)
+class _Host:
+    ranges: HostRanges = attrs.Factory(HostRanges)
+    #: held while the host is probed: calls that would probe it too wait for the verdict
+    probing: trio.Lock = attrs.Factory(trio.Lock)
+    #: blobs a probe could not use for good (not there, refused): not tried again
+    unusable: set[str] = attrs.Factory(set)
+
+
 #: what each registry client learnt about each host (a client lives as long as its process or session)
-_HOSTS: weakref.WeakKeyDictionary[object, dict[str, HostRanges]] = weakref.WeakKeyDictionary()
+_HOSTS: weakref.WeakKeyDictionary[object, dict[str, _Host]] = weakref.WeakKeyDictionary()
+
+
+def _host(client: object, host: str) -> _Host:
+    return _HOSTS.setdefault(client, {}).setdefault(host, _Host())
 
 
 def host_ranges(client: object, host: str) -> HostRanges:
-    return _HOSTS.setdefault(client, {}).setdefault(host, HostRanges())
+    return _host(client, host).ranges
 
 
 class RegistryRanges(RangeSource):
-    """Ranges of a blob in a registry (``RegistrySource``), planned with what its host is known to do."""
+    """Ranges of a blob in a registry (``RegistrySource``), planned with what its host is known to do.
 
-    def __init__(self, source: RegistrySource, digest: str, size: int, what: str) -> None:
+    ``probe_blobs`` are other ``(digest, size)`` blobs of the same repository (the image's config and
+    layers): the smallest one that fits is where an unprobed host is probed (see the module docstring)."""
+
+    def __init__(
+        self,
+        source: RegistrySource,
+        digest: str,
+        size: int,
+        what: str,
+        probe_blobs: Sequence[tuple[str, int]] = (),
+    ) -> None:
         self._source = source
         self._digest = digest
         self.size = size
         self.what = what
-        self.host = host_ranges(source.client, source.domain)
+        self._state = _host(source.client, source.domain)
+        self.host = self._state.ranges
+        self._probe_blobs = [(digest, size), *probe_blobs]
 
     async def copy_spans(self, spans: Sequence[Span], write: Write) -> None:
-        units = plan_units(spans, self.host.batch_size(small_span_count(spans)))
+        if self.host.wants_probe(small_span_count(spans)):
+            await self._probe()
+        units = plan_units(spans, self.host.batch_size())
         await copy_units(units, self._fetch_small, self._stream_span, write)
+
+    # -- probing -------------------------------------------------------------------------------------
+
+    async def _probe(self) -> None:
+        """Learn whether the host answers multi-range requests, on a small blob (at most PROBE_ATTEMPTS
+        tries); a host that could not be probed stays unknown, and this call uses single ranges."""
+        state = self._state
+        async with state.probing:
+            if self.host.support is not Support.UNKNOWN:
+                return  # another call probed it meanwhile
+            candidates = [blob for blob in probe_choice(self._probe_blobs) if blob[0] not in state.unusable]
+            for digest, size in candidates[:PROBE_ATTEMPTS]:
+                try:
+                    await self._probe_on(digest, size)
+                    return
+                except (SourceError, HTTPError) as e:
+                    if isinstance(e, SourceError) and e.code is not ErrorCode.RETRYABLE:
+                        state.unusable.add(digest)
+                    log.info("%s: probing for multi-range support on blob %s failed: %s", self.what, digest, e)
+            if not candidates:
+                log.debug("%s: no blob of at most %d bytes to probe on: single ranges", self.what, PROBE_MAX_BYTES)
+
+    async def _probe_on(self, digest: str, size: int) -> None:
+        wanted = probe_ranges(size)
+        response, host = await self._source.request_ranges(digest, multi_range_header(wanted))
+        status = response.status
+        if status == 200:
+            # the whole probe blob, at most PROBE_MAX_BYTES: read it so the connection can be reused
+            with contextlib.suppress(HTTPError):
+                await response.read_all(PROBE_MAX_BYTES)
+            await response.aclose()
+            self.host.whole_body_seen()
+            log.info("%s: %s ignores multi-range requests (200 for blob %s); single ranges", self.what, host, digest)
+            return
+        if status in (400, 416):
+            with contextlib.suppress(HTTPError):
+                await response.read_all(PROBE_ERROR_BODY)
+            await response.aclose()
+            self.host.probe_refused()
+            log.info("%s: %s refused 3 ranges in one request (%d); single ranges", self.what, host, status)
+            return
+        parts = ByteMap()
+        try:
+            await self._receive_parts(response, parts, size)
+        except (MultipartError, _BadPart) as e:
+            await response.abandon()
+            self.host.broken_multipart()
+            log.info("%s: %s answered a multi-range probe unusably (%s); single ranges", self.what, host, e)
+            return
+        except BaseException:
+            await response.abandon()
+            raise
+        await response.aclose()
+        if all(parts.extract(r) is not None for r in wanted):
+            self.host.multipart_seen()
+            log.debug("%s: %s answers multi-range requests", self.what, host)
+        else:
+            self.host.broken_multipart()
+            log.info("%s: %s left out ranges of a multi-range probe; single ranges", self.what, host)
 
     # -- single ranges -------------------------------------------------------------------------------
 
@@ -253,7 +367,7 @@ class RegistryRanges(RangeSource):
             return await self._refetch(spans)
         parts = ByteMap()
         try:
-            await self._receive_parts(response, host, parts)
+            await self._receive_parts(response, parts, self.size)
         except (HTTPError, MultipartError, _BadPart) as e:
             await response.abandon()
             if not isinstance(e, HTTPError):
@@ -261,6 +375,7 @@ class RegistryRanges(RangeSource):
             log.info("%s: multi-range answer from %s unusable (%s); fetching its ranges one by one", self.what, host, e)
         else:
             await response.aclose()
+            self.host.multipart_seen()
         out = []
         for span in spans:
             data = parts.extract(span.range)
@@ -278,13 +393,14 @@ class RegistryRanges(RangeSource):
             out.extend(await self._fetch_small(spans[i : i + step]))
         return out
 
-    async def _receive_parts(self, response, host: str, parts: ByteMap) -> None:
+    async def _receive_parts(self, response, parts: ByteMap, size: int) -> None:
+        """The parts of a 206 to a multi-range request for a ``size``-byte blob, into ``parts``."""
         content_type = response.headers.get("content-type")
-        limit = min(self.size, 2 * BATCH_MAX_BYTES)
+        limit = min(size, 2 * BATCH_MAX_BYTES)
         if not is_multipart_byteranges(content_type):
             # one part: the server coalesced everything into a single range
             got = parse_content_range(response.headers.get("content-range"))
-            if got is None or (got.total is not None and got.total != self.size):
+            if got is None or (got.total is not None and got.total != size):
                 raise _BadPart(f"a 206 with Content-Range {response.headers.get('content-range')!r}")
             data = await response.read_all(limit)
             if len(data) != got.length:
@@ -303,8 +419,8 @@ class RegistryRanges(RangeSource):
             for event in events:
                 if isinstance(event, PartStart):
                     got = event.content_range
-                    if got.total is not None and got.total != self.size:
-                        raise _BadPart(f"a part of a {got.total}-byte resource, the blob has {self.size}")
+                    if got.total is not None and got.total != size:
+                        raise _BadPart(f"a part of a {got.total}-byte resource, the blob has {size}")
                     if pieces:
                         parts.add(offset, b"".join(pieces))
                     offset, pieces = got.start, []
@@ -317,8 +433,6 @@ class RegistryRanges(RangeSource):
                 break
         if pieces:
             parts.add(offset, b"".join(pieces))
-        self.host.multipart_seen()
-        log.debug("%s: %s answered a multi-range request with multipart/byteranges", self.what, host)
 
 
 class _BadPart(Exception):

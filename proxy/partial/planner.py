@@ -13,8 +13,11 @@ host known to answer multi-range requests properly, several of them in one reque
 the host's ``max_ranges`` parts and ``BATCH_MAX_BYTES``). Larger spans are streamed when their turn comes.
 
 :class:`HostRanges` is what we learnt about one host: multi-range support is unknown until a call has at
-least ``MULTI_MIN_SPANS`` small spans to fetch, then probed once; a 200 answer (the server ignored the ranges,
-as S3 and ECR do) marks the host single-range for good, a 400 or 416 halves ``max_ranges``.
+least ``MULTI_MIN_SPANS`` small spans to fetch, then probed once, on a blob of at most ``PROBE_MAX_BYTES``
+(:func:`probe_choice`, :func:`probe_ranges`; why in ``proxy.partial.fetch``). Until a probe answered, a host
+gets single ranges only. A 200 answer (the server ignored the ranges, as S3 and ECR do) marks the host
+single-range for good; so does a probe answered 400 or 416; a 400 or 416 to a later request halves
+``max_ranges``.
 """
 
 from __future__ import annotations
@@ -36,6 +39,10 @@ MAX_RANGES_PER_REQUEST = 64
 BATCH_MAX_BYTES = 4 << 20
 #: a call needs at least this many small spans before an unprobed host is tried with a multi-range request
 MULTI_MIN_SPANS = 3
+#: the largest blob a host is probed on: what a probe answered 200 (the whole blob) can cost
+PROBE_MAX_BYTES = 256 << 10
+#: the smallest: the probe asks for three separate bytes
+PROBE_MIN_BYTES = 5
 
 
 class RangeError(ValueError):
@@ -137,13 +144,14 @@ class HostRanges:
     support: Support = Support.UNKNOWN
     max_ranges: int = MAX_RANGES_PER_REQUEST
 
-    def batch_size(self, small_spans: int) -> int:
-        """How many spans one request may carry for a call with ``small_spans`` small spans."""
-        if self.support is Support.SINGLE:
-            return 1
-        if self.support is Support.UNKNOWN and small_spans < MULTI_MIN_SPANS:
-            return 1  # not worth a probe: single ranges in parallel
-        return self.max_ranges
+    def batch_size(self) -> int:
+        """How many spans one request may carry: more than one only on a host that proved it can."""
+        return self.max_ranges if self.support is Support.MULTI else 1
+
+    def wants_probe(self, small_spans: int) -> bool:
+        """Whether a call with ``small_spans`` small spans should probe the host first (two ranges, a TOC and
+        its tar-split, are not worth it)."""
+        return self.support is Support.UNKNOWN and small_spans >= MULTI_MIN_SPANS
 
     def multipart_seen(self) -> None:
         if self.support is Support.UNKNOWN:
@@ -151,6 +159,11 @@ class HostRanges:
 
     def whole_body_seen(self) -> None:
         """A 200 to a multi-range request: never again (its body was abandoned, not read)."""
+        self.support = Support.SINGLE
+        self.max_ranges = 1
+
+    def probe_refused(self) -> None:
+        """A 400 or 416 to the probe's three ranges: single ranges from now on."""
         self.support = Support.SINGLE
         self.max_ranges = 1
 
@@ -209,6 +222,21 @@ def small_span_count(spans: Sequence[Span]) -> int:
     return sum(1 for s in spans if s.length <= SMALL_SPAN)
 
 
+def probe_choice(blobs: Iterable[tuple[str, int]]) -> list[tuple[str, int]]:
+    """The ``(digest, size)`` blobs a host may be probed on, cheapest first: those of ``PROBE_MIN_BYTES`` to
+    ``PROBE_MAX_BYTES`` bytes, each once."""
+    fitting = {digest: size for digest, size in blobs if PROBE_MIN_BYTES <= size <= PROBE_MAX_BYTES}
+    return sorted(fitting.items(), key=lambda blob: (blob[1], blob[0]))
+
+
+def probe_ranges(size: int) -> list[ByteRange]:
+    """Three separate bytes of a ``size``-byte blob (first, middle, last): a server that serves them in one
+    answer serves several ranges at once."""
+    if size < PROBE_MIN_BYTES:
+        raise ValueError(f"a {size}-byte blob is too small to probe")
+    return [ByteRange(0, 1), ByteRange(size // 2, 1), ByteRange(size - 1, 1)]
+
+
 class ByteMap:
     """Pieces of a blob received in any order (multipart parts); ``extract`` puts a range back together."""
 
@@ -244,6 +272,8 @@ __all__ = [
     "MERGE_GAP",
     "MULTI_MIN_SPANS",
     "PARALLEL_FETCHES",
+    "PROBE_MAX_BYTES",
+    "PROBE_MIN_BYTES",
     "SMALL_SPAN",
     "ByteMap",
     "ByteRange",
@@ -257,6 +287,8 @@ __all__ = [
     "multi_range_header",
     "plan_spans",
     "plan_units",
+    "probe_choice",
+    "probe_ranges",
     "small_span_count",
     "union",
 ]

@@ -38,9 +38,18 @@ TAR_SPLIT_CHUNK = 1 << 20
 
 
 async def open_ranges(
-    source: ImageSource, digest: str, size: int | None, store: BlobStore | None, what: str
+    source: ImageSource,
+    digest: str,
+    size: int | None,
+    store: BlobStore | None,
+    what: str,
+    probe_blobs: Sequence[mf.Descriptor] = (),
 ) -> RangeSource:
-    """How to read ranges of ``digest`` (``size`` from the manifest when it names the blob)."""
+    """How to read ranges of ``digest`` (``size`` from the manifest when it names the blob).
+
+    ``probe_blobs``: blobs the registry holds for the same image (its config and layers, not a config made by
+    converting a schema 1 manifest): the smallest, if at most 256 KiB, is where a registry host not yet known
+    to answer multi-range requests is probed (``fetch``). Without one, such a host gets single ranges."""
     if isinstance(source, RegistrySource):
         if store is not None:
             cached = await store.open_cached(digest, size)
@@ -50,7 +59,8 @@ async def open_ranges(
                 return FileRanges(fd, 0, cached.size, what, cached.aclose)
         if size is None:
             size = await learn_size(source, digest, what)
-        return RegistryRanges(source, digest, size, what)
+        probes = [(d.digest, d.size) for d in probe_blobs if not d.urls]  # a foreign layer is not in the registry
+        return RegistryRanges(source, digest, size, what, probes)
     blob = await source.open_blob(digest)
     try:
         return ranges_of_blob(blob, lambda: source.open_blob(digest), what, size)

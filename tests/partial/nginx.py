@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.client
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import attrs
 import pytest
+import trio
 
 from tests.http.registry import free_port
 from tests.support.registry import answers_v2
@@ -83,6 +85,22 @@ class StaticRegistry:
 
 
 @attrs.frozen
+class LogEntry:
+    """One line of the access log: a request as nginx finished it."""
+
+    request: str  # "GET /v2/... HTTP/1.1"
+    range: str  # the Range header, "" without one
+    status: int
+    body_bytes_sent: int  # body bytes nginx handed to the kernel, whether or not the client read them
+
+    @property
+    def path(self) -> str:
+        """The request's target; "" for what was no HTTP request (a TLS ClientHello)."""
+        words = self.request.split(" ")
+        return words[1] if len(words) == 3 else ""
+
+
+@attrs.frozen
 class Nginx:
     port: int
     max_ranges: int | None
@@ -91,6 +109,23 @@ class Nginx:
     @property
     def authority(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def access_log(self) -> Path:
+        return self.prefix / "access.log"
+
+    def log_size(self) -> int:
+        """Where the access log ends now: pass it to ``log_entries`` to see only what comes after."""
+        return self.access_log.stat().st_size if self.access_log.exists() else 0
+
+    def log_entries(self, since: int = 0) -> list[LogEntry]:
+        """The access log's complete lines from byte ``since`` on (nginx writes a line when it finishes a
+        request: for one the client abandoned, when it notices the connection is gone)."""
+        with self.access_log.open("rb") as f:
+            f.seek(since)
+            text = f.read().decode(errors="replace")  # a TLS ClientHello (the daemon tries https first) is logged raw
+        lines = text.split("\n")[:-1]  # the last piece is empty, or a line still being written
+        return [LogEntry(**json.loads(line)) for line in lines]
 
 
 def _config(prefix: Path, root: Path, port: int, max_ranges: int | None) -> str:
@@ -107,7 +142,9 @@ pid {prefix}/nginx.pid;
 error_log {prefix}/error.log warn;
 events {{ worker_connections 128; }}
 http {{
-    access_log {prefix}/access.log;
+    log_format entries escape=json '{{"request": "$request", "range": "$http_range", "status": $status, '
+                                   '"body_bytes_sent": $body_bytes_sent}}';
+    access_log {prefix}/access.log entries;
 {temp}
     types {{ }}
     default_type application/octet-stream;
@@ -117,6 +154,7 @@ http {{
         root {root};
         {limit}
         location = /v2/ {{ default_type application/json; return 200 '{{}}'; }}
+        location = /nginx-status {{ stub_status; access_log off; }}
         location ~ ^/v2/.+/manifests/ {{ default_type {OCI_MANIFEST}; }}
     }}
 }}
@@ -152,3 +190,24 @@ def nginx_process(prefix: Path, root: Path, max_ranges: int | None = None) -> It
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def active_connections(port: int) -> int:
+    """nginx's count of open client connections (stub_status), this one included."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=READY_TIMEOUT)
+    try:
+        conn.request("GET", "/nginx-status")
+        text = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    return int(text.split("\n", 1)[0].removeprefix("Active connections:").strip())
+
+
+async def settled_log(nginx: Nginx, since: int, timeout: float = 10.0) -> list[LogEntry]:
+    """The access-log entries after byte ``since``, once nginx has no connection left but the one asking: it
+    logs a request before it closes its connection (one the client abandoned: once it notices), so every
+    request of clients that are gone is then in the log."""
+    with trio.fail_after(timeout):
+        while active_connections(nginx.port) > 1:
+            await trio.sleep(0.02)  # polling nginx; the deadline above bounds the wait
+    return nginx.log_entries(since)

@@ -12,6 +12,8 @@ from proxy.partial.planner import (
     BATCH_MAX_BYTES,
     MAX_RANGES_PER_REQUEST,
     MERGE_GAP,
+    PROBE_MAX_BYTES,
+    PROBE_MIN_BYTES,
     SMALL_SPAN,
     ByteMap,
     ByteRange,
@@ -24,6 +26,8 @@ from proxy.partial.planner import (
     multi_range_header,
     plan_spans,
     plan_units,
+    probe_choice,
+    probe_ranges,
     union,
 )
 
@@ -93,18 +97,45 @@ def test_units_batch_small_spans_and_stream_large_ones():
 
 def test_host_state_machine():
     host = HostRanges()
-    assert host.batch_size(2) == 1  # two ranges (TOC + tar-split): single requests, no probe
-    assert host.batch_size(3) == MAX_RANGES_PER_REQUEST  # worth probing
-    host.refused()  # 400 / 416
-    assert host.max_ranges == MAX_RANGES_PER_REQUEST // 2 and host.support is Support.UNKNOWN
-    host.multipart_seen()
-    assert host.support is Support.MULTI and host.batch_size(2) == MAX_RANGES_PER_REQUEST // 2
+    assert not host.wants_probe(2)  # two ranges (TOC + tar-split): single requests, no probe
+    assert host.wants_probe(3)  # worth probing
+    assert host.batch_size() == 1  # never several ranges in one request before a probe answered
+    host.multipart_seen()  # the probe got its three bytes
+    assert host.support is Support.MULTI and host.batch_size() == MAX_RANGES_PER_REQUEST
+    assert not host.wants_probe(100)
+    host.refused()  # 400 / 416 to a later request
+    assert host.max_ranges == MAX_RANGES_PER_REQUEST // 2 and host.batch_size() == MAX_RANGES_PER_REQUEST // 2
     host.whole_body_seen()  # 200: never again
-    assert host.support is Support.SINGLE and host.batch_size(100) == 1
-    halving = HostRanges()
+    assert host.support is Support.SINGLE and host.batch_size() == 1 and not host.wants_probe(100)
+    halving = HostRanges(Support.MULTI)
     for _ in range(10):
         halving.refused()
     assert halving.max_ranges == 1 and halving.support is Support.SINGLE
+    refusing = HostRanges()
+    refusing.probe_refused()  # 400 / 416 to the probe's three ranges
+    assert refusing.support is Support.SINGLE and refusing.batch_size() == 1 and not refusing.wants_probe(100)
+
+
+def test_probe_choice_is_the_smallest_blob_that_can_be_probed():
+    blobs = [("big", 100 << 20), ("config", 1500), ("tiny", PROBE_MIN_BYTES - 1), ("config", 1500)]
+    blobs += [("edge", PROBE_MAX_BYTES), ("over", PROBE_MAX_BYTES + 1), ("layer", 9000)]
+    assert probe_choice(blobs) == [("config", 1500), ("layer", 9000), ("edge", PROBE_MAX_BYTES)]
+    assert probe_choice([("big", 100 << 20)]) == []
+
+
+@pytest.mark.parametrize("size", [PROBE_MIN_BYTES, 6, 1500, PROBE_MAX_BYTES])
+def test_probe_ranges_are_three_separate_bytes(size):
+    ranges = probe_ranges(size)
+    assert [r.length for r in ranges] == [1, 1, 1]
+    assert ranges[0].offset == 0 and ranges[-1].end == size
+    # not touching: a server cannot answer them as one range without coalescing what it was not asked for
+    assert all(b.offset > a.end for a, b in itertools.pairwise(ranges))
+    assert union(ranges) == ranges
+
+
+def test_a_blob_too_small_to_probe():
+    with pytest.raises(ValueError, match="too small"):
+        probe_ranges(PROBE_MIN_BYTES - 1)
 
 
 def test_union_and_header():
