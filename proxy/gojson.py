@@ -8,7 +8,8 @@ manifests, re-serialized configs); clients hash some of it, so the bytes must ma
 * ``unmarshal(data, schema)``: decode JSON the way ``json.Unmarshal`` fills a Go value of the
   given type: case-insensitive field matching (exact match preferred), unknown fields dropped,
   ``null`` leaving non-nullable values alone, maps merged on duplicate keys, type mismatches
-  rejected, invalid UTF-8 replaced by U+FFFD byte by byte.
+  rejected, invalid UTF-8 replaced by U+FFFD byte by byte. Input nested deeper than
+  ``proxy.jsonlimits.MAX_DEPTH`` levels is refused with ``GoJSONNestingError`` before it is parsed.
 * ``format_go_time(s)``: an RFC 3339 timestamp re-serialized like ``time.Time.MarshalJSON``.
 """
 
@@ -24,6 +25,8 @@ from typing import Any
 
 import attrs
 
+from proxy import jsonlimits
+
 __all__ = [
     "ANY",
     "BOOL",
@@ -34,6 +37,7 @@ __all__ = [
     "EmptyStruct",
     "Field",
     "GoJSONError",
+    "GoJSONNestingError",
     "GoMap",
     "ListOf",
     "MapOf",
@@ -48,6 +52,11 @@ __all__ = [
 
 class GoJSONError(ValueError):
     """The input cannot be decoded into the Go type, or a value cannot be marshalled."""
+
+
+class GoJSONNestingError(GoJSONError):
+    """The input nests deeper than the limit (``JSON nested too deeply (over 64 levels)``): refused before it is
+    parsed, so that neither the parser nor the decoding recurses without bound."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -341,8 +350,15 @@ def _no_constants(name: str) -> Any:
     raise GoJSONError(f"invalid character {name[0]!r} looking for beginning of value")
 
 
-def parse_json(data: bytes) -> Any:
-    """Parse JSON text like Go's scanner accepts it; objects become ``_Pairs``."""
+def parse_json(data: bytes, max_depth: int = jsonlimits.MAX_DEPTH) -> Any:
+    """Parse JSON text like Go's scanner accepts it; objects become ``_Pairs``.
+
+    Raises ``GoJSONNestingError`` when arrays and objects nest deeper than ``max_depth``.
+    """
+    try:
+        jsonlimits.check_json_depth(data, max_depth)
+    except jsonlimits.NestingError as e:
+        raise GoJSONNestingError(str(e)) from None
     text = _go_decode_utf8(data)
     try:
         return json.loads(
@@ -355,8 +371,8 @@ def parse_json(data: bytes) -> Any:
         if not text.strip():
             raise GoJSONError("unexpected end of JSON input") from None
         raise GoJSONError(f"invalid JSON: {e.msg} at offset {e.pos}") from None
-    except RecursionError:
-        raise GoJSONError("invalid JSON: exceeded max depth") from None
+    except RecursionError:  # not expected below the depth limit
+        raise GoJSONNestingError(str(jsonlimits.NestingError(max_depth))) from None
 
 
 def _json_kind(v: Any) -> str:
@@ -476,13 +492,15 @@ def _to_plain(v: Any) -> Any:
     return sanitize_utf8(v)
 
 
-def unmarshal(data: bytes, schema: Any) -> Any:
+def unmarshal(data: bytes, schema: Any, max_depth: int = jsonlimits.MAX_DEPTH) -> Any:
     """Decode ``data`` as Go's ``json.Unmarshal`` fills a zero value of ``schema``.
 
     Structs become dicts keyed by JSON field names (all fields present, zero values filled in),
-    ``TIME`` values come back as their re-serialized text. Raises ``GoJSONError``.
+    ``TIME`` values come back as their re-serialized text. Raises ``GoJSONError``; its subclass
+    ``GoJSONNestingError`` for input nested deeper than ``max_depth`` (Go allows 10000 levels; no
+    manifest, config or index needs more than a few, see ``proxy.jsonlimits``).
     """
-    return _decode(parse_json(data), schema, _zero(schema), "")
+    return _decode(parse_json(data, max_depth), schema, _zero(schema), "")
 
 
 def encode_value(value: Any, t: Any) -> Any:

@@ -5,6 +5,10 @@ instance selection for the wanted platform, parsing and validation of image mani
 Docker schema2 -> OCI conversion and the OCI config re-serialization that GetManifest,
 GetConfig, GetFullConfig and GetLayerInfo return. The Go structures are mirrored as
 ``proxy.gojson`` schemas so that the output is byte-identical to what the Go server writes.
+
+Errors: ``ManifestError`` only, whatever the bytes. A document nested deeper than
+``proxy.jsonlimits.MAX_DEPTH`` is refused naming it by digest:
+``OCI image manifest sha256:…: JSON nested too deeply (over 64 levels)``.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from proxy.gojson import (
     EmptyStruct,
     Field,
     GoJSONError,
+    GoJSONNestingError,
     ListOf,
     MapOf,
     PtrTo,
@@ -280,10 +285,20 @@ def _schema1_payload(raw: bytes) -> bytes:
 # ---- MIME types ------------------------------------------------------------------------------
 
 
+def _too_deep(raw: bytes, what: str, e: GoJSONNestingError) -> ManifestError:
+    return ManifestError(f"{what} {digest_of(raw)}: {e}")
+
+
 def guess_mime_type(raw: bytes) -> str:
-    """``manifest.GuessMIMEType``: the recognized MIME type of a manifest blob, or ""."""
+    """``manifest.GuessMIMEType``: the recognized MIME type of a manifest blob, or "".
+
+    Unlike Go's, raises ManifestError for a blob nested too deeply to be parsed (Go's "" would make it
+    an unknown type and hide why).
+    """
     try:
         meta = gojson.unmarshal(raw, _GUESS_META)
+    except GoJSONNestingError as e:
+        raise _too_deep(raw, "manifest", e) from None
     except GoJSONError:
         return ""
     if meta["mediaType"] in (DOCKER_V2S2, DOCKER_V2_LIST, OCI_MANIFEST, OCI_INDEX):
@@ -324,6 +339,8 @@ def is_list(mime: str) -> bool:
 def _decode(raw: bytes, schema: Struct, what: str) -> dict[str, Any]:
     try:
         return gojson.unmarshal(raw, schema)
+    except GoJSONNestingError as e:
+        raise _too_deep(raw, what, e) from None
     except GoJSONError as e:
         raise ManifestError(f"parsing {what}: {e}") from None
 
@@ -645,6 +662,8 @@ def to_oci_manifest(raw: bytes, mime: str, config_blob: bytes | None = None) -> 
 def _oci_image(config_blob: bytes) -> dict[str, Any]:
     try:
         return gojson.unmarshal(config_blob, OCI_IMAGE)
+    except GoJSONNestingError as e:
+        raise _too_deep(config_blob, "image config", e) from None
     except GoJSONError as e:
         raise ManifestError(f"parsing image config: {e}") from None
 

@@ -36,6 +36,8 @@ from typing import Any
 
 import attrs
 
+from proxy import jsonlimits
+
 from ._env import home_dir, under_root
 from .cred_helpers import DEFAULT_HELPER_TIMEOUT, run_credential_helper
 from .credentials import Credentials, RegistryToken
@@ -131,7 +133,9 @@ def _read_auth_file(auth_file: AuthFile) -> _FileContents:
     except OSError as e:
         raise ConfigError(f'reading JSON file "{path}": {e.strerror or e}', path) from e
     try:
-        document = json.loads(raw)
+        document = jsonlimits.loads(raw)
+    except jsonlimits.NestingError as e:
+        raise ConfigError(f'reading JSON file "{path}": {e}', path) from None
     except ValueError as e:
         raise ConfigError(f'reading JSON file "{path}": invalid JSON: {_json_error(e)}', path) from None
     if auth_file.legacy:

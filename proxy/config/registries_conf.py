@@ -25,6 +25,7 @@ from typing import Any, Final, Literal, cast
 
 import attrs
 
+from proxy import jsonlimits
 from proxy.sources.docker_reference import _DOMAIN, DockerReference, parse_docker_reference
 
 from ._env import home_dir, under_root
@@ -416,11 +417,13 @@ def _parse_file(raw: bytes, path: Path, *, drop_in: bool) -> _ParsedFile:
     """``loadConfigFile``: decode, convert v1, validate (``postProcessRegistries``)."""
     reader = _FileReader(path, drop_in)
     try:
-        document = tomllib.loads(raw.decode("utf-8"))
+        document = jsonlimits.toml_loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
         raise reader.error(f"not UTF-8: {e}") from e
     except tomllib.TOMLDecodeError as e:
         raise reader.error(f"invalid TOML: {e}") from e
+    except jsonlimits.NestingError as e:
+        raise reader.error(str(e)) from None
 
     v1 = _v1_lists(document, reader)
     if v1 is not None:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import enum
 import hashlib
 import io
-import json
 import re
 import struct
 import tarfile
@@ -35,6 +34,8 @@ import zlib
 
 import attrs
 import zstandard
+
+from proxy import jsonlimits
 
 MAX_TOC_SIZE = 150 << 20
 #: the most of a layer's end we read to find a footer (covers 64 + 8, 40 + 8, 51 and 47)
@@ -283,7 +284,9 @@ def decode_toc(location: TocLocation, raw: bytes) -> bytes:
 def tar_split_digest(toc_json: bytes) -> str | None:
     """The ``tarSplitDigest`` a zstd:chunked TOC names (None: an older TOC without one)."""
     try:
-        doc = json.loads(toc_json)
+        doc = jsonlimits.loads(toc_json)
+    except jsonlimits.NestingError as e:
+        raise TocError(f"the TOC is {e}") from None
     except ValueError:
         raise TocError("the TOC is not JSON") from None
     value = doc.get("tarSplitDigest") if isinstance(doc, dict) else None

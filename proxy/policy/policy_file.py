@@ -9,6 +9,7 @@ from typing import Any, NoReturn
 
 import attrs
 
+from proxy import jsonlimits
 from proxy.gojson import go_quote
 from proxy.policy.errors import PolicyFileError
 from proxy.policy.requirements import Requirement, parse_requirements
@@ -68,8 +69,8 @@ def parse_policy(data: bytes, path: str) -> Policy:
         raise PolicyFileError(f"invalid policy in {go_quote(path)}: {key}: {why}", path)
 
     try:
-        doc = json.loads(data, object_pairs_hook=_no_duplicates)
-    except (ValueError, UnicodeDecodeError) as e:
+        doc = jsonlimits.loads(data, object_pairs_hook=_no_duplicates)
+    except (ValueError, UnicodeDecodeError) as e:  # NestingError is a ValueError: "JSON nested too deeply ..."
         raise PolicyFileError(f"invalid policy in {go_quote(path)}: {e}", path) from None
     if not isinstance(doc, dict):
         fail("(top level)", "must be a JSON object")

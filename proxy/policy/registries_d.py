@@ -18,6 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 import attrs
 import yaml
 
+from proxy import jsonlimits
 from proxy.policy.errors import PolicyFileError
 from proxy.policy.scopes import docker_namespaces
 from proxy.sources.docker_reference import DockerReference
@@ -125,10 +126,11 @@ def load_registries_d(directory: str) -> RegistriesD:
                 data = f.read(MAX_FILE_SIZE + 1)
             if len(data) > MAX_FILE_SIZE:
                 raise PolicyFileError(f"{path}: larger than {MAX_FILE_SIZE} bytes", path)
+            jsonlimits.check_yaml_depth(data)  # safe_load recurses once per level
             doc = yaml.safe_load(data)
         except OSError as e:
             raise PolicyFileError(f"reading {path}: {(e.strerror or str(e)).lower()}", path) from None
-        except yaml.YAMLError as e:
+        except (yaml.YAMLError, jsonlimits.NestingError) as e:
             raise PolicyFileError(f"parsing {path}: {e}", path) from None
         if doc is None:
             continue
