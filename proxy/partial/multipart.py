@@ -184,12 +184,13 @@ class MultipartParser:
 
     def _headers(self, events: list[Event]) -> bool:
         buf = self._buffer
-        m = re.search(rb"\r?\n\r?\n", buf)
         end = None
-        if m is not None:
-            end, head = m.end(), bytes(buf[: m.start()])
-        elif buf.startswith(b"\r\n") or buf.startswith(b"\n"):  # a part with no header at all
+        if buf.startswith(b"\r\n") or buf.startswith(b"\n"):
+            # A part with no header at all: its body starts here. Checked first, so that a blank line further
+            # on cannot make the body's first lines headers (only when more of the body had arrived).
             end, head = (2 if buf.startswith(b"\r\n") else 1), b""
+        elif (m := re.search(rb"\r?\n\r?\n", buf)) is not None:
+            end, head = m.end(), bytes(buf[: m.start()])
         if end is None:
             if len(buf) > MAX_PART_HEAD:
                 raise MultipartError(f"a part's header block is longer than {MAX_PART_HEAD} bytes")
