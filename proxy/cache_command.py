@@ -7,6 +7,12 @@ Safe beside running proxies:
 - A partial whose lock is held belongs to a download in progress: it is never removed. Whatever is removed is
   first checked to be the very file that was looked at (same inode; a partial is removed holding its lock).
 - Blobs are read with ``O_NOATIME`` where allowed, so ``verify`` does not disturb the least-recently-used order.
+
+``verify`` reports as ``unsafe`` what the proxy refuses or does not trust: a symbolic link anywhere under
+``blobs/`` (the proxy never follows, writes or removes it, and streams that blob uncached), and a blob or partial
+that is hard-linked, owned by another user than ``blobs/``'s owner, or group- or other-writable (its verification
+stamp proves nothing: the proxy re-hashes it before every use, and never writes a hard-linked partial). ``--repair``
+leaves them alone: they are someone's doing, to be looked at.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import argparse
 import json
 import os
 import re
+import stat
 import sys
 import time
 from collections.abc import Callable
@@ -36,7 +43,7 @@ DEFAULT_STALE_AFTER = 24 * 3600.0
 _DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", re.IGNORECASE)
 _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
-ProblemKind = Literal["corrupt", "stale-partial", "foreign", "unreadable"]
+ProblemKind = Literal["corrupt", "stale-partial", "foreign", "unsafe", "unreadable"]
 
 
 def parse_duration(text: str) -> float:
@@ -106,7 +113,7 @@ class VerifyReport:
             f"{self.blobs} blobs, {self.blob_bytes} bytes ({_human_bytes(self.blob_bytes)}): "
             f"{self.count('corrupt')} corrupt, {self.count('unreadable')} unreadable; "
             f"{self.partials} partials: {self.in_progress} in progress, {self.idle} idle, "
-            f"{self.count('stale-partial')} stale; {self.count('foreign')} foreign"
+            f"{self.count('stale-partial')} stale; {self.count('foreign')} foreign, {self.count('unsafe')} unsafe"
         )
         if self.removed:
             text += f"; removed {self.removed} ({self.freed_bytes} bytes)"
@@ -119,7 +126,7 @@ def verify(cache: CacheDir, *, repair: bool, stale_after: float, now: float) -> 
     def problem(entry: Entry, kind: ProblemKind, detail: str) -> None:
         found = Problem(str(cache.path(entry)), kind, detail)
         report.problems.append(found)
-        if not repair or kind == "unreadable" or (kind == "foreign" and not entry.removable):
+        if not repair or kind in ("unreadable", "unsafe") or (kind == "foreign" and not entry.removable):
             return
         if not cache.writable:
             found.action = "not repaired: the cache is read-only"
@@ -135,14 +142,38 @@ def verify(cache: CacheDir, *, repair: bool, stale_after: float, now: float) -> 
             report.removed += 1
             report.freed_bytes += entry.size
 
+    owner = os.fstat(cache.fd).st_uid  # the cache's user (the daemon's, under systemd's CacheDirectory=)
     for entry in cache.scan():
+        if entry.is_symlink:
+            problem(entry, "unsafe", "a symbolic link: never followed, written or removed; that blob is not cached")
+            continue
         if entry.kind == "foreign":
             problem(entry, "foreign", entry.why + ("" if entry.removable else "; never removed"))
-        elif entry.kind == "blob":
+            continue
+        why_unsafe = _untrusted(entry, owner)
+        if why_unsafe:
+            problem(entry, "unsafe", why_unsafe)
+        if entry.kind == "blob":
             _verify_blob(cache, entry, report, problem)
         else:
             _verify_partial(cache, entry, report, problem, stale_after, now)
     return report
+
+
+def _untrusted(entry: Entry, owner: int) -> str:
+    """Why the proxy does not trust this blob or partial ("" when it does)."""
+    reasons = []
+    if entry.nlink > 1:
+        reasons.append(f"hard-linked ({entry.nlink} names)")
+    if entry.uid != owner:
+        reasons.append(f"owned by uid {entry.uid}, not by uid {owner} (the owner of blobs/)")
+    if entry.mode & (stat.S_IWGRP | stat.S_IWOTH):
+        reasons.append(f"group- or other-writable (mode {stat.S_IMODE(entry.mode):04o})")
+    if not reasons:
+        return ""
+    if entry.kind == "partial" and entry.nlink > 1:
+        return ", ".join(reasons) + ": the proxy never writes it"
+    return ", ".join(reasons) + ": its stamp proves nothing, the proxy re-hashes it before every use"
 
 
 def _verify_blob(cache: CacheDir, entry: Entry, report: VerifyReport, problem: Callable[..., None]) -> None:

@@ -1,10 +1,14 @@
 """A blob cache directory walked without ever leaving it: ``DIR/blobs`` and ``DIR/blobs/<algo>`` are opened
 without following symlinks, and every later access is relative to those directory descriptors, so nothing
 outside DIR is read or removed, and no symlink is followed or removed. Used by the store's eviction and by
-``image-proxy cache``."""
+``image-proxy cache``; the store opens its own paths with :func:`open_subdir` and :func:`open_regular`, the same way.
+
+What the store creates is private: directories ``0700``, files ``0600`` (an existing DIR keeps its mode, as systemd's
+``CacheDirectoryMode=`` set it)."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -17,6 +21,9 @@ from typing import Literal
 from protocol.methods import DIGEST_HEX_LENGTHS
 
 PARTIAL_SUFFIX = ".partial"
+#: the mode of what the cache creates: DIR (when it does not exist), blobs/, blobs/<algo>/, blobs and partials
+DIR_MODE = 0o700
+FILE_MODE = 0o600
 
 _HEX = re.compile(r"[0-9a-f]+")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -32,6 +39,58 @@ class Changed(Exception):
     """The file is no longer the one that was scanned (replaced, removed or used meanwhile)."""
 
 
+class Refused(Exception):
+    """A path under DIR is not what the cache puts there (a symbolic link, not a directory or regular file, a
+    hard-linked partial): it is never followed, written or removed. The text names it and says why."""
+
+    def __init__(self, path: Path, why: str) -> None:
+        super().__init__(f"{path}: {why}")
+        self.path = path
+        self.why = why
+
+
+def _what_is(dir_fd: int, name: str, expected: str) -> str:
+    """What ``name`` is instead of ``expected``, for a refusal (looked at with ``lstat``, never followed)."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except OSError as e:
+        return f"cannot be opened: {e.strerror}"
+    if stat.S_ISLNK(st.st_mode):
+        return "a symbolic link (never followed)"
+    return f"not a {expected}"
+
+
+def open_subdir(parent_fd: int, name: str, path: Path, *, create: bool) -> int:
+    """The directory ``name`` under ``parent_fd`` (``path`` names it in messages), opened without following a
+    symlink; with ``create`` made first (mode 0700) if missing. Raises Refused, or FileNotFoundError without
+    ``create``."""
+    if create:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(name, DIR_MODE, dir_fd=parent_fd)
+    try:
+        return os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise Refused(path, _what_is(parent_fd, name, "directory")) from None
+        raise
+
+
+def open_regular(dir_fd: int, name: str, path: Path, flags: int = os.O_RDONLY, mode: int = FILE_MODE) -> int:
+    """The regular file ``name`` under ``dir_fd``, opened without following a symlink and without blocking on a
+    FIFO (``flags`` may add ``O_RDWR | O_CREAT``: created with ``mode``). Raises Refused for anything else, and
+    FileNotFoundError."""
+    try:
+        fd = os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode, dir_fd=dir_fd)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+            raise Refused(path, _what_is(dir_fd, name, "regular file")) from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise Refused(path, "not a regular file")
+    return fd
+
+
 @dataclass(frozen=True)
 class Entry:
     """One name under ``DIR/blobs``, as it was when scanned (``lstat``: a symlink is described, not followed)."""
@@ -45,6 +104,13 @@ class Entry:
     ino: int
     why: str = ""  # foreign: what is wrong with it
     removable: bool = False  # foreign: a regular file directly inside blobs/<algo>/ (verify --repair removes it)
+    uid: int = 0
+    mode: int = 0
+    nlink: int = 1
+
+    @property
+    def is_symlink(self) -> bool:
+        return stat.S_ISLNK(self.mode)
 
     @property
     def hexpart(self) -> str:
@@ -52,7 +118,20 @@ class Entry:
 
 
 def _entry(algo: str, name: str, st: os.stat_result, kind: Kind, why: str = "", removable: bool = False) -> Entry:
-    return Entry(algo, name, kind, st.st_size, st.st_atime_ns, st.st_mtime_ns, st.st_ino, why, removable)
+    return Entry(
+        algo,
+        name,
+        kind,
+        st.st_size,
+        st.st_atime_ns,
+        st.st_mtime_ns,
+        st.st_ino,
+        why,
+        removable,
+        st.st_uid,
+        st.st_mode,
+        st.st_nlink,
+    )
 
 
 def _classify(algo: str, name: str, st: os.stat_result) -> Entry:

@@ -116,15 +116,15 @@ def test_verify_reports_every_problem_and_removes_nothing(cache: Cache, capsys: 
     assert "corrupt: does not match its digest" in by_path[str(cache.flipped)]
     assert "stale-partial" in by_path[str(cache.stale)]
     assert "foreign: not a sha256 digest name" in by_path[str(cache.foreign)]
-    assert "foreign: a symbolic link (not followed)" in by_path[str(cache.link)]
-    assert "foreign: a symbolic link (not followed)" in by_path[str(cache.dir_link)]
+    assert "unsafe: a symbolic link: never followed" in by_path[str(cache.link)]
+    assert "unsafe: a symbolic link: never followed" in by_path[str(cache.dir_link)]
     assert "foreign" in by_path[str(cache.foreign_top)]
     for fine in (cache.good, cache.good512, cache.idle, cache.locked):
         assert str(fine) not in out
     assert len(lines) == 8
     assert lines[-1].startswith("4 blobs, ")
     assert "2 corrupt" in lines[-1] and "3 partials: 1 in progress, 1 idle, 1 stale" in lines[-1]
-    assert "4 foreign" in lines[-1]
+    assert "2 foreign, 2 unsafe" in lines[-1]
     for path in (cache.truncated, cache.flipped, cache.stale, cache.foreign):
         assert path.exists()
     cache.assert_outside_untouched()
@@ -137,7 +137,7 @@ def test_verify_stamps_good_blobs_and_keeps_their_atime(clean: Path, capsys: pyt
     code, out, _ = run(capsys, "cache", "verify", str(clean))
     assert code == 0
     summary = "2 blobs, 5000 bytes (4.9 KiB): 0 corrupt, 0 unreadable; 0 partials: 0 in progress, 0 idle, 0 stale"
-    assert out == summary + "; 0 foreign\n"
+    assert out == summary + "; 0 foreign, 0 unsafe\n"
     assert os.getxattr(blob, STAMP_XATTR) == verification_stamp(blob.stat())
     assert blob.stat().st_atime_ns == atime  # the LRU order that prune and --blob-cache-max rely on
 
@@ -160,6 +160,63 @@ def test_verify_repair(cache: Cache, capsys: pytest.CaptureFixture[str]) -> None
     assert {p["path"] for p in report["problems"]} == {str(cache.link), str(cache.dir_link), str(cache.foreign_top)}
     assert {p["action"] for p in report["problems"]} == {""}
     assert report["in_progress"] == 1 and report["idle"] == 1 and report["blobs"] == 2
+
+
+def test_verify_reports_what_the_proxy_refuses_or_does_not_trust_as_unsafe(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Symlinks (a blob, a partial, blobs/<algo> itself) and blobs whose stamp proves nothing (hard-linked, another
+    owner, group-writable) are `unsafe`; --repair removes none of them, nor anything they point to."""
+    root = tmp_path / "cache"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret = outside / "secret"
+    secret.write_bytes(b"not yours")
+    sha256 = root / "blobs" / "sha256"
+    good = put_blob(root, b"good")
+    linked_blob = sha256 / hashlib.sha256(b"not yours").hexdigest()
+    linked_blob.symlink_to(secret)
+    linked_partial = sha256 / (hashlib.sha256(b"partial").hexdigest() + ".partial")
+    linked_partial.symlink_to(secret)
+    (root / "blobs" / "sha512").symlink_to(outside, target_is_directory=True)
+    hard = put_blob(root, b"hard-linked")
+    os.link(hard, outside / "another name")
+    writable = put_blob(root, b"group-writable")
+    writable.chmod(0o664)
+    theirs = put_blob(root, b"someone else's")
+    os.chown(theirs, 4242, 4242)
+
+    code, out, _ = run(capsys, "cache", "verify", "--repair", "--json", str(root))
+    report = json.loads(out)
+    assert code == 1
+    unsafe = {p["path"]: p["detail"] for p in report["problems"] if p["kind"] == "unsafe"}
+    assert set(unsafe) == {
+        str(linked_blob),
+        str(linked_partial),
+        str(root / "blobs" / "sha512"),
+        str(hard),
+        str(writable),
+        str(theirs),
+    }
+    for link in (linked_blob, linked_partial, root / "blobs" / "sha512"):
+        assert unsafe[str(link)].startswith("a symbolic link: never followed")
+    assert unsafe[str(hard)].startswith("hard-linked (2 names)")
+    assert unsafe[str(writable)].startswith("group- or other-writable (mode 0664)")
+    assert unsafe[str(theirs)].startswith("owned by uid 4242, not by uid")
+    assert all("re-hashes it before every use" in unsafe[str(p)] for p in (hard, writable, theirs))
+    assert {p["kind"] for p in report["problems"]} == {"unsafe"}, "the untrusted blobs are good: nothing else"
+    assert {p["action"] for p in report["problems"]} == {""}, "--repair removes none of them"
+    assert report["blobs"] == 4 and report["good"] == 4
+    for path in (linked_blob, linked_partial, root / "blobs" / "sha512"):
+        assert path.is_symlink()
+    assert secret.read_bytes() == b"not yours" and sorted(p.name for p in outside.iterdir()) == [
+        "another name",
+        "secret",
+    ]
+    assert good.exists() and hard.exists() and writable.exists() and theirs.exists()
+
+    code, out, _ = run(capsys, "cache", "verify", str(root))
+    assert code == 1 and out.splitlines()[-1].endswith("0 foreign, 6 unsafe")
 
 
 def test_verify_stale_after(cache: Cache, capsys: pytest.CaptureFixture[str]) -> None:
