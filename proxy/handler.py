@@ -329,9 +329,14 @@ class Handler:
             return BytesBlob(image.converted_config[1])
         source = image.source
         if self._store is not None and isinstance(source, RegistrySource):
-            # registry blobs go through the cache: served from disk, or downloaded once into it
+            # registry blobs go through the cache: served from disk, or downloaded once into it, that download
+            # shared only by clients naming the same registry (a client never waits on a registry it did not name)
             return await self._store.fetch(
-                digest, expected_size, lambda offset: source.open_blob_from(digest, offset), self._resources.spawn
+                digest,
+                expected_size,
+                lambda offset: source.open_blob_from(digest, offset),
+                self._resources.spawn,
+                source=source.domain,
             )
         return await source.open_blob(digest)
 

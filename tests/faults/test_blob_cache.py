@@ -3,6 +3,8 @@ downloaded: blobs are fetched once, partial downloads resume, bad files are neve
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -10,8 +12,9 @@ import trio
 
 from protocol.client import ImageProxy
 from protocol.errors import ProxyError
+from proxy.blobstore import STAMP_XATTR, verification_stamp
 from tests.faults.conftest import FaultImages, Layer
-from tests.faults.proxy import FaultProxy, Stall
+from tests.faults.proxy import Answer, FaultProxy, Stall
 
 HANG_GUARD = 60.0
 
@@ -22,6 +25,10 @@ def cache_args(cache: Path, *extra: str) -> list[str]:
 
 def final(cache: Path, layer: Layer) -> Path:
     return cache / "blobs" / "sha256" / layer.digest.split(":")[1]
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.lstat().st_mode)
 
 
 def blob_gets(fault: FaultProxy, layer: Layer) -> list:
@@ -81,19 +88,19 @@ async def test_an_interrupted_download_resumes_from_the_partial_file(fault_image
     assert final(tmp_path, layer).read_bytes() == layer.data and not partial.exists()
 
 
-async def test_a_corrupt_partial_is_removed_and_the_blob_fetched_again(fault_images, fault, tmp_path):
+async def test_a_corrupt_partial_is_dropped_and_the_blob_fetched_again_in_the_same_request(
+    fault_images, fault, tmp_path
+):
+    """Resumed bytes are served only once the whole blob matched; when it does not, the partial is dropped and
+    the same GetBlob starts again from zero (the next client is never the one to fail)."""
     layer = fault_images.small
     partial = final(tmp_path, layer).with_name(final(tmp_path, layer).name + ".partial")
     partial.parent.mkdir(parents=True)
     partial.write_bytes(b"\0" * 1000)  # not the blob's first 1000 bytes
     with trio.fail_after(HANG_GUARD):
-        async with ImageProxy.spawn(extra_args=cache_args(tmp_path)) as proxy:
-            img = await proxy.open_image(fault_images.ref(fault.port))
-            with pytest.raises(ProxyError, match=f"corrupted blob, expecting {layer.digest}"):
-                await proxy.get_blob(img, layer.digest, layer.size)
-        assert not partial.exists() and not final(tmp_path, layer).exists()
-        await pull(fault_images, fault, tmp_path, layer)
-    assert final(tmp_path, layer).read_bytes() == layer.data
+        await pull(fault_images, fault, tmp_path, layer)  # asserts the bytes served are the blob's
+    assert [g.range for g in blob_gets(fault, layer)] == ["bytes=1000-", None]
+    assert final(tmp_path, layer).read_bytes() == layer.data and not partial.exists()
 
 
 @pytest.mark.parametrize("damage", ["truncated", "bit-flipped"])
@@ -135,3 +142,88 @@ async def test_a_complete_partial_with_wrong_content_is_fetched_again(fault_imag
         await pull(fault_images, fault, tmp_path, layer)
     assert [g.range for g in blob_gets(fault, layer)] == [None]
     assert final(tmp_path, layer).read_bytes() == layer.data and not partial.exists()
+
+
+async def test_a_wrong_size_fails_for_its_asker_and_never_removes_the_cached_blob(fault_images, fault, tmp_path):
+    """A GetBlob with the blob's size + 1 (or - 1) is that client's error; the verified blob stays, and is
+    served to the next client while the registry cannot serve it."""
+    layer = fault_images.small
+    with trio.fail_after(HANG_GUARD):
+        await pull(fault_images, fault, tmp_path, layer)
+        fault.add_rule(Answer(404), path=f"/blobs/{layer.digest}$")  # the registry has lost it meanwhile
+        async with ImageProxy.spawn(extra_args=cache_args(tmp_path)) as proxy:
+            img = await proxy.open_image(fault_images.ref(fault.port))
+            for wrong in (layer.size + 1, layer.size - 1):
+                with pytest.raises(ProxyError, match=f"expected {wrong} bytes in blob, got {layer.size}"):
+                    await proxy.get_blob(img, layer.digest, wrong)
+                assert final(tmp_path, layer).read_bytes() == layer.data
+        await pull(fault_images, fault, tmp_path, layer)  # another process, another client
+    assert [g.status for g in blob_gets(fault, layer)] == [200], "only the first pull asked the registry"
+
+
+@pytest.mark.parametrize("untrusted", ["owned by another user", "group-writable"])
+async def test_a_forged_stamp_is_not_believed_on_a_file_others_can_write(fault_images, fault, tmp_path, untrusted):
+    """Wrong bytes under the digest name with a stamp claiming they were verified: the stamp proves nothing on
+    a file the proxy's user does not alone control; it is re-hashed, removed, and the blob fetched again."""
+    if os.geteuid() != 0:
+        pytest.fail("the test gives a file to another user: it needs root (CI runs as root)")
+    layer = fault_images.small
+    path = final(tmp_path, layer)
+    path.parent.mkdir(parents=True)
+    wrong = bytearray(layer.data)
+    wrong[len(wrong) // 2] ^= 0x01
+    path.write_bytes(bytes(wrong))
+    if untrusted == "group-writable":
+        path.chmod(0o664)
+    else:
+        os.chown(path, 4242, 4242)
+    os.setxattr(path, STAMP_XATTR, verification_stamp(path.stat()))
+    with trio.fail_after(HANG_GUARD):
+        await pull(fault_images, fault, tmp_path, layer)  # asserts the bytes served are the blob's
+    assert len(blob_gets(fault, layer)) == 1
+    assert path.read_bytes() == layer.data and path.stat().st_uid == os.geteuid()
+
+
+@pytest.mark.parametrize("link", ["blobs/sha256", "partial"])
+async def test_a_symlink_in_the_cache_is_refused_and_nothing_outside_it_is_touched(fault_images, fault, tmp_path, link):
+    """A symlinked blobs/sha256 (to a directory outside) or partial (to a file outside) is never followed: the
+    blob is streamed uncached, nothing outside DIR is created, written or truncated."""
+    layer = fault_images.small
+    cache, outside = tmp_path / "cache", tmp_path / "outside"
+    outside.mkdir()
+    precious = outside / "precious"
+    precious.write_bytes(b"someone else's file")
+    (cache / "blobs").mkdir(parents=True)
+    if link == "blobs/sha256":
+        (cache / "blobs" / "sha256").symlink_to(outside, target_is_directory=True)
+    else:
+        final(cache, layer).parent.mkdir()
+        final(cache, layer).with_name(final(cache, layer).name + ".partial").symlink_to(precious)
+    with trio.fail_after(HANG_GUARD):
+        for _ in range(2):
+            await pull(fault_images, fault, cache, layer)  # asserts the bytes served are the blob's
+    assert len(blob_gets(fault, layer)) == 2, "streamed uncached each time"
+    assert sorted(p.name for p in outside.iterdir()) == ["precious"]
+    assert precious.read_bytes() == b"someone else's file"
+
+
+async def test_what_the_cache_creates_is_private(fault_images, fault, tmp_path):
+    """Directories 0700 and files 0600 whatever the umask, as the partial grows and once stored."""
+    layer = fault_images.long
+    cache = tmp_path / "new" / "cache"
+    partial = final(cache, layer).with_name(final(cache, layer).name + ".partial")
+    cut = layer.size // 2
+    fault.add_rule(Stall(at=cut), path=f"/blobs/{layer.digest}$", nth=1)
+    old_umask = os.umask(0o022)
+    try:
+        with trio.fail_after(HANG_GUARD):
+            async with ImageProxy.spawn(extra_args=cache_args(cache, "--max-resumes", "0")) as proxy:
+                img = await proxy.open_image(fault_images.ref(fault.port))
+                with pytest.raises(ProxyError):
+                    await proxy.get_blob(img, layer.digest, layer.size)
+            assert mode(partial) == 0o600 and partial.stat().st_size == cut
+            await pull(fault_images, fault, cache, layer)
+    finally:
+        os.umask(old_umask)
+    assert [mode(d) for d in (tmp_path / "new", cache, cache / "blobs", cache / "blobs" / "sha256")] == [0o700] * 4
+    assert mode(final(cache, layer)) == 0o600

@@ -72,6 +72,13 @@ def blob_gets(fault: FaultProxy, layer: Layer) -> list[RequestRecord]:
     return fault.requests_for(f"/blobs/{layer.digest}$")
 
 
+def partial_size(cache: Path, layer: Layer) -> int:
+    try:
+        return partial(cache, layer).stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
 def cache_state(cache: Path, layer: Layer) -> int | None:
     """None when the blob is stored under its final name, else the size of its partial (0: none)."""
     if final(cache, layer).exists():
@@ -297,8 +304,9 @@ async def test_sigkill_at_random_points_never_corrupts_and_the_next_pull_resumes
                 threshold = at + rnd.randint(1, min(MAX_DRIP_BEFORE_KILL, layer.size - at))
                 fault.add_rule(Drip(at=at, count=DRIP_COUNT, interval=DRIP_INTERVAL), path=f"/blobs/{layer.digest}$")
 
-                # Half the time the kill also waits until the fast part before the window is written (the client
-                # got it from the partial); else it may land while the daemon still holds an unwritten chunk.
+                # Half the time the kill also waits until the fast part before the window is written (a download
+                # from zero: the client got it; a resumed one: the partial holds it, and the client gets nothing
+                # before the whole blob is verified); else it may land while the daemon holds an unwritten chunk.
                 written = at if rnd.random() < 0.5 else 0
 
                 def dripped(
@@ -307,8 +315,10 @@ async def test_sigkill_at_random_points_never_corrupts_and_the_next_pull_resumes
                     written: int = written,
                     threshold: int = threshold,
                     base: int = base,
+                    resumed: bool = state > 0,
                 ) -> bool:
-                    return len(transfer.received) >= written and forwarded_to(fault, layer, base) >= threshold
+                    have = partial_size(cache, layer) if resumed else len(transfer.received)
+                    return have >= written and forwarded_to(fault, layer, base) >= threshold
 
                 plan.conditions.append((f"{layer.digest[:19]} drip {at}..{threshold} written {written}", dripped))
             order = list(layers)
@@ -339,6 +349,8 @@ async def test_sigkill_at_random_points_never_corrupts_and_the_next_pull_resumes
                 assert got == want, f"{context}: {layer.digest}: requests {got}, partial state {states[layer.digest]}"
                 data = bytes(transfers[layer.digest].received)
                 assert layer.data.startswith(data), f"{context}: wrong bytes served for {layer.digest}"
+                if states[layer.digest] and n < complete_at[layer.digest]:
+                    assert data == b"", f"{context}: resumed bytes of {layer.digest} served before it was verified"
         relays.cancel_scope.cancel()
 
     # One last pull completes, resuming from the partials.

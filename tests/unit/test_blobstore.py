@@ -1,12 +1,31 @@
-"""BlobStore pieces that need no network: eviction, lookups, paths."""
+"""BlobStore without the network: eviction, lookups, paths; downloads from in-memory sources (shared per source,
+resumed bytes verified before they are served), and a cache directory that defends itself."""
+
+from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import stat
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
+import trio
+import trio.testing
 
-from proxy.blobstore import BlobStore, StoreError
+from protocol.errors import ErrorCode, ProxyError
+from proxy import blobstore
+from proxy.blobstore import SOURCE_XATTR, STAMP_XATTR, BlobStore, FileBlob, StoreError, source_tag, verification_stamp
+from proxy.cache_dir import Refused
+from proxy.pipes import CHUNK_SIZE
+from proxy.sources.base import Blob
+
+GUARD = 10.0
+DATA = bytes(range(256)) * 1000  # 256,000 bytes: several chunks
+DIGEST = "sha256:" + hashlib.sha256(DATA).hexdigest()
+HEX = DIGEST.split(":")[1]
 
 
 def put(store: BlobStore, data: bytes, atime: int) -> Path:
@@ -44,19 +63,365 @@ def test_a_blob_being_read_is_not_evicted(tmp_path):
     assert old.exists()
 
 
-def test_a_symlink_under_a_digest_name_is_not_served(tmp_path):
-    store = BlobStore(tmp_path / "cache")
-    target = tmp_path / "elsewhere"
-    data = b"looks right"
-    target.write_bytes(data)
-    path = store.final_path("sha256:" + hashlib.sha256(data).hexdigest())
-    path.parent.mkdir(parents=True)
-    path.symlink_to(target)
-    assert store._lookup_sync("sha256:" + hashlib.sha256(data).hexdigest(), None) is None
-    assert target.exists() and path.is_symlink()
-
-
 @pytest.mark.parametrize("digest", ["sha256:../../etc/passwd", "md5:" + "a" * 32, "sha256:" + "A" * 64])
 def test_invalid_digests_never_name_a_path(tmp_path, digest):
     with pytest.raises(StoreError):
         BlobStore(tmp_path).final_path(digest)
+
+
+# ------------------------------------------------------------------------------------------- an in-memory source
+
+
+class Source:
+    """A registry as ``open_from`` sees it: serves ``data`` from an offset, records the offsets asked for; with
+    ``hold_at``, a transfer stops there until ``release`` is set (a trickling registry)."""
+
+    def __init__(self, data: bytes = DATA, hold_at: int | None = None, fail: ProxyError | None = None) -> None:
+        self.data = data
+        self.opened: list[int] = []
+        self.hold_at = hold_at
+        self.release = trio.Event()
+        self.held = trio.Event()
+        self.fail = fail
+
+    async def open_from(self, offset: int) -> Blob:
+        self.opened.append(offset)
+        if self.fail is not None:
+            raise self.fail
+        return _SourceBlob(self, offset)
+
+
+class _SourceBlob(Blob):
+    def __init__(self, source: Source, offset: int) -> None:
+        self._source = source
+        self._pos = offset
+        self.size = len(source.data)
+
+    async def read(self, max_bytes: int) -> bytes:
+        source = self._source
+        end = min(self._pos + max_bytes, len(source.data))
+        if source.hold_at is not None and self._pos < source.hold_at <= end:
+            end = source.hold_at
+        if source.hold_at is not None and self._pos == source.hold_at:
+            source.held.set()
+            await source.release.wait()
+        chunk = source.data[self._pos : end]
+        self._pos = end
+        await trio.sleep(0)
+        return chunk
+
+    async def aclose(self) -> None:
+        pass
+
+
+@asynccontextmanager
+async def spawner() -> AsyncIterator[Callable]:
+    async with trio.open_nursery() as nursery:
+        yield lambda work: nursery.start_soon(work)
+        nursery.cancel_scope.cancel()
+
+
+async def read_all(blob: Blob) -> bytes:
+    out = bytearray()
+    async with blob:
+        while chunk := await blob.read(CHUNK_SIZE):
+            out += chunk
+    return bytes(out)
+
+
+def partial_of(store: BlobStore) -> Path:
+    return store.partial_path(DIGEST)
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.lstat().st_mode)
+
+
+# ------------------------------------------------------------------------------------- shared downloads per source
+
+
+async def test_a_download_from_another_source_is_not_joined_and_a_trickle_does_not_hold_the_victim(tmp_path):
+    """The attacker's source trickles (held at 1000 bytes); the victim's GetBlob of the same digest from its own
+    source gets its own download, in an anonymous file (the attacker's download holds the partial), and completes.
+    The attacker's download goes on; once it finishes, the verified file stays as it is."""
+    store = BlobStore(tmp_path / "cache")
+    hostile, genuine = Source(hold_at=1000), Source()
+    with trio.fail_after(GUARD):
+        async with spawner() as spawn:
+            attacker = await store.fetch(DIGEST, len(DATA), hostile.open_from, spawn, source="evil.example:5000")
+            got_attacker = bytearray()
+            first = await attacker.read(CHUNK_SIZE)
+            got_attacker += first
+            await hostile.held.wait()
+            victim = await store.fetch(DIGEST, len(DATA), genuine.open_from, spawn, source="registry.example")
+            assert await read_all(victim) == DATA
+            assert genuine.opened == [0]
+            assert store.final_path(DIGEST).read_bytes() == DATA
+            assert partial_of(store).exists(), "the attacker's download keeps its own partial"
+            final_inode = store.final_path(DIGEST).stat().st_ino
+            hostile.release.set()
+            got_attacker += await read_all(attacker)
+    assert bytes(got_attacker) == DATA
+    assert store.final_path(DIGEST).stat().st_ino == final_inode, "the first verified file stays"
+    assert not partial_of(store).exists()
+    assert hostile.opened == [0]
+
+
+async def test_a_follower_does_not_get_the_error_of_the_client_that_started_the_download(tmp_path):
+    store = BlobStore(tmp_path / "cache")
+    starter_source = Source(hold_at=1000)
+    with trio.fail_after(GUARD):
+        async with spawner() as spawn:
+            starter = await store.fetch(DIGEST, len(DATA), starter_source.open_from, spawn, source="r")
+            follower = await store.fetch(DIGEST, len(DATA), Source().open_from, spawn, source="r")
+            await starter_source.held.wait()
+            # the starter's source now fails for good (its image was deleted, say)
+            starter_source.data = starter_source.data[:1000]
+            starter_source.release.set()
+            with pytest.raises(StoreError) as starter_error:
+                await read_all(starter)
+            with pytest.raises(StoreError) as follower_error:
+                await read_all(follower)
+    assert "corrupted blob" in str(starter_error.value)  # the store's own error: the same for every reader
+    assert str(follower_error.value) == str(starter_error.value)
+
+    private = ProxyError("docker://evil.example/secret-image: fetching blob: 404")
+    with trio.fail_after(GUARD):
+        async with spawner() as spawn:
+            failing = Source(fail=private)
+
+            async def open_later(offset: int) -> Blob:
+                await follower_joined.wait()
+                return await failing.open_from(offset)
+
+            follower_joined = trio.Event()
+            starter = await store.fetch(DIGEST, len(DATA), open_later, spawn, source="r")
+            follower = await store.fetch(DIGEST, len(DATA), Source().open_from, spawn, source="r")
+            follower_joined.set()
+            with pytest.raises(ProxyError, match="secret-image"):
+                await read_all(starter)
+            with pytest.raises(StoreError) as error:
+                await read_all(follower)
+    assert "secret-image" not in str(error.value) and "shared with another pull" in str(error.value)
+    assert error.value.code is ErrorCode.RETRYABLE
+
+
+# ------------------------------------------------------------------------------------------------ partials
+
+
+async def test_a_wrong_partial_of_the_same_source_is_dropped_and_fetched_again_in_the_same_request(tmp_path):
+    """Resumed bytes reach no reader before the whole blob is verified; when it does not match, the download
+    starts again from zero for the same readers, who get the blob."""
+    store = BlobStore(tmp_path / "cache")
+    partial = partial_of(store)
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    partial.write_bytes(b"\0" * 1000)  # not the blob's first 1000 bytes
+    os.setxattr(partial, SOURCE_XATTR, source_tag("r"))
+    source = Source()
+    with trio.fail_after(GUARD):
+        async with spawner() as spawn:
+            blob = await store.fetch(DIGEST, len(DATA), source.open_from, spawn, source="r")
+            assert await read_all(blob) == DATA
+    assert source.opened == [1000, 0]
+    assert store.final_path(DIGEST).read_bytes() == DATA and not partial.exists()
+
+
+async def test_resumed_bytes_are_served_only_once_the_blob_is_verified(tmp_path):
+    store = BlobStore(tmp_path / "cache")
+    partial = partial_of(store)
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    partial.write_bytes(DATA[:1000])
+    source = Source(hold_at=200_000)
+    with trio.fail_after(GUARD):
+        async with spawner() as spawn:
+            blob = await store.fetch(DIGEST, len(DATA), source.open_from, spawn, source="r")
+            first: list[bytes] = []
+
+            async def read_first() -> None:
+                first.append(await blob.read(CHUNK_SIZE))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read_first)
+                await source.held.wait()  # everything up to 200,000 is written
+                await trio.testing.wait_all_tasks_blocked()
+                assert first == [], "resumed bytes were served before the blob was verified"
+                source.release.set()
+            assert first[0] + await read_all(blob) == DATA
+    assert source.opened == [1000]
+
+
+async def test_a_partial_from_another_source_is_not_resumed(tmp_path):
+    """The attacker's download left wrong bytes in the partial; the victim's download from its own source starts
+    it again from zero instead of resuming them."""
+    store = BlobStore(tmp_path / "cache")
+    partial = partial_of(store)
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    partial.write_bytes(b"\0" * 5000)
+    os.setxattr(partial, SOURCE_XATTR, source_tag("evil.example"))
+    source = Source()
+    with trio.fail_after(GUARD):
+        async with spawner() as spawn:
+            assert await read_all(await store.fetch(DIGEST, len(DATA), source.open_from, spawn, source="r")) == DATA
+    assert source.opened == [0]
+
+
+# ---------------------------------------------------------------------------------------------- client sizes
+
+
+async def test_a_wrong_client_size_never_removes_a_verified_blob(tmp_path):
+    store = BlobStore(tmp_path / "cache")
+    path = put(store, DATA, atime=1_000_000_000_000_000_000)
+    source = Source(fail=ProxyError("the registry is down"))
+    with trio.fail_after(GUARD):
+        async with spawner() as spawn:
+            for asked in (len(DATA) + 1, len(DATA) - 1):
+                blob = await store.fetch(DIGEST, asked, source.open_from, spawn, source="r")
+                assert isinstance(blob, FileBlob) and blob.size == len(DATA)  # the asker's producer reports it
+                await blob.aclose()
+                assert path.read_bytes() == DATA
+            blob = await store.fetch(DIGEST, len(DATA), source.open_from, spawn, source="r")
+            assert await read_all(blob) == DATA
+    assert source.opened == []
+
+
+# ------------------------------------------------------------------------------------------- stamps and trust
+
+
+@pytest.mark.parametrize("untrusted", ["another owner", "group-writable", "other-writable", "hard-linked"])
+async def test_a_stamp_on_a_file_the_proxy_does_not_own_alone_is_not_believed(tmp_path, untrusted):
+    """Wrong bytes under a digest name, with a forged stamp: re-hashed, removed, never served."""
+    if untrusted == "another owner" and os.geteuid() != 0:
+        pytest.fail("giving a file to another user needs root (CI runs as root)")
+    store = BlobStore(tmp_path / "cache")
+    path = put(store, DATA, atime=1_000_000_000_000_000_000)
+    wrong = bytearray(DATA)
+    wrong[100] ^= 0xFF
+    path.write_bytes(bytes(wrong))
+    if untrusted == "another owner":
+        os.chown(path, 4242, 4242)
+    elif untrusted == "group-writable":
+        path.chmod(0o660)
+    elif untrusted == "other-writable":
+        path.chmod(0o602)
+    else:
+        os.link(path, tmp_path / "elsewhere")
+    os.setxattr(path, STAMP_XATTR, verification_stamp(path.stat()))
+    assert await store.open_cached(DIGEST, len(DATA)) is None
+    assert not path.exists()
+
+
+async def test_a_good_untrusted_file_is_re_hashed_on_every_use_and_its_own_stamp_believed(tmp_path, monkeypatch):
+    store = BlobStore(tmp_path / "cache")
+    path = put(store, DATA, atime=1_000_000_000_000_000_000)
+    hashed = []
+    real = blobstore.hash_fd
+    monkeypatch.setattr(blobstore, "hash_fd", lambda *a: hashed.append(a) or real(*a))
+    path.chmod(0o664)
+    for _ in range(2):
+        blob = await store.open_cached(DIGEST)
+        assert blob is not None
+        await blob.aclose()
+    assert len(hashed) == 2, "a group-writable file is hashed each time"
+    assert STAMP_XATTR not in os.listxattr(path), "and never stamped"
+    path.chmod(0o600)
+    for _ in range(2):
+        blob = await store.open_cached(DIGEST)
+        assert blob is not None
+        await blob.aclose()
+    assert len(hashed) == 3, "our own file: hashed once, then its stamp is believed"
+
+
+# ------------------------------------------------------------------------------------------ symlinks and modes
+
+
+def plant(outside: Path) -> dict[str, int]:
+    """``outside/precious``, holding the blob's own bytes (so that only a refusal keeps it from being used), with
+    an atime before its mtime: reading it would move the atime (relatime). Returns what ``untouched`` checks."""
+    outside.mkdir()
+    target = outside / "precious"
+    target.write_bytes(DATA)
+    st = target.stat()
+    os.utime(target, ns=(st.st_mtime_ns - 10**12, st.st_mtime_ns))
+    return snapshot(outside)
+
+
+def snapshot(outside: Path) -> dict[str, int]:
+    return {str(p): p.stat().st_atime_ns for p in sorted(outside.rglob("*"))}
+
+
+def untouched(outside: Path, before: dict[str, int]) -> None:
+    """Nothing under ``outside`` was created, removed or read (atimes first: the check itself reads), nor written."""
+    assert snapshot(outside) == before
+    assert (outside / "precious").read_bytes() == DATA
+
+
+@pytest.mark.parametrize("link", ["blobs", "blobs/sha256", "partial", "blob"])
+async def test_a_symlink_in_the_cache_is_refused_and_nothing_outside_is_touched(tmp_path, caplog, link):
+    cache, outside = tmp_path / "cache", tmp_path / "outside"
+    before = plant(outside)
+    planted = {
+        "blobs": cache / "blobs",
+        "blobs/sha256": cache / "blobs" / "sha256",
+        "partial": cache / "blobs" / "sha256" / (HEX + ".partial"),
+        "blob": cache / "blobs" / "sha256" / HEX,
+    }[link]
+    planted.parent.mkdir(parents=True)
+    planted.symlink_to(outside / "precious" if link in ("partial", "blob") else outside)
+    source = Source()
+    caplog.set_level(logging.DEBUG, logger="proxy.blobstore")
+    with trio.fail_after(GUARD):
+        store = BlobStore(cache)
+        async with spawner() as spawn:
+            for _ in range(2):
+                assert await read_all(await store.fetch(DIGEST, len(DATA), source.open_from, spawn, source="r")) == DATA
+        assert await store.open_cached(DIGEST) is None
+    assert source.opened == [0, 0], "streamed uncached each time"
+    untouched(outside, before)
+    assert planted.is_symlink()
+    refusals = [r for r in caplog.records if r.levelno == logging.ERROR and f"refusing {planted}" in r.getMessage()]
+    assert len(refusals) == 1, "one log line names it"
+    with pytest.raises(Refused):
+        store._lookup_sync(DIGEST) if link != "partial" else blobstore.Download(store, DIGEST, "r", None)
+
+
+async def test_a_hard_linked_partial_is_never_written(tmp_path):
+    cache, outside = tmp_path / "cache", tmp_path / "outside"
+    before = plant(outside)
+    partial = cache / "blobs" / "sha256" / (HEX + ".partial")
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    os.link(outside / "precious", partial)
+    source = Source()
+    store = BlobStore(cache)
+    with trio.fail_after(GUARD):
+        async with spawner() as spawn:
+            assert await read_all(await store.fetch(DIGEST, len(DATA), source.open_from, spawn, source="r")) == DATA
+    untouched(outside, before)
+    assert not store.final_path(DIGEST).exists()
+
+
+async def test_what_the_cache_creates_is_private(tmp_path):
+    old = os.umask(0o022)
+    try:
+        cache = tmp_path / "new" / "cache"
+        store = BlobStore(cache)
+        source = Source(hold_at=100_000)
+        with trio.fail_after(GUARD):
+            async with spawner() as spawn:
+                blob = await store.fetch(DIGEST, len(DATA), source.open_from, spawn, source="r")
+                await source.held.wait()
+                assert mode(partial_of(store)) == 0o600
+                source.release.set()
+                assert await read_all(blob) == DATA
+    finally:
+        os.umask(old)
+    assert [mode(p) for p in (tmp_path / "new", cache, cache / "blobs", cache / "blobs" / "sha256")] == [0o700] * 4
+    assert mode(store.final_path(DIGEST)) == 0o600
+
+
+def test_an_existing_cache_directory_keeps_its_mode(tmp_path):
+    """Under systemd, CacheDirectory= made DIR with CacheDirectoryMode=: only what we create is private."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    cache.chmod(0o750)
+    store = BlobStore(cache)
+    assert mode(cache) == 0o750 and mode(store.blobs) == 0o700
