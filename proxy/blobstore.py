@@ -227,6 +227,7 @@ class Download:
         self.path = self.partial if self.named else self.directory / f"(an anonymous file for {self.hexpart})"
         self.written = 0  # bytes in the file
         self.readable = 0  # bytes readers may read: the live transfer's, or all of them once verified
+        self.epoch = 0  # how many times the file was dropped: a reader past byte 0 of an earlier one must fail
         self.done = False
         self.error: ProxyError | None = None
         self.readers = 0
@@ -363,6 +364,7 @@ class Download:
         log.warning("blob cache: %s %s; dropping it%s", self.path, why, again)
         os.ftruncate(self.fd, 0)
         self.written = self.readable = 0
+        self.epoch += 1
         if unlink and self.named:
             _unlink_if_same(self.dir_fd, self.partial.name, os.fstat(self.fd))
 
@@ -426,6 +428,7 @@ class FollowingBlob(Blob):
         self._download = download
         self._fd: int | None = _reopen(download.fd)
         self._pos = 0
+        self._epoch = download.epoch
         self._starter = starter
         self.size = expected_size if expected_size is not None else -1
         download.readers += 1
@@ -444,14 +447,34 @@ class FollowingBlob(Blob):
             ErrorCode.RETRYABLE,
         )
 
+    def _check_epoch(self) -> None:
+        """The bytes this reader gave out came from the download's current file (never true of a reader that
+        got bytes of a dropped one: resumed bytes are given out only once verified, so this does not happen)."""
+        download = self._download
+        if download.epoch != self._epoch:
+            if self._pos:
+                raise StoreError(f"corrupted blob, expecting {download.digest}")
+            self._epoch = download.epoch
+
+    def _check_not_short(self) -> None:
+        """After a read that got nothing: fine if the download dropped its file meanwhile (``readable`` went
+        back), an error if the file is shorter than what the download says it wrote."""
+        if self._pos < self._download.readable:
+            raise StoreError(f"blob cache: {self._download.path} is shorter than what was written to it")
+
     async def read(self, max_bytes: int) -> bytes:
         download = self._download
         while True:
+            self._check_epoch()
             if self._pos < download.readable:
                 n = min(max_bytes, download.readable - self._pos)
                 data = await trio.to_thread.run_sync(os.pread, self._fd, n, self._pos)
-                self._pos += len(data)
-                return data
+                if data:
+                    self._pos += len(data)
+                    return data
+                # never an end: the download dropped the file meanwhile (then it says so), or the file is short
+                self._check_not_short()
+                continue
             if download.done:
                 if download.error is not None:
                     raise self._failure()
@@ -463,10 +486,11 @@ class FollowingBlob(Blob):
         download = self._download
         assert self._fd is not None
         while True:
+            self._check_epoch()
             if self._pos < download.readable:
                 reached = await splice_file(self._fd, download.readable, writer, start=self._pos)
                 if reached == self._pos:
-                    raise StoreError(f"blob cache: {download.path} is shorter than what was written to it")
+                    self._check_not_short()
                 self._pos = reached
                 continue
             if download.done:
