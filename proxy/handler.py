@@ -341,6 +341,13 @@ class Handler:
         return await source.open_blob(digest)
 
     @staticmethod
+    def _stored_blobs(image: OpenedImage) -> list[mf.Descriptor]:
+        """The blobs the image's source holds: its layers, and its config unless we made it by conversion (a
+        small one is where a host's multi-range support is probed, see proxy/partial/fetch.py)."""
+        config = [] if image.converted_config is not None else [image.parsed.config]
+        return [*config, *image.parsed.layers]
+
+    @staticmethod
     def _known_size(image: OpenedImage, digest: str) -> int | None:
         """The size the image's manifest gives for a blob, if it names it."""
         for desc in (image.parsed.config, *image.parsed.layers):
@@ -363,7 +370,9 @@ class Handler:
         what = f"{image.reference}: blob {digest}"
         wanted = [ByteRange(offset, length) for offset, length in ranges]
         return await self._transfer(
-            lambda: partial.open_ranges(image.source, digest, self._known_size(image, digest), self._store, what),
+            lambda: partial.open_ranges(
+                image.source, digest, self._known_size(image, digest), self._store, what, self._stored_blobs(image)
+            ),
             lambda _source: sum(r.length for r in wanted),
             lambda pipe, source: partial.produce_ranges(pipe, source, wanted),
         )
