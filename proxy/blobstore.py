@@ -185,7 +185,7 @@ def _unlink_if_same(dir_fd: int, name: str, st: os.stat_result) -> None:
         os.unlink(name, dir_fd=dir_fd)
 
 
-def _make_dirs(path: Path) -> None:
+def make_private_dirs(path: Path) -> None:
     """Create ``path`` and its missing parents, each private (0700); an existing one keeps its mode."""
     missing = []
     while not os.path.lexists(path):
@@ -550,7 +550,7 @@ class BlobStore:
         self._reading: collections.Counter[str] = collections.Counter()
         self._refusals_logged: set[str] = set()
         try:
-            _make_dirs(self.root)
+            make_private_dirs(self.root)
             self._root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as e:
             raise StoreError(f"blob cache {self.root}: cannot create it: {e.strerror}") from None

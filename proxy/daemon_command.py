@@ -21,6 +21,7 @@ import attrs
 import trio
 
 from proxy import logs
+from proxy.blobstore import make_private_dirs
 from proxy.config import ConfigError
 from proxy.config.daemon_conf import load_daemon_conf
 from proxy.daemon import Daemon, DaemonError, DaemonSettings, activated_socket, bind_listener, is_listening
@@ -221,7 +222,7 @@ def _usable_cache(options: ProxyOptions, explicit: bool) -> ProxyOptions | None:
         log.info("blob cache: off")
         return options
     try:
-        (Path(options.blob_cache) / "blobs").mkdir(parents=True, exist_ok=True)
+        make_private_dirs(Path(options.blob_cache) / "blobs")
     except OSError as e:
         text = f"blob cache {options.blob_cache}: cannot create it: {e.strerror}"
         if explicit:
