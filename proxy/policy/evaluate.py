@@ -123,6 +123,8 @@ class ImagePolicy:
         reader = SignatureReader(source, scope.docker_reference, registry, self.registries_d, self.registries_d_error)
         checker = _Checker(scope, requirements, reader, self.require_signed)
         where = f"{reference}: rejected by signature policy {self.policy.path}, scope {scope_name}"
+        if source.local_path is not None and source.local_path not in reference:
+            where += f" (the path opened is {source.local_path})"
         top_manifest = _Manifest(top, mf.manifest_digest(top), is_instance=False)
         try:
             await checker.allows(top_manifest)
