@@ -28,6 +28,7 @@ import attrs
 import trio
 
 from proxy import manifest as mf
+from proxy import threads
 from proxy.http.auth import answered_elsewhere
 from proxy.http.connection import Response
 from proxy.http.errors import HTTPError
@@ -39,7 +40,6 @@ from proxy.policy.registries_d import RegistriesD
 from proxy.sources.base import ImageSource, SourceError
 from proxy.sources.dir import DirSource
 from proxy.sources.docker_reference import DockerReference
-from proxy.sources.oci_layout import read_inside
 from proxy.sources.registry import RegistrySource
 from proxy.sources.registry_client import RegistryClient
 
@@ -159,19 +159,22 @@ class SignatureReader:
         if isinstance(self._source, RegistrySource):
             return await self._registry_signatures(self._source, digest)
         if isinstance(self._source, DirSource):
-            return await trio.to_thread.run_sync(self._dir_signatures, self._source.root, digest, instance)
+            return await threads.run_sync(self._dir_signatures, self._source, digest, instance)
         return []
 
     # ------------------------------------------------------------------ dir:
 
     @staticmethod
-    def _dir_signatures(root: str, digest: str, instance: bool) -> list[Signature]:
+    def _dir_signatures(source: DirSource, digest: str, instance: bool) -> list[Signature]:
+        """The ``signature-N`` files of a ``dir:`` image, read from its opened directory as the client."""
+        root = source.root
         prefix = digest.partition(":")[2] + "." if instance else ""
         found: list[Signature] = []
         for n in range(1, MAX_LOOKASIDE_SIGNATURES + 2):
-            path = os.path.join(root, f"{prefix}signature-{n}")
+            name = f"{prefix}signature-{n}"
+            path = os.path.join(root, name)
             try:
-                data = read_inside(root, path, limit=MAX_SIGNATURE_SIZE)
+                data = source.read_file(name, MAX_SIGNATURE_SIZE)
             except FileNotFoundError:
                 return found
             except OSError as e:
@@ -210,7 +213,7 @@ class SignatureReader:
                     f"{redact(base)}: more than {MAX_LOOKASIDE_SIGNATURES} signatures, assuming a server error"
                 )
             if scheme == "file":
-                data = await trio.to_thread.run_sync(_read_file, unquote(urlsplit(url).path))
+                data = await threads.run_sync(_read_file, unquote(urlsplit(url).path))
             else:
                 data = await self._http_signature(url)
             if data is None:

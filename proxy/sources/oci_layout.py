@@ -39,12 +39,6 @@ def parse_source_index(reference: str, text: str) -> int:
     return n
 
 
-def read_inside(root: str, path: str, limit: int = MAX_JSON_SIZE) -> bytes:
-    """The whole content of a (small) file ``path`` inside ``root``, confined to it (as this process)."""
-    with LocalDir(root) as directory:
-        return directory.read(os.path.relpath(path, root), limit)
-
-
 def os_error_text(e: OSError) -> str:
     """Go-like text for a failed file operation: ``open PATH: no such file or directory``."""
     if isinstance(e, LocalPathError):
@@ -352,6 +346,5 @@ __all__ = [
     "open_local_dir",
     "open_oci_layout",
     "os_error_text",
-    "read_inside",
     "split_path_and_image",
 ]
