@@ -161,3 +161,26 @@ async def start_daemon(socket_dir: Path, tmp_path: Path) -> AsyncIterator[StartD
             nursery.cancel_scope.cancel()
     for daemon in started:
         daemon._notify.close()
+
+
+# --------------------------------------------------------------------------------------------- issue 13: large blobs
+
+#: the large image's one layer: tens of MiB, so that a pull lasts long enough to share the daemon with a flood
+LARGE_LAYER_BYTES = 48 << 20
+
+
+@pytest.fixture(scope="session")
+def large_image(registry_images, tmp_path_factory: pytest.TempPathFactory):
+    """``test/large:latest`` in the session's registry: one stored-gzip layer of about 48 MiB (BuiltImage; its
+    ``ref`` is the registry's, ``docker://127.0.0.1:PORT/test/large:latest``)."""
+    import dataclasses
+
+    from tests.support.images import ImageSpec, LayerSpec, build_oci_layout, pseudo_random, skopeo_copy
+
+    root = tmp_path_factory.mktemp("large-image") / "layout"
+    spec = ImageSpec(layers=(LayerSpec({"large.bin": pseudo_random("large", LARGE_LAYER_BYTES)}, "COPY large.bin /"),))
+    layout = build_oci_layout(root, {"large": dataclasses.replace(spec, gzip_level=0)})
+    image = layout.images["large"]
+    ref = registry_images.ref("test/large")
+    skopeo_copy(image.ref, ref, "--dest-tls-verify=false")
+    return dataclasses.replace(image, ref=ref)
