@@ -71,6 +71,7 @@ import trio
 
 from protocol.errors import ErrorCode, ProtocolViolation, ProxyError
 from protocol.methods import parse_digest
+from proxy import threads
 from proxy.cache_dir import (
     DIR_MODE,
     FILE_MODE,
@@ -314,14 +315,14 @@ class Download:
         if start and self.expected_size is not None and start >= self.expected_size:
             # Complete already (killed between the last write and the rename): no Range request, which would
             # get a 416; keep it if it is the blob, else start again.
-            hasher, size = await trio.to_thread.run_sync(hash_fd, self.fd, self.algo)
+            hasher, size = await threads.run_sync(hash_fd, self.fd, self.algo)
             if hasher.hexdigest() == self.hexpart:
                 self.written = size
                 await self._commit()
                 return
             self._drop("is complete but does not match its digest")
             start = 0
-        hasher, prefix = await trio.to_thread.run_sync(hash_fd, self.fd, self.algo, start)
+        hasher, prefix = await threads.run_sync(hash_fd, self.fd, self.algo, start)
         self.written = prefix
         if prefix:
             log.info(
@@ -350,7 +351,7 @@ class Download:
         blob = await open_from(self.written)
         async with blob:
             while chunk := await blob.read(CHUNK_SIZE):
-                await trio.to_thread.run_sync(_pwrite_all, self.fd, chunk, self.written)
+                await threads.run_sync(_pwrite_all, self.fd, chunk, self.written)
                 hasher.update(chunk)
                 self.written += len(chunk)
                 if live:
@@ -370,7 +371,7 @@ class Download:
 
     async def _commit(self) -> None:
         try:
-            await trio.to_thread.run_sync(self._install)
+            await threads.run_sync(self._install)
         except (OSError, StoreError) as e:
             # the bytes are verified and every reader has them open: they are served, only not kept
             log.warning("blob cache: %s is verified but could not be stored: %s", self.digest, e)
@@ -468,7 +469,7 @@ class FollowingBlob(Blob):
             self._check_epoch()
             if self._pos < download.readable:
                 n = min(max_bytes, download.readable - self._pos)
-                data = await trio.to_thread.run_sync(os.pread, self._fd, n, self._pos)
+                data = await threads.run_sync(os.pread, self._fd, n, self._pos)
                 if data:
                     self._pos += len(data)
                     return data
@@ -530,7 +531,7 @@ class FileBlob(Blob):
         return self._fd
 
     async def read(self, max_bytes: int) -> bytes:
-        data = await trio.to_thread.run_sync(os.pread, self._fd, max_bytes, self._pos)
+        data = await threads.run_sync(os.pread, self._fd, max_bytes, self._pos)
         self._pos += len(data)
         return data
 
@@ -692,7 +693,7 @@ class BlobStore:
         ``expected_size`` is not checked here: a verified blob is what it is, and a size that disagrees is the
         asker's error, reported by the producer (``expected N bytes in blob, got M``)."""
         try:
-            found = await trio.to_thread.run_sync(self._lookup_sync, digest)
+            found = await threads.run_sync(self._lookup_sync, digest)
         except Refused as e:
             self._refused(e)
             return None
@@ -713,7 +714,7 @@ class BlobStore:
         reader asking for that digest from that source) into the cache. ``open_from(offset)`` opens the blob at
         the source; ``spawn`` starts the download where it outlives this request."""
         try:
-            found = await trio.to_thread.run_sync(self._lookup_sync, digest)
+            found = await threads.run_sync(self._lookup_sync, digest)
         except Refused as e:
             self._refused(e)
             return await open_from(0)
@@ -742,7 +743,7 @@ class BlobStore:
     async def _run_download(self, download: Download, open_from: Callable[[int], Awaitable[Blob]]) -> None:
         await download.run(open_from)
         if download.error is None:
-            await trio.to_thread.run_sync(self.evict)
+            await threads.run_sync(self.evict)
 
     # ------------------------------------------------------------------ size limit
 

@@ -9,9 +9,8 @@ from __future__ import annotations
 import os
 from collections.abc import Awaitable, Callable, Sequence
 
-import trio
-
 from protocol.errors import ProxyError
+from proxy import threads
 from proxy.partial.fetch import READ_SIZE, RangeSource, Write
 from proxy.partial.planner import Span, SpanCutter
 from proxy.sources import oci_layout
@@ -34,7 +33,7 @@ class FileRanges(RangeSource):
                 at, remaining = piece.offset, piece.length
                 while remaining:
                     n = min(READ_SIZE, remaining)
-                    data = await trio.to_thread.run_sync(os.pread, self._fd, n, self._base + at)
+                    data = await threads.run_sync(os.pread, self._fd, n, self._base + at)
                     if not data:
                         raise ProxyError(f"{self.what}: the file ended at byte {at}, before the blob's {self.size}")
                     await write(memoryview(data))

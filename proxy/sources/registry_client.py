@@ -24,6 +24,7 @@ import attrs
 import trio
 
 from protocol.errors import ErrorCode, ProxyError
+from proxy import threads
 from proxy.config import Credentials, CredentialSource, RegistriesConf, RegistryToken, cert_dirs_for
 from proxy.http.auth import (
     Challenge,
@@ -258,9 +259,7 @@ class RegistryClient:
         key = (authority, repository, logical_host)
         if key not in self._lookups:
             source = self.credentials
-            found = await trio.to_thread.run_sync(
-                lambda: source.lookup(authority, repository, logical_host=logical_host)
-            )
+            found = await threads.run_sync(lambda: source.lookup(authority, repository, logical_host=logical_host))
             if isinstance(found, RegistryToken):
                 # --registry-token: sent as the bearer token itself, with or without a challenge
                 challenges = endpoint.auth.challenges
