@@ -1,32 +1,31 @@
-"""Archive transports: ``oci-archive:`` (an OCI layout in a tar) and ``docker-archive:``
-(``docker save`` output).
+"""Archive transports: ``oci-archive:`` (an OCI layout in a tar) and ``docker-archive:`` (``docker save``
+output), both read in place, never unpacked (``proxy.sources.tar_index``: the index, its rules and caps).
 
-oci-archive is extracted (tarfile's "data" filter: nothing lands outside the temporary
-directory) into a directory under ``options.tmpdir`` / ``$TMPDIR`` that ``aclose`` removes.
-docker-archive is read in place like c/image's docker/tarfile source: the schema2 manifest is
-generated from manifest.json and the config (layers named by their diffIDs, sizes of the
-uncompressed layers), and layer blobs are served from the tar member's offset, decompressed on
-the fly when the member is compressed, so that their bytes match the diffID.
+- Opening an archive is indexing it (a compressed one is first decompressed into a private, capped, unnamed
+  temporary file), in a cancellable worker thread, with the archive opened as the client; ``local_path`` is
+  the file the kernel opened, for policy scopes.
+- oci-archive: the index holds ``oci-layout``, ``index.json`` and ``blobs/<algo>/<encoded>`` only, and serves
+  them to ``OCILayoutSource`` as its ``LayoutFiles``. Symbolic links are refused.
+- docker-archive, like c/image's docker/tarfile source: the index holds ``manifest.json``, then the config and
+  layers it names (a symlink among those is followed once, inside the archive). The schema2 manifest is
+  generated from manifest.json and the config (layers named by their diffIDs, sizes of the uncompressed
+  layers); layer blobs are served from the member's offset, decompressed on the fly when the member is
+  compressed, so that their bytes match the diffID. Learning the size of a compressed layer decompresses it
+  once (counted, never stored; cancellable, capped like an archive).
+
+Before the signature policy is consulted, only the index and the JSON members that make the manifest are read
+(index.json and manifests; manifest.json and the config, plus the first bytes of each docker-archive layer to
+tell whether it is compressed, and a compressed one's size); blobs are served only after.
 """
 
 from __future__ import annotations
 
-import bz2
-import contextlib
-import gzip
-import lzma
-import os
-import posixpath
-import shutil
-import tarfile
-import tempfile
+import re
 from typing import Any
 
 import attrs
-import trio
-import zstandard
 
-from proxy import gojson, manifest
+from proxy import gojson, manifest, threads
 from proxy.gojson import (
     ANY,
     STRING,
@@ -39,12 +38,11 @@ from proxy.gojson import (
     Struct,
     go_quote,
 )
+from proxy.sources import tar_index
 from proxy.sources.base import Blob, BlobNotFound, BytesBlob, ImageSource, SourceError, SourceOptions
 from proxy.sources.docker_reference import normalize_docker_reference
-from proxy.sources.localfs import LocalDir
 from proxy.sources.oci_layout import (
-    DirFiles,
-    FileBlob,
+    MAX_JSON_SIZE,
     FileSection,
     OCILayoutSource,
     StreamBlob,
@@ -52,94 +50,49 @@ from proxy.sources.oci_layout import (
     parse_source_index,
     split_path_and_image,
 )
-
-_CHUNK = 1024 * 1024
-MAX_TAR_JSON = 16 * 1024 * 1024
-
-# ---- compression ----------------------------------------------------------------------------
-
-_MAGIC = (
-    (b"\x1f\x8b\x08", "gzip"),
-    (b"BZh", "bzip2"),
-    (b"\xfd7zXZ\x00", "xz"),
-    (b"\x28\xb5\x2f\xfd", "zstd"),
+from proxy.sources.tar_index import (
+    DECOMPRESSION_ERRORS,
+    ArchiveError,
+    CancelFlag,
+    TarIndex,
+    clean_name,
+    decompressing_reader,
+    detect_compression,
+    open_tar,
+    run_cancellable,
 )
 
-
-def detect_compression(head: bytes) -> str | None:
-    for magic, name in _MAGIC:
-        if head.startswith(magic):
-            return name
-    return None
-
-
-def decompressing_reader(raw: Any, algorithm: str) -> Any:
-    """A synchronous file object yielding the decompressed bytes of ``raw``."""
-    if algorithm == "gzip":
-        return gzip.GzipFile(fileobj=raw, mode="rb")
-    if algorithm == "bzip2":
-        return bz2.BZ2File(raw, mode="rb")
-    if algorithm == "xz":
-        return lzma.LZMAFile(raw, mode="rb")
-    if algorithm == "zstd":
-        return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
-    raise ValueError(f"unknown compression {algorithm}")
-
+_CHUNK = 1024 * 1024
+MAX_TAR_JSON = MAX_JSON_SIZE
 
 # ---- oci-archive ----------------------------------------------------------------------------
 
-
-class OCIArchiveSource(ImageSource):
-    """An OCI layout extracted from an archive into a private temporary directory."""
-
-    def __init__(self, reference: str, layout: OCILayoutSource, tmpdir: str) -> None:
-        self.reference = reference
-        self._layout = layout
-        self._tmpdir: str | None = tmpdir
-
-    async def get_manifest(self, instance_digest: str | None = None) -> tuple[bytes, str]:
-        return await self._layout.get_manifest(instance_digest)
-
-    async def open_blob(self, digest: str) -> Blob:
-        return await self._layout.open_blob(digest)
-
-    async def aclose(self) -> None:
-        if self._tmpdir is not None:
-            tmp, self._tmpdir = self._tmpdir, None
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(shutil.rmtree, tmp, True)
+#: what an OCI layout reads: blobs/<algorithm>/<encoded> (the OCI digest grammar)
+_OCI_BLOB = re.compile(r"blobs/[a-z0-9]+(?:[+._-][a-z0-9]+)*/[a-zA-Z0-9=_-]+")
 
 
-def _extract(reference: str, path: str, destination: str) -> None:
-    try:
-        with tarfile.open(path, "r:*") as tf:
-            tf.extractall(destination, filter="data")
-    except FileNotFoundError:
-        raise SourceError(f'{reference}: creating temp directory: archive file not found: "{path}"') from None
-    except (OSError, tarfile.TarError, EOFError, zstandard.ZstdError) as e:
-        raise SourceError(f"{reference}: extracting {path}: {e}") from None
+def _oci_member(name: str) -> bool:
+    return name in ("index.json", "oci-layout") or _OCI_BLOB.fullmatch(name) is not None
 
 
-async def open_oci_archive(reference: str, within: str, options: SourceOptions) -> OCIArchiveSource:
-    """Open ``oci-archive:PATH[:IMAGE]``."""
+async def open_oci_archive(reference: str, within: str, options: SourceOptions) -> OCILayoutSource:
+    """Open ``oci-archive:PATH[:IMAGE]``: an OCI layout whose files are the archive's indexed members."""
     path, image = split_path_and_image(within)
     if not path:
         raise SourceError(f"{reference}: no path given")
-    if not os.path.exists(path):
-        raise SourceError(f'{reference}: creating temp directory: archive file not found: "{path}"')
+
+    def index(flag: CancelFlag) -> TarIndex:
+        return open_tar(path, options.identity, options.tmpdir, _oci_member, False, False, flag)
+
     try:
-        tmp = tempfile.mkdtemp(prefix="oci-archive-", dir=options.tmpdir)
+        files = await run_cancellable(index, TarIndex.close)
+    except FileNotFoundError:
+        raise SourceError(f'{reference}: creating temp directory: archive file not found: "{path}"') from None
     except OSError as e:
-        raise SourceError(f"{reference}: creating temp directory: {os_error_text(e)}") from None
-    try:
-        await trio.to_thread.run_sync(_extract, reference, path, tmp)
-        files = await trio.to_thread.run_sync(DirFiles, LocalDir(tmp))
-        layout = await OCILayoutSource.open_files(reference, files, image)
-    except BaseException:
-        with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(shutil.rmtree, tmp, True)
-        raise
-    return OCIArchiveSource(reference, layout, tmp)
+        raise SourceError(f"{reference}: {os_error_text(e)}") from None
+    except ArchiveError as e:
+        raise SourceError(f"{reference}: {e}") from None
+    return await OCILayoutSource.open_files(reference, files, image)
 
 
 # ---- docker-archive: the archive ------------------------------------------------------------
@@ -189,83 +142,62 @@ _SCHEMA2_IMAGE = Struct(  # the parts of manifest.Schema2Image whose types Go ch
 
 
 @attrs.frozen
-class _Member:
-    name: str
-    offset: int
-    size: int
-    info: tarfile.TarInfo
-
-
-@attrs.frozen
 class _Layer:
-    member: _Member
+    member: tuple[int, int]  # (offset, size) in the index's file
     compression: str | None
     size: int  # of the uncompressed stream, as served
 
 
-class _TarIndex:
-    """Member table of an uncompressed tar file, for random access by cleaned name."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.members: dict[str, _Member] = {}
-        with tarfile.open(path, "r:") as tf:
-            for info in tf:
-                name = posixpath.normpath(info.name)
-                if name not in self.members:
-                    self.members[name] = _Member(name, info.offset_data, info.size, info)
-
-    def find(self, component: str) -> _Member:
-        """c/image ``openTarComponent``: one symlink followed, then a regular file required."""
-        component = posixpath.normpath(component)
-        m = self.members.get(component)
-        if m is None:
-            raise FileNotFoundError(component)
-        if m.info.issym():
-            target = posixpath.normpath(posixpath.join(posixpath.dirname(component), m.info.linkname))
-            m = self.members.get(target)
-            if m is None:
-                raise FileNotFoundError(component)
-        elif m.info.islnk():
-            m = self.members.get(posixpath.normpath(m.info.linkname))
-            if m is None:
-                raise FileNotFoundError(component)
-        if not m.info.isreg():
-            raise OSError(f"Error reading tar archive component {go_quote(m.info.name)}: not a regular file")
-        return m
-
-    def open(self, member: _Member) -> FileBlob:
-        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-        return FileBlob(fd, member.offset, member.size)
-
-    def read(self, component: str, limit: int = MAX_TAR_JSON) -> bytes:
-        m = self.find(component)
-        if m.size > limit:
-            raise OSError(f"tar component {go_quote(component)} is larger than {limit} bytes")
-        blob = self.open(m)
-        try:
-            out = bytearray()
-            while chunk := blob.read_sync(_CHUNK):
-                out += chunk
-            return bytes(out)
-        finally:
-            blob.close_sync()
+def _find(index: TarIndex, component: str) -> tuple[int, int]:
+    """c/image ``openTarComponent``: one symlink followed, then a regular file required."""
+    name = clean_name(component)
+    if name is not None and name in index.links:
+        target = index.links[name]
+        if target in index.links:
+            raise OSError(f"Error reading tar archive component {go_quote(target)}: not a regular file")
+        name = target
+    return index.member(name if name is not None else component)
 
 
-def _layer_info(index: _TarIndex, member: _Member) -> _Layer:
-    blob = index.open(member)
+def _index_components(index: TarIndex, components: list[str], flag: CancelFlag) -> None:
+    """Index the members ``components`` name, then the targets of those that are symlinks."""
+    names = {n for n in map(clean_name, components) if n}
+    names -= index.files.keys() | index.links.keys()
+    if names:
+        index.index(names.__contains__, True, flag)
+    targets = {index.links[n] for n in map(clean_name, components) if n in index.links}
+    targets -= index.files.keys() | index.links.keys()
+    if targets:
+        index.index(targets.__contains__, True, flag)
+
+
+def _read_component(index: TarIndex, component: str) -> bytes:
+    return index.read_member(_find(index, component), component, MAX_TAR_JSON)
+
+
+def _layer_info(reference: str, index: TarIndex, member: tuple[int, int], name: str, flag: CancelFlag) -> _Layer:
+    blob = index.open_member(member)
     try:
         compression = detect_compression(blob.read_sync(8))
     finally:
         blob.close_sync()
     if compression is None:
-        return _Layer(member, None, member.size)
-    blob = index.open(member)
+        return _Layer(member, None, member[1])
+    blob = index.open_member(member)
     try:
         reader = decompressing_reader(FileSection(blob), compression)
-        total = 0
-        while chunk := reader.read(_CHUNK):
-            total += len(chunk)
+        try:
+            total = 0
+            while chunk := reader.read(_CHUNK):
+                total += len(chunk)
+                if total > tar_index.MAX_DECOMPRESSED_SIZE:
+                    raise SourceError(
+                        f"{reference}: layer {go_quote(name)} decompresses to more than "
+                        f"{tar_index.MAX_DECOMPRESSED_SIZE} bytes (MAX_DECOMPRESSED_SIZE); refused"
+                    )
+                flag.check()
+        finally:
+            reader.close()
         return _Layer(member, compression, total)
     finally:
         blob.close_sync()
@@ -279,16 +211,30 @@ class _Image:
     layers: dict[str, _Layer]  # by diffID
 
 
-def _load_image(reference: str, index: _TarIndex, tag: str | None, source_index: int) -> _Image:
+def _manifest_items(reference: str, index: TarIndex, flag: CancelFlag) -> list[dict[str, Any]]:
     def fail(text: str) -> SourceError:
         return SourceError(f"{reference}: {text}")
 
+    _index_components(index, ["manifest.json"], flag)
     try:
-        items = gojson.unmarshal(index.read("manifest.json"), ListOf(_MANIFEST_ITEM)) or []
+        items = gojson.unmarshal(_read_component(index, "manifest.json"), ListOf(_MANIFEST_ITEM)) or []
     except FileNotFoundError:
         raise fail('loading tar component "manifest.json": file does not exist') from None
+    except OSError as e:
+        raise fail(f'loading tar component "manifest.json": {os_error_text(e)}') from None
     except GoJSONError as e:
         raise fail(f"decoding tar manifest.json: {e}") from None
+    components = [c for item in items for c in [item["Config"], *(item["Layers"] or [])]]
+    _index_components(index, components, flag)
+    return items
+
+
+def _load_image(
+    reference: str, index: TarIndex, items: list[dict[str, Any]], tag: str | None, source_index: int, flag: CancelFlag
+) -> _Image:
+    def fail(text: str) -> SourceError:
+        return SourceError(f"{reference}: {text}")
+
     if tag is not None:
         item = None
         for i, it in enumerate(items):
@@ -314,9 +260,9 @@ def _load_image(reference: str, index: _TarIndex, tag: str | None, source_index:
         item = items[0]
 
     try:
-        config = index.read(item["Config"])
-    except (OSError, ValueError) as e:
-        raise fail(f"loading tar component {go_quote(item['Config'])}: {e}") from None
+        config = _read_component(index, item["Config"])
+    except OSError as e:
+        raise fail(f"loading tar component {go_quote(item['Config'])}: {os_error_text(e)}") from None
     try:
         parsed_config = gojson.unmarshal(config, _SCHEMA2_IMAGE)
     except GoJSONError as e:
@@ -336,19 +282,19 @@ def _load_image(reference: str, index: _TarIndex, tag: str | None, source_index:
             raise fail(f"invalid diffID {go_quote(diff_id)} in the image config")
         if diff_id in layers:
             continue  # the same layer twice (docker save links the duplicates)
-        clean = posixpath.normpath(layer_path)
+        clean = clean_name(layer_path) or layer_path
         if clean in used_paths:
             raise fail(f"Layer tarfile {go_quote(clean)} used for two different DiffID values")
         used_paths.add(clean)
         try:
-            member = index.find(clean)
+            member = _find(index, clean)
         except FileNotFoundError:
             raise fail("Some layer tarfiles are missing in the tarball") from None
         except OSError as e:
             raise fail(str(e)) from None
         try:
-            layers[diff_id] = _layer_info(index, member)
-        except (OSError, EOFError, zstandard.ZstdError, lzma.LZMAError) as e:
+            layers[diff_id] = _layer_info(reference, index, member, clean, flag)
+        except DECOMPRESSION_ERRORS as e:
             raise fail(f"determining uncompressed size of {go_quote(clean)}: {e}") from None
 
     config_digest = manifest.digest_of(config)
@@ -362,11 +308,11 @@ def _load_image(reference: str, index: _TarIndex, tag: str | None, source_index:
 
 
 class DockerArchiveSource(ImageSource):
-    def __init__(self, reference: str, index: _TarIndex, image: _Image, temp_file: str | None) -> None:
+    def __init__(self, reference: str, index: TarIndex, image: _Image) -> None:
         self.reference = reference
+        self.local_path = index.real_path
         self._index = index
         self._image = image
-        self._temp_file = temp_file
 
     async def get_manifest(self, instance_digest: str | None = None) -> tuple[bytes, str]:
         if instance_digest is not None and instance_digest != manifest.manifest_digest(self._image.manifest):
@@ -380,9 +326,9 @@ class DockerArchiveSource(ImageSource):
         if layer is None:
             raise BlobNotFound(f"{self.reference}: Unknown blob {digest}")
         try:
-            blob = await trio.to_thread.run_sync(self._index.open, layer.member)
-        except OSError as e:
-            raise SourceError(f"{self.reference}: opening blob {digest}: {os_error_text(e)}") from None
+            blob = await threads.run_sync(self._index.open_member, layer.member)
+        except (OSError, ValueError) as e:
+            raise SourceError(f"{self.reference}: opening blob {digest}: {e}") from None
         if layer.compression is None:
             return blob
         reader = decompressing_reader(FileSection(blob), layer.compression)
@@ -396,15 +342,7 @@ class DockerArchiveSource(ImageSource):
         return StreamBlob(reader, layer.size, close)
 
     async def aclose(self) -> None:
-        if self._temp_file is not None:
-            path, self._temp_file = self._temp_file, None
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(_remove, path)
-
-
-def _remove(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(path)
+        self._index.close()
 
 
 def _parse_docker_archive_ref(reference: str, within: str) -> tuple[str, str | None, int]:
@@ -424,44 +362,30 @@ def _parse_docker_archive_ref(reference: str, within: str) -> tuple[str, str | N
     return path, tag, -1
 
 
-def _prepare(reference: str, path: str, tmpdir: str | None) -> tuple[_TarIndex, str | None]:
-    """Index the archive; a compressed archive is first decompressed to a temporary file."""
-    try:
-        with open(path, "rb") as f:
-            compression = detect_compression(f.read(8))
-            if compression is None:
-                return _TarIndex(path), None
-            f.seek(0)
-            fd, temp = tempfile.mkstemp(prefix="docker-tar", dir=tmpdir)
-            try:
-                with os.fdopen(fd, "wb") as out:
-                    shutil.copyfileobj(decompressing_reader(f, compression), out, _CHUNK)
-                return _TarIndex(temp), temp
-            except BaseException:
-                _remove(temp)
-                raise
-    except FileNotFoundError as e:
-        raise SourceError(f"{reference}: opening file {go_quote(path)}: {os_error_text(e)}") from None
-    except (OSError, EOFError, tarfile.TarError, zstandard.ZstdError, lzma.LZMAError) as e:
-        raise SourceError(f"{reference}: reading archive {go_quote(path)}: {e}") from None
-
-
 async def open_docker_archive(reference: str, within: str, options: SourceOptions) -> DockerArchiveSource:
     """Open ``docker-archive:PATH[:NAME:TAG|:@N]``."""
     path, tag, source_index = _parse_docker_archive_ref(reference, within)
-    index, temp = await trio.to_thread.run_sync(_prepare, reference, path, options.tmpdir)
+
+    def load(flag: CancelFlag) -> tuple[TarIndex, _Image]:
+        index = open_tar(path, options.identity, options.tmpdir, "manifest.json".__eq__, True, True, flag)
+        try:
+            items = _manifest_items(reference, index, flag)
+            return index, _load_image(reference, index, items, tag, source_index, flag)
+        except BaseException:
+            index.close()
+            raise
+
     try:
-        image = await trio.to_thread.run_sync(_load_image, reference, index, tag, source_index)
-    except BaseException:
-        if temp is not None:
-            _remove(temp)
-        raise
-    return DockerArchiveSource(reference, index, image, temp)
+        index, image = await run_cancellable(load, lambda loaded: loaded[0].close())
+    except OSError as e:
+        raise SourceError(f"{reference}: opening file {go_quote(path)}: {os_error_text(e)}") from None
+    except ArchiveError as e:
+        raise SourceError(f"{reference}: {e}") from None
+    return DockerArchiveSource(reference, index, image)
 
 
 __all__ = [
     "DockerArchiveSource",
-    "OCIArchiveSource",
     "detect_compression",
     "open_docker_archive",
     "open_oci_archive",
