@@ -52,6 +52,46 @@ def shown(value: Any, limit: int = 200) -> str:
 
 _dumps = encode_json
 
+#: a ``\\uD800``-``\\uDFFF`` escape in a request (a lone one decodes to a string no file name or UTF-8 text takes)
+_LONE_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _without_lone_surrogates(value: Any) -> Any:
+    """``value`` with every lone surrogate in its strings replaced by U+FFFD, as Go's JSON decoder does, so that
+    a client's string is always valid Unicode for what follows (paths, error texts). Iterative: the request may
+    nest as deep as the decoder allowed."""
+
+    def clean(text: str) -> str:
+        return _LONE_SURROGATE.sub("\ufffd", text)
+
+    def fix(item: Any) -> Any:
+        if isinstance(item, str):
+            return clean(item)
+        return item
+
+    root: list[Any] = [value]
+    stack: list[list[Any] | dict[str, Any]] = [root]
+    while stack:
+        container = stack.pop()
+        if isinstance(container, list):
+            for index, item in enumerate(container):
+                if isinstance(item, list | dict):
+                    stack.append(item)
+                else:
+                    container[index] = fix(item)
+        else:
+            for key in list(container):
+                item = container[key]
+                cleaned_key = clean(key)
+                if cleaned_key != key:
+                    del container[key]
+                    container[cleaned_key] = item
+                if isinstance(item, list | dict):
+                    stack.append(item)
+                else:
+                    container[cleaned_key] = fix(item)
+    return root[0]
+
 
 def decode_request(data: bytes, truncated: bool = False) -> Request | ProtocolViolation:
     """Decode one request packet. ``truncated`` says the kernel cut the packet (MSG_TRUNC).
@@ -66,6 +106,8 @@ def decode_request(data: bytes, truncated: bool = False) -> Request | ProtocolVi
         return ProtocolViolation(f"invalid request: not UTF-8: {e.reason} at byte {e.start}")
     except (ValueError, RecursionError) as e:
         return ProtocolViolation(f"invalid request: {_json_error_text(e)}")
+    if b"\\u" in data and _LONE_SURROGATE_ESCAPE.search(data):
+        doc = _without_lone_surrogates(doc)
     if not isinstance(doc, dict):
         return ProtocolViolation(f"invalid request: expected a JSON object, not {json_type_name(doc)}")
     request_id = None

@@ -216,10 +216,18 @@ class Account:
         self.unqueue(self.queued_bytes)
 
 
+def _size(n: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            value = n / (1 << shift)
+            return f"{value:g} {unit}" if value.is_integer() else f"{value:.1f} {unit}"
+    return f"{n} bytes"
+
+
 def daemon_busy(limits: DaemonLimits) -> LimitExceeded:
     return LimitExceeded(
-        f"the daemon holds {(limits.queued_bytes or 0) >> 20} MiB of queued requests from all its clients, its "
-        "limit; retry shortly",
+        f"the daemon holds {_size(limits.queued_bytes or 0)} of queued requests and replies from all its clients, "
+        "its limit; retry shortly",
         ErrorCode.RETRYABLE,
     )
 

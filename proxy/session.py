@@ -150,21 +150,23 @@ class Session:
             self._account.release()
 
     async def _run(self) -> None:
+        handler: Handler | None = None
         try:
             async with trio.open_nursery() as nursery:
                 handler = self._handler = Handler(self._options, nursery.start_soon, self._resources, self._account)
-                try:
-                    nursery.start_soon(self._sender, nursery.cancel_scope)
-                    nursery.start_soon(self._dispatch, handler)
-                    shutdown = await self._receive(handler, nursery)
-                    if shutdown and self._unanswered:
-                        # Answer what came before Shutdown, but never wait long.
-                        with trio.move_on_after(SHUTDOWN_GRACE):
-                            await self._all_answered.wait()
-                    nursery.cancel_scope.cancel()
-                finally:
-                    await handler.aclose()
+                nursery.start_soon(self._sender, nursery.cancel_scope)
+                nursery.start_soon(self._dispatch, handler)
+                shutdown = await self._receive(handler, nursery)
+                if shutdown and self._unanswered:
+                    # Answer what came before Shutdown, but never wait long.
+                    with trio.move_on_after(SHUTDOWN_GRACE):
+                        await self._all_answered.wait()
+                nursery.cancel_scope.cancel()
         finally:
+            # Only now, with every producer ended, are the pipes' write ends closed: a producer still alive could
+            # otherwise write (sendfile) to an fd number that was closed, and maybe reused by another client.
+            if handler is not None:
+                await handler.aclose()
             # replies that were never sent: our copies of their pipes' read ends
             self._outbox_send.close()
             while True:

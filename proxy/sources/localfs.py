@@ -229,9 +229,20 @@ def _checked(fd: int, path: str, want_dir: bool = False) -> os.stat_result:
     return st
 
 
+def _check_name(path: str) -> None:
+    """A name the kernel can take: no NUL, nothing UTF-8 cannot encode (LocalPathError otherwise)."""
+    if "\x00" in path:
+        raise LocalPathError(errno.EINVAL, "the name holds a NUL character", path.replace("\x00", "\\x00"))
+    try:
+        os.fsencode(path)
+    except UnicodeEncodeError:
+        raise LocalPathError(errno.EINVAL, "the name is not valid Unicode", ascii(path)) from None
+
+
 def open_regular_file(path: str, identity: Identity | None = None) -> tuple[int, os.stat_result]:
     """Open a client-named file (an archive) for reading, as ``identity``: never blocks, never a FIFO, socket or
     device (LocalPathError naming it). Synchronous: call it in a worker thread. (fd, its stat)."""
+    _check_name(path)
     with acting_as(identity):
         fd = os.open(path, _OPEN_FLAGS)
     return fd, _checked(fd, path)
@@ -274,6 +285,7 @@ class LocalDir:
         """Raises LocalPathError/OSError (naming ``path``) when it is not a directory the client may search."""
         self.path = path
         self.identity = identity
+        _check_name(path)
         with acting_as(identity):
             fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self._fd: int | None = fd
@@ -291,6 +303,7 @@ class LocalDir:
         """Open the regular file ``relative`` (inside this directory) for reading: (fd, stat). FileNotFoundError,
         PermissionError (also for a path leading outside), LocalPathError (not a regular file)."""
         shown = self._display(relative)
+        _check_name(relative)
         try:
             with acting_as(self.identity):
                 try:

@@ -255,3 +255,20 @@ def test_log_lines_are_printable_whatever_the_client_sent(text):
     line = OneLineFormatter(journald=True).format(record)
     line.encode("utf-8")  # never a lone surrogate
     assert "\n" not in line and "\x1b" not in line and "\x00" not in line
+
+
+def test_lone_surrogates_in_requests_become_replacement_characters_as_in_go():
+    # Go's decoder turns an unpaired surrogate escape into U+FFFD; so do we, so a path or a text built from a
+    # client's string is always valid Unicode (a lone surrogate made os.open raise, an "internal error")
+    decoded = decode_request(b'{"method":"OpenImage","args":["oci:/tmp/\\ud800", {"k\\udfff": ["\\udcff"]}]}')
+    assert isinstance(decoded, Request)
+    assert decoded.args == ["oci:/tmp/\ufffd", {"k\ufffd": ["\ufffd"]}]
+    paired = decode_request(b'{"method":"OpenImage","args":["\\ud83d\\ude00"]}')
+    assert isinstance(paired, Request) and paired.args == ["\U0001f600"]
+
+
+@given(st.lists(hostile_values, max_size=4))
+def test_decoded_requests_hold_only_valid_unicode(args):
+    decoded = decode_request(json.dumps({"method": "M", "args": args}).encode())
+    assert isinstance(decoded, Request)
+    json.dumps(decoded.args, ensure_ascii=False).encode("utf-8")  # strict: no lone surrogate survived
