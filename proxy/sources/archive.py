@@ -224,8 +224,6 @@ def _manifest_items(reference: str, index: TarIndex, flag: CancelFlag) -> list[d
         raise fail(f'loading tar component "manifest.json": {os_error_text(e)}') from None
     except GoJSONError as e:
         raise fail(f"decoding tar manifest.json: {e}") from None
-    components = [c for item in items for c in [item["Config"], *(item["Layers"] or [])]]
-    _index_components(index, components, flag)
     return items
 
 
@@ -258,6 +256,7 @@ def _load_image(
         if len(items) != 1:
             raise fail(f"Unexpected tar manifest.json: expected 1 item, got {len(items)}")
         item = items[0]
+    _index_components(index, [item["Config"], *(item["Layers"] or [])], flag)  # what this image reads, only
 
     try:
         config = _read_component(index, item["Config"])

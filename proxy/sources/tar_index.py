@@ -257,10 +257,11 @@ class _FileCursor:
         self.pos += len(data)
         return data
 
-    def check_room(self, n: int, member: str) -> None:
+    def check_room(self, n: int, member: bytes | str) -> None:
+        """Refuse (naming ``member``: raw name, or a description) ``n`` bytes more than the file holds."""
         if self.pos + n > self.size:
             raise ArchiveError(
-                f"archive {go_quote(self.where)}: member {member} is truncated: it needs {n} bytes from offset "
+                f"archive {go_quote(self.where)}: member {_shown(member)} is truncated: it needs {n} bytes from offset "
                 f"{self.pos}, the archive has {self.size}"
             )
 
@@ -316,8 +317,8 @@ class _StreamCursor:
             view = view[n:]
             self.written += n
 
-    def _over(self, n: int, member: str | None) -> ArchiveError:
-        what = f"member {member} ({n} bytes)" if member is not None else f"{n} more bytes"
+    def _over(self, n: int, member: bytes | str | None) -> ArchiveError:
+        what = f"member {_shown(member)} ({n} bytes)" if member is not None else f"{n} more bytes"
         return ArchiveError(
             f"archive {go_quote(self.where)}: {what} at offset {self.pos} of the decompressed archive would take it "
             f"past {self.cap} bytes ({self.why})"
@@ -331,7 +332,7 @@ class _StreamCursor:
             self._write(data)
         return data
 
-    def check_room(self, n: int, member: str) -> None:
+    def check_room(self, n: int, member: bytes | str) -> None:
         if self.pos + n > self.cap:
             raise self._over(n, member)
 
@@ -371,6 +372,11 @@ _OCTAL = re.compile(rb"[0-7]+")
 
 def _show(raw: bytes) -> str:
     return go_quote(raw.decode("utf-8", "replace"))
+
+
+def _shown(member: bytes | str) -> str:
+    """A member for an error: its raw name quoted, or a description as it is."""
+    return member if isinstance(member, str) else _show(member)
 
 
 def _number(field: bytes) -> int | None:
@@ -580,40 +586,41 @@ def scan(
         pending = {}
         extended = 0
         name, dir_syntax = _member_name(raw_name, where)
-        shown = _show(raw_name)
         if sparse:
             typeflag = b"S"
 
         if typeflag == b"5" or (typeflag in (b"0", b"\0") and dir_syntax):
-            cursor.check_room(size + padded, shown)
+            cursor.check_room(size + padded, raw_name)
             cursor.skip(size + padded, False)
             continue
         if typeflag in _REGULAR:
             if not name:
-                raise ArchiveError(f"archive {quoted}: member {shown}: a file named as the archive's root; refused")
+                raise ArchiveError(
+                    f"archive {quoted}: member {_show(raw_name)}: a file named as the archive's root; refused"
+                )
             wanted = want(name)
             if wanted and (name in files or name in links):
-                raise ArchiveError(f"archive {quoted}: member {shown}: the name appears twice; refused")
-            cursor.check_room(size + padded, shown)
+                raise ArchiveError(f"archive {quoted}: member {_show(raw_name)}: the name appears twice; refused")
+            cursor.check_room(size + padded, raw_name)
             offset = cursor.skip(size, wanted)
             cursor.skip(padded, False)
             if wanted:
                 files[name] = (offset, size)
             continue
         if typeflag == b"2" and links_allowed:
-            target = _link_target(name, raw_link, shown, where)
+            target = _link_target(name, raw_link, _show(raw_name), where)
             if want(name):
                 if name in files or name in links:
-                    raise ArchiveError(f"archive {quoted}: member {shown}: the name appears twice; refused")
+                    raise ArchiveError(f"archive {quoted}: member {_show(raw_name)}: the name appears twice; refused")
                 links[name] = target
-            cursor.check_room(size + padded, shown)
+            cursor.check_room(size + padded, raw_name)
             cursor.skip(size + padded, False)
             continue
         kind = _TYPE_NAMES.get(typeflag, f"of tar type {typeflag!r}")
         if typeflag in (b"1", b"2"):
             kind = f"{kind} to {_show(raw_link)}"
         raise ArchiveError(
-            f"archive {quoted}: member {shown} is {kind}; only regular files and directories are accepted"
+            f"archive {quoted}: member {_show(raw_name)} is {kind}; only regular files and directories are accepted"
         )
 
 

@@ -330,6 +330,22 @@ async def test_docker_archive_refusals(sandbox, case):
     assert f'archive "{evil}"' in text and expected in text, text
 
 
+async def test_docker_archive_reads_only_the_chosen_images_members(sandbox):
+    """Item @1 names a layer that appears twice; opening item @0 never reads it, so that is no refusal."""
+    work, tmp, _ = sandbox
+    files, cfg = docker_files([tar_bytes({"x": b"1"})])
+    items = json.loads(files["manifest.json"])
+    items.append({"Config": "config.json", "RepoTags": [], "Layers": ["other.tar"]})
+    files["manifest.json"] = dumps(items)
+    path = work / "two.tar"
+    path.write_bytes(archive_of(member("other.tar", b"a"), member("other.tar", b"b"), files=files))
+    src = await open_source(f"docker-archive:{path}:@0", SourceOptions(tmpdir=str(tmp)))
+    assert json.loads((await src.get_manifest())[0])["config"]["digest"] == digest(cfg)
+    await src.aclose()
+    text = await refused(f"docker-archive:{path}:@1", tmp)
+    assert f'archive "{path}": member "other.tar": the name appears twice; refused' in text
+
+
 async def test_docker_archive_follows_one_symlink_inside_never_two(sandbox):
     work, tmp, _ = sandbox
     layer = tar_bytes({"x": b"1"})
