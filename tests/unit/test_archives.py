@@ -11,10 +11,12 @@ import io
 import json
 import lzma
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import tarfile
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -28,6 +30,7 @@ from protocol.codec import encode_request
 from protocol.messages import Request
 from proxy.sources import tar_index
 from proxy.sources.base import SourceError, SourceOptions
+from proxy.sources.localfs import Identity
 from proxy.sources.reference import open_source
 from tests.unit.layouts import OCILayout, digest, dumps, image_config, tar_bytes
 
@@ -125,8 +128,12 @@ def proc_io(key: str, pid: int | str = "self") -> int:
 
 
 async def refused(ref: str, tmp: Path | None = None) -> str:
+    return await refused_as(ref, tmp, None)
+
+
+async def refused_as(ref: str, tmp: Path | None, identity: Identity | None) -> str:
     with pytest.raises(SourceError) as info:
-        src = await open_source(ref, SourceOptions(tmpdir=str(tmp) if tmp else None))
+        src = await open_source(ref, SourceOptions(tmpdir=str(tmp) if tmp else None, identity=identity))
         await src.aclose()
     return str(info.value)
 
@@ -456,6 +463,33 @@ async def test_local_path_is_the_file_the_kernel_opened(sandbox, tmp_path):
     (work / "sub" / "d-link.tar").symlink_to(work / "d.tar")
     src = await open_source(f"docker-archive:{work}/sub/d-link.tar", SourceOptions(tmpdir=str(tmp)))
     assert src.local_path == str(work / "d.tar")
+    await src.aclose()
+
+
+@pytest.mark.parametrize("transport", ["oci-archive", "docker-archive"])
+async def test_the_archive_is_opened_as_the_client_and_the_copy_as_the_daemon(sandbox, tmp_path, transport, request):
+    """(As root, like the daemon.) A client (nobody) cannot open a 0600 archive it could not read itself; a
+    readable compressed one is decompressed into the daemon's private temp dir, which the client cannot write."""
+    _, tmp, _ = sandbox
+    nobody = Identity(65534, 65534)
+    public = Path(tempfile.mkdtemp(prefix="image-proxy-archive-access-"))  # pytest's tmp_path is root's 0700
+    request.addfinalizer(lambda: shutil.rmtree(public))
+    if transport == "oci-archive":
+        files, _, _ = layout_files(tmp_path)
+        ref_tail = ":t"
+    else:
+        files, _ = docker_files([tar_bytes({"x": b"1"})])
+        ref_tail = ""
+    public.chmod(0o755)
+    tmp.chmod(0o700)
+    path = public / "a.tar.gz"
+    path.write_bytes(gzip.compress(archive_of(files=files), mtime=0))
+    path.chmod(0o600)
+    text = await refused_as(f"{transport}:{path}{ref_tail}", tmp, nobody)
+    assert f"{path}: permission denied" in text, text
+    path.chmod(0o644)
+    src = await open_source(f"{transport}:{path}{ref_tail}", SourceOptions(tmpdir=str(tmp), identity=nobody))
+    assert src.local_path == str(path)
     await src.aclose()
 
 
