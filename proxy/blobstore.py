@@ -215,6 +215,9 @@ class Download:
         self.key = (digest, source)
         #: the first asker's size: only a hint (a complete partial is committed without the network)
         self.expected_size = expected_size
+        #: the size a verified manifest gives the blob, if known: a source that sends more is cut off there, so
+        #: an endless body cannot fill the cache's disk
+        self.size_limit: int | None = None
         algo, _, self.hexpart = digest.partition(":")
         self.algo = algo
         self.dir_fd = store._algo_dir(algo, create=True)
@@ -351,6 +354,12 @@ class Download:
         blob = await open_from(self.written)
         async with blob:
             while chunk := await blob.read(CHUNK_SIZE):
+                if self.size_limit is not None and self.written + len(chunk) > self.size_limit:
+                    self._drop(f"grows past the {self.size_limit} bytes its manifest gives", unlink=True)
+                    raise StoreError(
+                        f"blob cache: {self.source or 'the source'} sent more than the {self.size_limit} bytes the "
+                        f"manifest gives {self.digest}"
+                    )
                 await threads.run_sync(_pwrite_all, self.fd, chunk, self.written)
                 hasher.update(chunk)
                 self.written += len(chunk)
@@ -709,6 +718,7 @@ class BlobStore:
         spawn: Callable[[Callable[[], Awaitable[None]]], None],
         *,
         source: str = "",
+        size_limit: int | None = None,
     ) -> Blob:
         """A reader of the blob: from the cache, or following its download from ``source`` (shared with every
         reader asking for that digest from that source) into the cache. ``open_from(offset)`` opens the blob at
@@ -727,6 +737,7 @@ class BlobStore:
         if download is None:
             try:
                 download = Download(self, digest, source, expected_size)
+                download.size_limit = size_limit
             except Refused as e:
                 self._refused(e)
                 return await open_from(0)

@@ -337,6 +337,7 @@ class Handler:
                 lambda offset: source.open_blob_from(digest, offset),
                 self._resources.spawn,
                 source=source.domain,
+                size_limit=self._known_size(image, digest),
             )
         return await source.open_blob(digest)
 

@@ -425,3 +425,18 @@ def test_an_existing_cache_directory_keeps_its_mode(tmp_path):
     cache.chmod(0o750)
     store = BlobStore(cache)
     assert mode(cache) == 0o750 and mode(store.blobs) == 0o700
+
+
+async def test_a_source_sending_more_than_the_manifest_says_is_cut_off_there(tmp_path):
+    # an endless body (here: 64 x the blob) must not fill the cache's disk: the download stops at the size the
+    # verified manifest gives, drops what it wrote, and fails with a text naming the source
+    store = BlobStore(tmp_path / "cache")
+    endless = Source(data=DATA * 64)
+    async with spawner() as spawn:
+        blob = await store.fetch(
+            DIGEST, len(DATA), endless.open_from, spawn, source="evil.example", size_limit=len(DATA)
+        )
+        with pytest.raises(StoreError, match=r"evil\.example sent more than the 256000 bytes the manifest gives"):
+            await read_all(blob)
+    assert not partial_of(store).exists()
+    assert store.final_path(DIGEST).exists() is False
