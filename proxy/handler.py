@@ -241,6 +241,10 @@ class Handler:
     async def _open_image(self, reference: str) -> OpenedImage:
         source = await open_source(reference, self.config.source_options, self._registry)
         try:
+            if not source.stores_signatures:
+                # nothing signed to read: the policy decides now, before any manifest or blob of it is read (an
+                # archive's content is not touched for an image the policy refuses)
+                await self.config.policy.check(reference, source, b"{}", None, self._registry)
             return await self._resolve(reference, source)
         except BaseException:
             await _close_quietly(source)

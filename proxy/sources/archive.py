@@ -24,6 +24,7 @@ import re
 from typing import Any
 
 import attrs
+import trio
 
 from proxy import gojson, manifest, threads
 from proxy.gojson import (
@@ -227,9 +228,9 @@ def _manifest_items(reference: str, index: TarIndex, flag: CancelFlag) -> list[d
     return items
 
 
-def _load_image(
-    reference: str, index: TarIndex, items: list[dict[str, Any]], tag: str | None, source_index: int, flag: CancelFlag
-) -> _Image:
+def _choose_item(reference: str, items: list[dict[str, Any]], tag: str | None, source_index: int) -> dict[str, Any]:
+    """The manifest.json item the reference names (by tag, ``@N``, or the only one)."""
+
     def fail(text: str) -> SourceError:
         return SourceError(f"{reference}: {text}")
 
@@ -256,6 +257,15 @@ def _load_image(
         if len(items) != 1:
             raise fail(f"Unexpected tar manifest.json: expected 1 item, got {len(items)}")
         item = items[0]
+    return item
+
+
+def _load_image(reference: str, index: TarIndex, item: dict[str, Any], flag: CancelFlag) -> _Image:
+    """The image of one manifest.json item: its config, and each layer's size (which may mean decompressing it)."""
+
+    def fail(text: str) -> SourceError:
+        return SourceError(f"{reference}: {text}")
+
     _index_components(index, [item["Config"], *(item["Layers"] or [])], flag)  # what this image reads, only
 
     try:
@@ -307,21 +317,45 @@ def _load_image(
 
 
 class DockerArchiveSource(ImageSource):
-    def __init__(self, reference: str, index: TarIndex, image: _Image) -> None:
+    """A ``docker save`` archive, read in place. Opening reads its headers and ``manifest.json`` only; the image
+    (its config and each layer's size, which may mean decompressing a layer once to count it) is loaded on the
+    first manifest or blob asked for, so the signature policy, which needs none of it for an archive (archives
+    store no signatures), is consulted before any of it is read."""
+
+    def __init__(self, reference: str, index: TarIndex, item: dict[str, Any]) -> None:
         self.reference = reference
         self.local_path = index.real_path
         self._index = index
-        self._image = image
+        self._item = item
+        self._image_or_none: _Image | None = None
+        self._loading = trio.Lock()
+
+    async def _loaded(self) -> _Image:
+        async with self._loading:  # only a worker thread runs under it, with its own cancellation
+            if self._image_or_none is None:
+
+                def load(flag: CancelFlag) -> _Image:
+                    return _load_image(self.reference, self._index, self._item, flag)
+
+                try:
+                    self._image_or_none = await run_cancellable(load, lambda _image: None)
+                except ArchiveError as e:
+                    raise SourceError(f"{self.reference}: {e}") from None
+                except OSError as e:
+                    raise SourceError(f"{self.reference}: reading the archive: {os_error_text(e)}") from None
+            return self._image_or_none
 
     async def get_manifest(self, instance_digest: str | None = None) -> tuple[bytes, str]:
-        if instance_digest is not None and instance_digest != manifest.manifest_digest(self._image.manifest):
+        image = await self._loaded()
+        if instance_digest is not None and instance_digest != manifest.manifest_digest(image.manifest):
             raise SourceError(f'{self.reference}: Manifest lists are not supported by "docker-archive:"')
-        return self._image.manifest, manifest.DOCKER_V2S2
+        return image.manifest, manifest.DOCKER_V2S2
 
     async def open_blob(self, digest: str) -> Blob:
-        if digest == self._image.config_digest:
-            return BytesBlob(self._image.config)
-        layer = self._image.layers.get(digest)
+        image = await self._loaded()
+        if digest == image.config_digest:
+            return BytesBlob(image.config)
+        layer = image.layers.get(digest)
         if layer is None:
             raise BlobNotFound(f"{self.reference}: Unknown blob {digest}")
         try:
@@ -365,22 +399,22 @@ async def open_docker_archive(reference: str, within: str, options: SourceOption
     """Open ``docker-archive:PATH[:NAME:TAG|:@N]``."""
     path, tag, source_index = _parse_docker_archive_ref(reference, within)
 
-    def load(flag: CancelFlag) -> tuple[TarIndex, _Image]:
+    def load(flag: CancelFlag) -> tuple[TarIndex, dict[str, Any]]:
         index = open_tar(path, options.identity, options.tmpdir, "manifest.json".__eq__, True, True, flag)
         try:
             items = _manifest_items(reference, index, flag)
-            return index, _load_image(reference, index, items, tag, source_index, flag)
+            return index, _choose_item(reference, items, tag, source_index)
         except BaseException:
             index.close()
             raise
 
     try:
-        index, image = await run_cancellable(load, lambda loaded: loaded[0].close())
+        index, item = await run_cancellable(load, lambda loaded: loaded[0].close())
     except OSError as e:
         raise SourceError(f"{reference}: opening file {go_quote(path)}: {os_error_text(e)}") from None
     except ArchiveError as e:
         raise SourceError(f"{reference}: {e}") from None
-    return DockerArchiveSource(reference, index, image)
+    return DockerArchiveSource(reference, index, item)
 
 
 __all__ = [

@@ -84,6 +84,9 @@ class ImageSource(abc.ABC):
     #: for local transports, the path the kernel opened (symlinks and ``..`` resolved): signature policy scopes
     #: are matched on it, never on the reference's text
     local_path: str | None = None
+    #: whether signatures can be stored with the image (a registry's lookaside or attachments, ``dir:``'s
+    #: signature files); for a source without, the signature policy decides before any manifest is read
+    stores_signatures: bool = False
 
     @abc.abstractmethod
     async def get_manifest(self, instance_digest: str | None = None) -> tuple[bytes, str]:

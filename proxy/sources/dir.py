@@ -17,6 +17,8 @@ VERSION_PREFIX = "Directory Transport Version: "
 
 
 class DirSource(ImageSource):
+    stores_signatures = True
+
     def __init__(self, reference: str, files: DirFiles) -> None:
         self.reference = reference
         self.files = files

@@ -80,6 +80,8 @@ def _content_type(value: str | None) -> str:
 
 
 class RegistrySource(ImageSource):
+    stores_signatures = True
+
     def __init__(self, reference: str, image: DockerReference, sources: list[PullSource], client: RegistryClient):
         self.reference = reference
         self._image = image
