@@ -7,8 +7,9 @@ waits on the producer's ``done`` event, never on anything the receive loop needs
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import attrs
@@ -251,9 +252,9 @@ class Handler:
             raise
 
     async def _resolve(self, reference: str, source: ImageSource) -> OpenedImage:
-        raw, mime = await source.get_manifest(None)
-        top, chosen = raw, None
         try:
+            raw, mime = await source.get_manifest(None)
+            top, chosen = raw, None
             if mf.is_list(mime):
                 instance = mf.choose_instance(raw, mime, self.config.platforms)
                 raw, mime = await source.get_manifest(instance)
@@ -295,19 +296,24 @@ class Handler:
         # Converting to OCI re-serializes the config too: the converted manifest names that config,
         # so remember it and serve it to GetBlob (skopeo fails there: the source does not have it).
         original = await self._read_config(image)
-        config = mf.oci_full_config(original)
+        with _naming(image):
+            config = mf.oci_full_config(original)
+            data = mf.to_oci_manifest(image.manifest, image.manifest_mime, original)
         image.converted_config = (mf.digest_of(config), config)
-        data = mf.to_oci_manifest(image.manifest, image.manifest_mime, original)
         return self._reply_with_bytes(image.manifest_digest, data)
 
     async def get_config(self, image_id: int) -> Outcome:
         image = self._image(image_id)
-        data = mf.oci_runtime_config(await self._read_config(image))
+        original = await self._read_config(image)
+        with _naming(image):
+            data = mf.oci_runtime_config(original)
         return self._reply_with_bytes(None, data)
 
     async def get_full_config(self, image_id: int) -> Outcome:
         image = self._image(image_id)
-        data = mf.oci_full_config(await self._read_config(image))
+        original = await self._read_config(image)
+        with _naming(image):
+            data = mf.oci_full_config(original)
         return self._reply_with_bytes(None, data)
 
     async def get_layer_info(self, image_id: int) -> Outcome:
@@ -474,6 +480,15 @@ class Handler:
                 except Exception:
                     log.exception("closing %s", image.reference)
             self._images.clear()
+
+
+@contextlib.contextmanager
+def _naming(image: OpenedImage) -> Iterator[None]:
+    """A manifest or config that cannot be converted: the error names the image."""
+    try:
+        yield
+    except mf.ManifestError as e:
+        raise ProxyError(f"{image.reference}: {e}") from None
 
 
 async def _close_quietly(opened: object) -> None:

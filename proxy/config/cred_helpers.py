@@ -9,11 +9,12 @@ This blocks (a subprocess with a timeout): from trio, call it through ``trio.to_
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
 from collections.abc import Mapping
+
+from proxy import jsonlimits
 
 from .credentials import Credentials
 from .errors import ConfigError
@@ -62,7 +63,7 @@ def run_credential_helper(
         message = out.splitlines()[0][:_MAX_MESSAGE] if out else done.stderr.decode("utf-8", "replace").strip()
         raise ConfigError(f"{where}: exit status {done.returncode}: {message[:_MAX_MESSAGE]}")
     try:
-        answer = json.loads(out)
+        answer = jsonlimits.loads(out)
     except ValueError:
         raise ConfigError(f"{where}: the output is not JSON") from None
     if not isinstance(answer, dict):

@@ -54,6 +54,8 @@ from typing import Any
 
 import attrs
 
+from proxy import jsonlimits
+
 from .errors import ConfigError
 
 DEFAULT_PATH = Path("/etc/image-proxy/config.toml")
@@ -231,9 +233,11 @@ _SCHEMA: dict[str, dict[str, tuple[str, Callable[[_Reader, str, Any], Any]]]] = 
 
 def parse_daemon_conf(text: str, path: Path) -> DaemonConfig:
     try:
-        doc = tomllib.loads(text)
+        doc = jsonlimits.toml_loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}", path) from None
+    except jsonlimits.NestingError as e:
+        raise ConfigError(f"{path}: {e}", path) from None
     unknown = sorted(set(doc) - set(_SCHEMA))
     if unknown:
         raise ConfigError(f"{path}: unknown section or key {unknown[0]!r}", path)

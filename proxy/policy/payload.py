@@ -6,11 +6,11 @@ the ``critical`` part is the same and parsed as strictly as containers/image doe
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import attrs
 
+from proxy import jsonlimits
 from proxy import manifest as mf
 from proxy.policy.errors import InvalidSignature
 
@@ -37,7 +37,7 @@ def _exact(obj: Any, keys: set[str], what: str) -> dict[str, Any]:
 def parse_payload(data: bytes, expected_type: str) -> SignedClaims:
     """The claims of a verified payload; InvalidSignature if it is not exactly what a signature must say."""
     try:
-        doc = json.loads(data)
+        doc = jsonlimits.loads(data)
     except (ValueError, UnicodeDecodeError) as e:
         raise InvalidSignature(f"invalid signature payload: {e}") from None
     if not isinstance(doc, dict) or "critical" not in doc:

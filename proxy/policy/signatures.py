@@ -19,7 +19,6 @@ from __future__ import annotations
 import base64
 import binascii
 import errno
-import json
 import os
 from collections.abc import Mapping
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -27,8 +26,8 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import attrs
 import trio
 
+from proxy import jsonlimits, threads
 from proxy import manifest as mf
-from proxy import threads
 from proxy.http.auth import answered_elsewhere
 from proxy.http.connection import Response
 from proxy.http.errors import HTTPError
@@ -91,7 +90,7 @@ def parse_stored_signature(data: bytes, origin: str) -> Signature:
         return SimpleSignature(rest, origin)
     if header == b"sigstore-json":
         try:
-            doc = json.loads(rest)
+            doc = jsonlimits.loads(rest)
             mime = doc["mimeType"]
             payload = base64.b64decode(doc["payload"], validate=True)
             annotations = doc.get("annotations") or {}
@@ -268,7 +267,7 @@ class SignatureReader:
         if mime != mf.OCI_MANIFEST:
             raise SignatureFetchError(f"unexpected MIME type for sigstore attachment manifest {tag}: {mime!r}")
         try:
-            layers = json.loads(raw).get("layers") or []
+            layers = jsonlimits.loads(raw).get("layers") or []
         except (ValueError, AttributeError):
             raise SignatureFetchError(f"sigstore attachment manifest {tag} is not valid JSON") from None
         signatures: list[Signature] = []

@@ -10,12 +10,12 @@ remembered across requests.
 
 from __future__ import annotations
 
-import json
 import logging
 
 import trio
 
 from protocol.errors import ErrorCode
+from proxy import jsonlimits
 from proxy import manifest as mf
 from proxy.config import ConfigError, PullSource
 from proxy.http.connection import Response
@@ -60,7 +60,7 @@ class _BodyFailed(Exception):
 
 def _referenced_digests(raw: bytes) -> set[str]:
     try:
-        doc = json.loads(raw)
+        doc = jsonlimits.loads(raw)
     except ValueError:
         return set()
     found = set()
@@ -181,7 +181,7 @@ class RegistrySource(ImageSource):
     def _manifest_type(raw: bytes, content_type: str, what: str) -> str:
         guessed = mf.guess_mime_type(raw)
         try:
-            declared = json.loads(raw).get("mediaType")
+            declared = jsonlimits.loads(raw).get("mediaType")
         except (ValueError, AttributeError):
             raise RegistryError(f"{what}: the registry sent a manifest that is not a JSON object") from None
         if isinstance(declared, str) and declared and content_type in MANIFEST_TYPES and declared != content_type:

@@ -13,7 +13,6 @@ text names the host and what failed, and whose code is ``retryable`` exactly whe
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import ssl
@@ -24,7 +23,7 @@ import attrs
 import trio
 
 from protocol.errors import ErrorCode, ProxyError
-from proxy import threads
+from proxy import jsonlimits, threads
 from proxy.config import Credentials, CredentialSource, RegistriesConf, RegistryToken, cert_dirs_for
 from proxy.http.auth import (
     Challenge,
@@ -118,7 +117,7 @@ class _Endpoint:
 
 def _parse_errors(body: bytes) -> list[dict]:
     try:
-        doc = json.loads(body)
+        doc = jsonlimits.loads(body)
     except ValueError:
         return []
     errors = doc.get("errors") if isinstance(doc, dict) else None
