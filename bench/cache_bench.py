@@ -66,7 +66,7 @@ CASES = (OURS_NETWORK, SKOPEO_NETWORK, OURS_FILL, OURS_CACHED)
 OURS = "ours"
 SKOPEO = "skopeo"
 
-STAMP_XATTR = "user.image-proxy.verified"  # proxy/blobstore.py: a cached file checked at its current size/mtime
+STAMP_XATTR = "user.image-proxy.verified"  # proxy/cache/store.py: a cached file checked at its current size/mtime
 
 
 def ours_argv(cache: Path | None = None) -> list[str]:

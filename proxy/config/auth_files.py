@@ -36,7 +36,7 @@ from typing import Any
 
 import attrs
 
-from proxy import jsonlimits
+from proxy.common import jsonlimits
 
 from ._env import home_dir, under_root
 from .cred_helpers import DEFAULT_HELPER_TIMEOUT, run_credential_helper

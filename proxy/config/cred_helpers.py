@@ -14,7 +14,7 @@ import shutil
 import subprocess
 from collections.abc import Mapping
 
-from proxy import jsonlimits
+from proxy.common import jsonlimits
 
 from .credentials import Credentials
 from .errors import ConfigError

@@ -54,7 +54,7 @@ from typing import Any
 
 import attrs
 
-from proxy import jsonlimits
+from proxy.common import jsonlimits
 
 from .errors import ConfigError
 

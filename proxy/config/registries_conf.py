@@ -25,8 +25,8 @@ from typing import Any, Final, Literal, cast
 
 import attrs
 
-from proxy import jsonlimits
-from proxy.sources.docker_reference import _DOMAIN, DockerReference, parse_docker_reference
+from proxy.common import jsonlimits
+from proxy.image.reference import _DOMAIN, DockerReference, parse_docker_reference
 
 from ._env import home_dir, under_root
 from .errors import ConfigError

@@ -18,7 +18,7 @@ Why bodies do not count: the per-host cap exists to bound how many connections w
 browsers do. Counting bodies too would let six unread pipes (of one client, or of six clients of a daemon)
 stop every other request to that host with nothing to bound the wait: the hang of skopeo#2878 moved from a
 stalled CDN to a slow neighbour. Open bodies are bounded instead by what holds them: each belongs to one pipe,
-and pipes are limited per connection, per user and per daemon (``proxy.limits``).
+and pipes are limited per connection, per user and per daemon (``proxy.server.limits``).
 """
 
 from __future__ import annotations

@@ -81,8 +81,8 @@ from proxy.partial.planner import (
     small_span_count,
     union,
 )
+from proxy.registry.source import RegistrySource
 from proxy.sources.base import SourceError
-from proxy.sources.registry import RegistrySource
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import os
 from collections.abc import Awaitable, Callable, Sequence
 
 from protocol.errors import ProxyError
-from proxy import threads
+from proxy.common import threads
 from proxy.partial.fetch import READ_SIZE, RangeSource, Write
 from proxy.partial.planner import Span, SpanCutter
 from proxy.sources import oci_layout

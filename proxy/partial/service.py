@@ -21,15 +21,15 @@ import trio
 import zstandard
 
 from protocol.errors import ProxyError
-from proxy import manifest as mf
-from proxy.blobstore import BlobStore
+from proxy.cache.store import BlobStore
+from proxy.image import manifest as mf
 from proxy.partial import toc as tocs
 from proxy.partial.fetch import RangeSource, RegistryRanges, learn_size
 from proxy.partial.local import FileRanges, ranges_of_blob
 from proxy.partial.planner import ByteRange, RangeError
-from proxy.pipes import DigestVerifier, Pipe, run_producer, write_all
+from proxy.registry.source import RegistrySource
+from proxy.server.pipes import DigestVerifier, Pipe, run_producer, write_all
 from proxy.sources.base import Blob, ImageSource
-from proxy.sources.registry import RegistrySource
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ import zlib
 import attrs
 import zstandard
 
-from proxy import jsonlimits
+from proxy.common import jsonlimits
 
 MAX_TOC_SIZE = 150 << 20
 #: the most of a layer's end we read to find a footer (covers 64 + 8, 40 + 8, 51 and 47)

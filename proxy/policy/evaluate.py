@@ -18,8 +18,9 @@ from collections.abc import Mapping
 
 import attrs
 
-from proxy import manifest as mf
-from proxy import threads
+from proxy.common import threads
+from proxy.image import manifest as mf
+from proxy.image.reference import parse_docker_reference
 from proxy.policy.errors import InvalidSignature, PolicyFileError, PolicyRejected
 from proxy.policy.gpg import KeyProblem, dearmor, verify_simple_signing
 from proxy.policy.payload import COSIGN_TYPE, SIMPLE_SIGNING_TYPE, SignedClaims, parse_payload
@@ -36,9 +37,8 @@ from proxy.policy.requirements import (
 from proxy.policy.scopes import ImageScope, image_scope
 from proxy.policy.signatures import SignatureFetchError, SignatureReader, SigstoreSignature, SimpleSignature
 from proxy.policy.sigstore import PublicKey, load_public_keys, verify_sigstore
+from proxy.registry.client import RegistryClient
 from proxy.sources.base import ImageSource
-from proxy.sources.docker_reference import parse_docker_reference
-from proxy.sources.registry_client import RegistryClient
 
 log = logging.getLogger(__name__)
 

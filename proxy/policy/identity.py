@@ -19,7 +19,7 @@ from typing import Any
 
 import attrs
 
-from proxy.sources.docker_reference import DockerReference, parse_docker_reference
+from proxy.image.reference import DockerReference, parse_docker_reference
 
 _DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
 _PATH_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"

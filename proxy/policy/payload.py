@@ -10,8 +10,8 @@ from typing import Any
 
 import attrs
 
-from proxy import jsonlimits
-from proxy import manifest as mf
+from proxy.common import jsonlimits
+from proxy.image import manifest as mf
 from proxy.policy.errors import InvalidSignature
 
 SIMPLE_SIGNING_TYPE = "atomic container signature"

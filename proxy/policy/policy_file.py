@@ -9,8 +9,8 @@ from typing import Any, NoReturn
 
 import attrs
 
-from proxy import jsonlimits
-from proxy.gojson import go_quote
+from proxy.common import jsonlimits
+from proxy.image.gojson import go_quote
 from proxy.policy.errors import PolicyFileError
 from proxy.policy.requirements import Requirement, parse_requirements
 from proxy.policy.scopes import ImageScope, scope_problem

@@ -18,10 +18,10 @@ from urllib.parse import urlsplit, urlunsplit
 import attrs
 import yaml
 
-from proxy import jsonlimits
+from proxy.common import jsonlimits
+from proxy.image.reference import DockerReference
 from proxy.policy.errors import PolicyFileError
 from proxy.policy.scopes import docker_namespaces
-from proxy.sources.docker_reference import DockerReference
 
 SYSTEM_REGISTRIES_D = "/etc/containers/registries.d"
 USER_REGISTRIES_D = ".config/containers/registries.d"

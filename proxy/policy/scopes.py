@@ -17,7 +17,7 @@ import posixpath
 
 import attrs
 
-from proxy.sources.docker_reference import DockerReference, parse_docker_reference
+from proxy.image.reference import DockerReference, parse_docker_reference
 
 
 @attrs.frozen

@@ -26,21 +26,21 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import attrs
 import trio
 
-from proxy import jsonlimits, threads
-from proxy import manifest as mf
-from proxy.http.auth import answered_elsewhere
+from proxy.common import jsonlimits, threads
 from proxy.http.connection import Response
 from proxy.http.errors import HTTPError
 from proxy.http.redirects import request_following_redirects
 from proxy.http.url import URL
+from proxy.image import manifest as mf
+from proxy.image.reference import DockerReference
 from proxy.policy.errors import PolicyFileError
 from proxy.policy.gpg import MAX_SIGNATURE_SIZE
 from proxy.policy.registries_d import RegistriesD
+from proxy.registry.auth import answered_elsewhere
+from proxy.registry.client import RegistryClient
+from proxy.registry.source import RegistrySource
 from proxy.sources.base import ImageSource, SourceError
 from proxy.sources.dir import DirSource
-from proxy.sources.docker_reference import DockerReference
-from proxy.sources.registry import RegistrySource
-from proxy.sources.registry_client import RegistryClient
 
 #: containers/image refuses more lookaside signatures than this as a server error
 MAX_LOOKASIDE_SIGNATURES = 128

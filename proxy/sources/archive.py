@@ -26,8 +26,9 @@ from typing import Any
 import attrs
 import trio
 
-from proxy import gojson, manifest, threads
-from proxy.gojson import (
+from proxy.common import threads
+from proxy.image import gojson, manifest
+from proxy.image.gojson import (
     ANY,
     STRING,
     TIME,
@@ -39,9 +40,9 @@ from proxy.gojson import (
     Struct,
     go_quote,
 )
+from proxy.image.reference import normalize_docker_reference
 from proxy.sources import tar_index
 from proxy.sources.base import Blob, BlobNotFound, BytesBlob, ImageSource, SourceError, SourceOptions
-from proxy.sources.docker_reference import normalize_docker_reference
 from proxy.sources.oci_layout import (
     MAX_JSON_SIZE,
     FileSection,

@@ -2,7 +2,7 @@
 
 A source is opened once per OpenImage and closed by CloseImage or at session end. It hands out
 manifests by digest and blobs as async byte streams; it never verifies (the handler and the blob
-producers do that) and never resolves manifest lists (``proxy.manifest`` does).
+producers do that) and never resolves manifest lists (``proxy.image.manifest`` does).
 """
 
 from __future__ import annotations

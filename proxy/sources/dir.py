@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 
-from proxy import manifest, threads
-from proxy.gojson import go_quote
+from proxy.common import threads
+from proxy.image import manifest
+from proxy.image.gojson import go_quote
 from proxy.sources.base import Blob, BlobNotFound, ImageSource, SourceError, SourceOptions
 from proxy.sources.oci_layout import MAX_JSON_SIZE, DirFiles, open_local_dir, os_error_text
 

@@ -11,8 +11,9 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from proxy import gojson, manifest, threads
-from proxy.gojson import GoJSONError, go_quote
+from proxy.common import threads
+from proxy.image import gojson, manifest
+from proxy.image.gojson import GoJSONError, go_quote
 from proxy.sources.base import Blob, BlobNotFound, ImageNotFound, ImageSource, SourceError, SourceOptions
 from proxy.sources.localfs import LocalDir, LocalPathError
 

@@ -76,8 +76,8 @@ from typing import Any, TypeVar
 
 import zstandard
 
-from proxy import threads
-from proxy.gojson import go_quote
+from proxy.common import threads
+from proxy.image.gojson import go_quote
 from proxy.sources.localfs import Identity, open_regular_file, resolved_path
 from proxy.sources.oci_layout import FileBlob, FileSection, LayoutFiles, os_error_text
 

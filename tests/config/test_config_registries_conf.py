@@ -19,7 +19,7 @@ from proxy.config import (
     parse_registries_conf,
     registries_conf_paths,
 )
-from proxy.sources.docker_reference import parse_docker_reference
+from proxy.image.reference import parse_docker_reference
 from tests.config.config_fakes import FakeHost
 
 DIGEST = "sha256:" + "a" * 64

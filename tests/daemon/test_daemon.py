@@ -330,7 +330,7 @@ async def test_log_lines_carry_journald_priorities_under_systemd(start_daemon, s
     daemon.signal(signal.SIGTERM)
     assert await daemon.exit_code(10) == 0
     assert daemon.log and all(re.match(r"<[2-7]>[A-Z]+ ", line) for line in daemon.log), daemon.log
-    assert any(line.startswith("<6>INFO image-proxy.daemon: serving on ") for line in daemon.log)
+    assert any(line.startswith("<6>INFO image-proxy.server.daemon: serving on ") for line in daemon.log)
 
 
 async def test_credentials_never_reach_a_client(start_daemon, fault_images, tmp_path):

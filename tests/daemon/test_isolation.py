@@ -19,11 +19,11 @@ import pytest
 import trio
 
 from protocol.client import ImageProxy
-from proxy.daemon import Daemon, DaemonSettings, bind_listener
-from proxy.handler import Handler
-from proxy.limits import DAEMON_LIMITS
-from proxy.options import ProxyOptions
 from proxy.policy import ImagePolicy
+from proxy.server.daemon import Daemon, DaemonSettings, bind_listener
+from proxy.server.handler import Handler
+from proxy.server.limits import DAEMON_LIMITS
+from proxy.server.options import ProxyOptions
 from tests.support.images import ImageSpec, LayerSpec, build_oci_layout, pseudo_random
 
 BLOB_SIZE = 48 << 20

@@ -1,4 +1,4 @@
-"""Fuzz target: manifests, indexes and configs (proxy.manifest, proxy.gojson), and the TOC hints a layer's
+"""Fuzz target: manifests, indexes and configs (proxy.image.manifest, proxy.image.gojson), and the TOC hints a layer's
 annotations and last bytes give (proxy.partial.toc).
 
 Input: one document, any bytes, handed to every entry point that takes a manifest, a list or a config from
@@ -23,9 +23,11 @@ import atheris
 
 from tests.fuzz import _common
 
-with atheris.instrument_imports(include=["proxy.manifest", "proxy.gojson", "proxy.jsonlimits", "proxy.partial.toc"]):
-    from proxy import gojson
-    from proxy import manifest as mf
+with atheris.instrument_imports(
+    include=["proxy.image.manifest", "proxy.image.gojson", "proxy.common.jsonlimits", "proxy.partial.toc"]
+):
+    from proxy.image import gojson
+    from proxy.image import manifest as mf
     from proxy.partial import toc
 
 MIME_TYPES = (mf.OCI_MANIFEST, mf.DOCKER_V2S2, mf.DOCKER_V2S1, mf.DOCKER_V2S1_SIGNED, mf.OCI_INDEX, "", "text/x")

@@ -1,6 +1,6 @@
 """Fuzz target: the whole server side of one session, in this process.
 
-Each input is one session: a ``SOCK_SEQPACKET`` socketpair, ``proxy.session.serve_socket`` on one end, and on
+Each input is one session: a ``SOCK_SEQPACKET`` socketpair, ``proxy.server.session.serve_socket`` on one end, and on
 the other a client that sends request packets made from the input with atheris' FuzzedDataProvider: methods
 from the method table (or unknown ones), arguments of any type, references to the test images (an OCI layout
 built once at start, with images broken in several ways, a ``dir:`` copy and archives), their digests and
@@ -52,10 +52,10 @@ with atheris.instrument_imports(include=["protocol", "proxy"]):
     from protocol.errors import ProtocolViolation
     from protocol.messages import Reply, Request
     from protocol.methods import METHODS, Param
-    from proxy.limits import SessionLimits
-    from proxy.options import ProxyOptions
     from proxy.policy import ImagePolicy
-    from proxy.session import serve_socket
+    from proxy.server.limits import SessionLimits
+    from proxy.server.options import ProxyOptions
+    from proxy.server.session import serve_socket
     from proxy.sources.base import SourceOptions
 
 from tests.support import images as test_images

@@ -19,7 +19,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from protocol.errors import ErrorCode
-from proxy.http.auth import (
+from proxy.http.pool import ConnectionPool
+from proxy.http.proxies import ProxyConfig
+from proxy.http.tls import create_ssl_context
+from proxy.registry.auth import (
     MAX_TOKEN_BODY,
     AuthError,
     Challenge,
@@ -34,9 +37,6 @@ from proxy.http.auth import (
     response_challenges,
     send_authorized,
 )
-from proxy.http.pool import ConnectionPool
-from proxy.http.proxies import ProxyConfig
-from proxy.http.tls import create_ssl_context
 from tests.http.registry import Registry, RegistryOptions, TokenAuth, run_registry, write_htpasswd
 from tests.http.server import FAST, Reply, TestServer, redirect, serve
 from tests.http.token_issuer import TokenIssuer, serve_issuer

@@ -25,15 +25,15 @@ import trio
 from protocol.client import ImageProxy
 from protocol.errors import ProxyError
 from proxy.config import Credentials, CredentialSource
-from proxy.http.auth import AuthError
 from proxy.http.pool import ConnectionPool
 from proxy.http.proxies import ProxyConfig
+from proxy.image.reference import parse_docker_reference
 from proxy.policy.registries_d import Namespace, RegistriesD
 from proxy.policy.signatures import SignatureFetchError, SignatureReader
+from proxy.registry.auth import AuthError
+from proxy.registry.client import RegistryClient, RegistrySettings
+from proxy.registry.source import RegistrySource, open_registry
 from proxy.sources.base import SourceError
-from proxy.sources.docker_reference import parse_docker_reference
-from proxy.sources.registry import RegistrySource, open_registry
-from proxy.sources.registry_client import RegistryClient, RegistrySettings
 from tests.http.server import FAST, Recorded, Reply, TestServer, redirect, serve
 from tests.http.token_issuer import TokenIssuer, serve_issuer
 from tests.support.fake_registry import FakeRegistry, make_image, serve_registry

@@ -23,7 +23,7 @@ import trustme
 
 from protocol.client import DEFAULT_ARGV, ImageProxy
 from protocol.errors import ErrorCode, ProxyError
-from proxy import manifest as mf
+from proxy.image import manifest as mf
 from tests.http.server import Reply, redirect
 from tests.support.fake_registry import (
     Blob,

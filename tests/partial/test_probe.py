@@ -11,14 +11,14 @@ from contextlib import asynccontextmanager
 
 import trio
 
-from proxy import manifest as mf
 from proxy.http.pool import ConnectionPool
 from proxy.http.proxies import ProxyConfig
+from proxy.image import manifest as mf
 from proxy.partial.fetch import host_ranges
 from proxy.partial.planner import PROBE_MAX_BYTES, ByteRange, Support
 from proxy.partial.service import open_ranges
-from proxy.sources.registry import RegistrySource, open_registry
-from proxy.sources.registry_client import RegistryClient, RegistrySettings
+from proxy.registry.client import RegistryClient, RegistrySettings
+from proxy.registry.source import RegistrySource, open_registry
 from tests.partial.conftest import PartialImages
 from tests.partial.nginx import LogEntry, Nginx, settled_log
 

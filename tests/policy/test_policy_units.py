@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from proxy.image.reference import parse_docker_reference
 from proxy.policy import PolicyFileError, parse_policy
 from proxy.policy import policy_file as pf
 from proxy.policy.errors import InvalidSignature
@@ -16,7 +17,6 @@ from proxy.policy.registries_d import load_registries_d
 from proxy.policy.requirements import InsecureAcceptAnything, Reject, SignedBy, SigstoreSigned
 from proxy.policy.scopes import image_scope
 from proxy.policy.signatures import SigstoreSignature, SimpleSignature, parse_stored_signature, redact
-from proxy.sources.docker_reference import parse_docker_reference
 
 ACCEPT = [{"type": "insecureAcceptAnything"}]
 DIGEST = "sha256:" + "a" * 64

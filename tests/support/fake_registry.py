@@ -18,7 +18,7 @@ import attrs
 import h11
 import trio
 
-from proxy import manifest as mf
+from proxy.image import manifest as mf
 from tests.http.server import Recorded, Reply, TestServer, serve_on_loopback
 
 

@@ -28,10 +28,10 @@ import zstandard
 from protocol.client import DEFAULT_ARGV
 from protocol.codec import encode_request
 from protocol.messages import Request
+from proxy.server.transports import open_source
 from proxy.sources import tar_index
 from proxy.sources.base import SourceError, SourceOptions
 from proxy.sources.localfs import Identity
-from proxy.sources.reference import open_source
 from tests.unit.layouts import OCILayout, digest, dumps, image_config, tar_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -585,7 +585,7 @@ RSS_SCRIPT = textwrap.dedent(
     """
     import json, os, sys, trio
     from proxy.sources.base import SourceError, SourceOptions
-    from proxy.sources.reference import open_source
+    from proxy.server.transports import open_source
 
     def status(key):
         with open("/proc/self/status") as f:

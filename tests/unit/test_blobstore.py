@@ -16,10 +16,10 @@ import trio
 import trio.testing
 
 from protocol.errors import ErrorCode, ProxyError
-from proxy import blobstore
-from proxy.blobstore import SOURCE_XATTR, STAMP_XATTR, BlobStore, FileBlob, StoreError, source_tag, verification_stamp
-from proxy.cache_dir import Refused
-from proxy.pipes import CHUNK_SIZE
+from proxy.cache import store as blobstore
+from proxy.cache.directory import Refused
+from proxy.cache.store import SOURCE_XATTR, STAMP_XATTR, BlobStore, FileBlob, StoreError, source_tag, verification_stamp
+from proxy.server.pipes import CHUNK_SIZE
 from proxy.sources.base import Blob
 
 GUARD = 10.0
@@ -368,7 +368,7 @@ async def test_a_symlink_in_the_cache_is_refused_and_nothing_outside_is_touched(
     planted.parent.mkdir(parents=True)
     planted.symlink_to(outside / "precious" if link in ("partial", "blob") else outside)
     source = Source()
-    caplog.set_level(logging.DEBUG, logger="proxy.blobstore")
+    caplog.set_level(logging.DEBUG, logger="proxy.cache.store")
     with trio.fail_after(GUARD):
         store = BlobStore(cache)
         async with spawner() as spawn:

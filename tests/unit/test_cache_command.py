@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from proxy import cache_command, cache_dir
-from proxy.blobstore import STAMP_XATTR, verification_stamp
-from proxy.cli import main
+from proxy.cache import directory as cache_dir
+from proxy.cache.store import STAMP_XATTR, verification_stamp
+from proxy.cli.main import main
+from proxy.commands import cache as cache_command
 
 DAY = 86400
 

@@ -239,7 +239,7 @@ def test_shown_survives_deep_nesting():
 
 
 def test_raw_blob_error_document_encodes_any_text():
-    from proxy.pipes import encode_error_fd_payload
+    from proxy.server.pipes import encode_error_fd_payload
 
     payload = json.loads(encode_error_fd_payload(ProxyError("bad \udcff digest")).decode("utf-8"))
     assert payload == {"code": "other", "message": "bad \ufffd digest"}
@@ -249,7 +249,7 @@ def test_raw_blob_error_document_encodes_any_text():
 def test_log_lines_are_printable_whatever_the_client_sent(text):
     import logging
 
-    from proxy.logs import OneLineFormatter
+    from proxy.server.logs import OneLineFormatter
 
     record = logging.LogRecord("t", logging.WARNING, __file__, 1, "client sent %s", (text,), None)
     line = OneLineFormatter(journald=True).format(record)

@@ -8,10 +8,10 @@ import socket
 
 import pytest
 
-from proxy import systemd
-from proxy.limits import RequestRate
-from proxy.logs import OneLineFormatter
-from proxy.peer import AccessPolicy, PeerCredentials, peer_credentials
+from proxy.server import systemd
+from proxy.server.limits import RequestRate
+from proxy.server.logs import OneLineFormatter
+from proxy.server.peer import AccessPolicy, PeerCredentials, peer_credentials
 
 
 def test_listen_fds_reads_count_pid_and_names():
@@ -57,16 +57,16 @@ def test_peer_credentials_of_a_socketpair_are_ours():
 
 
 def record(level: int, message: str) -> logging.LogRecord:
-    return logging.LogRecord("image-proxy.daemon", level, __file__, 1, message, None, None)
+    return logging.LogRecord("image-proxy.server.daemon", level, __file__, 1, message, None, None)
 
 
 def test_log_lines_are_one_line_with_priorities_for_journald():
     journald = OneLineFormatter(journald=True)
-    assert journald.format(record(logging.WARNING, "a\nb")) == "<4>WARNING image-proxy.daemon: a | b"
+    assert journald.format(record(logging.WARNING, "a\nb")) == "<4>WARNING image-proxy.server.daemon: a | b"
     assert journald.format(record(logging.DEBUG, "x")).startswith("<7>DEBUG")
     assert journald.format(record(logging.ERROR, "x")).startswith("<3>ERROR")
     plain = OneLineFormatter(journald=False).format(record(logging.INFO, "serving"))
-    assert plain.startswith("image-proxy[") and plain.endswith("INFO image-proxy.daemon: serving")
+    assert plain.startswith("image-proxy[") and plain.endswith("INFO image-proxy.server.daemon: serving")
 
 
 def test_request_rate_bucket():

@@ -2,7 +2,7 @@
 
 One test per place the proxy reads JSON (or YAML, TOML) from outside: manifests and configs through a real
 Session over a socketpair, index.json, the TOC of a partial layer, policy.json, registries.d, auth files and
-registries.conf; and the shared check itself (proxy/jsonlimits.py) at its limit.
+registries.conf; and the shared check itself (proxy/common/jsonlimits.py) at its limit.
 """
 
 from __future__ import annotations
@@ -20,18 +20,19 @@ import trio
 
 from protocol.codec import decode_reply, encode_request
 from protocol.messages import Reply, Request
-from proxy import gojson, jsonlimits
-from proxy import manifest as mf
+from proxy.common import jsonlimits
 from proxy.config.auth_files import CredentialSource
 from proxy.config.errors import ConfigError
 from proxy.config.registries_conf import parse_registries_conf
-from proxy.options import ProxyOptions
+from proxy.image import gojson
+from proxy.image import manifest as mf
 from proxy.partial import toc
 from proxy.policy import ImagePolicy
 from proxy.policy.errors import PolicyFileError
 from proxy.policy.policy_file import load_policy
 from proxy.policy.registries_d import load_registries_d
-from proxy.session import serve_socket
+from proxy.server.options import ProxyOptions
+from proxy.server.session import serve_socket
 from tests.unit.layouts import OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST, OCILayout, digest, dumps, gz, tar_bytes
 
 LIMIT = jsonlimits.MAX_DEPTH

@@ -1,6 +1,6 @@
 import pytest
 
-from proxy.sources.docker_reference import DockerReference, normalize_docker_reference, parse_docker_reference
+from proxy.image.reference import DockerReference, normalize_docker_reference, parse_docker_reference
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""proxy.gojson: Go encoding/json Marshal bytes, typed Unmarshal, time.Time re-serialization."""
+"""proxy.image.gojson: Go encoding/json Marshal bytes, typed Unmarshal, time.Time re-serialization."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy import gojson
-from proxy.gojson import (
+from proxy.image import gojson
+from proxy.image.gojson import (
     BOOL,
     INT,
     STRING,

@@ -1,4 +1,4 @@
-"""proxy.manifest: MIME guessing, instance choice, parsing, and the bytes GetManifest/GetConfig/
+"""proxy.image.manifest: MIME guessing, instance choice, parsing, and the bytes GetManifest/GetConfig/
 GetFullConfig/GetLayerInfo produce, compared with the real skopeo where it can show them."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from proxy import manifest as mf
-from proxy.manifest import ManifestError, Platform
+from proxy.image import manifest as mf
+from proxy.image.manifest import ManifestError, Platform
 from tests.unit.layouts import (
     DOCKER_CONFIG,
     DOCKER_LAYER_GZIP,

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from proxy import manifest as mf
+from proxy.image import manifest as mf
+from proxy.server.transports import open_source
 from proxy.sources.base import BlobNotFound, ImageNotFound, ImageSource, SourceError, SourceOptions
-from proxy.sources.reference import open_source
 from tests.unit.layouts import (
     OCI_MANIFEST,
     OCILayout,

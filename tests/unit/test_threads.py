@@ -1,4 +1,4 @@
-"""Worker threads are shared fairly: one client's blocking calls hold at most its own share (proxy/threads.py)."""
+"""Worker threads are shared fairly: one client's blocking calls hold at most its own share (proxy/common/threads)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import threading
 
 import trio
 
-from proxy import threads
+from proxy.common import threads
 
 
 async def test_a_client_holds_at_most_its_share_of_worker_threads() -> None:

@@ -9,7 +9,7 @@ manifests, re-serialized configs); clients hash some of it, so the bytes must ma
   given type: case-insensitive field matching (exact match preferred), unknown fields dropped,
   ``null`` leaving non-nullable values alone, maps merged on duplicate keys, type mismatches
   rejected, invalid UTF-8 replaced by U+FFFD byte by byte. Input nested deeper than
-  ``proxy.jsonlimits.MAX_DEPTH`` levels is refused with ``GoJSONNestingError`` before it is parsed.
+  ``proxy.common.jsonlimits.MAX_DEPTH`` levels is refused with ``GoJSONNestingError`` before it is parsed.
 * ``format_go_time(s)``: an RFC 3339 timestamp re-serialized like ``time.Time.MarshalJSON``.
 """
 
@@ -25,7 +25,7 @@ from typing import Any
 
 import attrs
 
-from proxy import jsonlimits
+from proxy.common import jsonlimits
 
 __all__ = [
     "ANY",
@@ -498,7 +498,7 @@ def unmarshal(data: bytes, schema: Any, max_depth: int = jsonlimits.MAX_DEPTH) -
     Structs become dicts keyed by JSON field names (all fields present, zero values filled in),
     ``TIME`` values come back as their re-serialized text. Raises ``GoJSONError``; its subclass
     ``GoJSONNestingError`` for input nested deeper than ``max_depth`` (Go allows 10000 levels; no
-    manifest, config or index needs more than a few, see ``proxy.jsonlimits``).
+    manifest, config or index needs more than a few, see ``proxy.common.jsonlimits``).
     """
     return _decode(parse_json(data, max_depth), schema, _zero(schema), "")
 

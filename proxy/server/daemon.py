@@ -32,16 +32,16 @@ import trio
 
 from protocol.codec import encode_reply
 from protocol.messages import Reply
-from proxy import systemd
-from proxy.blobstore import BlobStore
-from proxy.limits import DAEMON_WIDE_LIMITS, DaemonLimits, Ledger
-from proxy.options import ProxyOptions
-from proxy.peer import AccessPolicy, PeerCredentials, peer_credentials
-from proxy.resources import SharedResources
-from proxy.session import Session
-from proxy.sources.registry_client import RegistryClient
+from proxy.cache.store import BlobStore
+from proxy.registry.client import RegistryClient
+from proxy.server import systemd
+from proxy.server.limits import DAEMON_WIDE_LIMITS, DaemonLimits, Ledger
+from proxy.server.options import ProxyOptions
+from proxy.server.peer import AccessPolicy, PeerCredentials, peer_credentials
+from proxy.server.resources import SharedResources
+from proxy.server.session import Session
 
-log = logging.getLogger("image-proxy.daemon")
+log = logging.getLogger("image-proxy.server.daemon")
 
 #: how often the shutdown grace period looks whether transfers are still in flight
 _DRAIN_POLL = 0.05

@@ -20,17 +20,17 @@ from pathlib import Path
 import attrs
 import trio
 
-from proxy import logs
-from proxy.blobstore import make_private_dirs
+from proxy.cache.store import make_private_dirs
 from proxy.config import ConfigError
 from proxy.config.daemon_conf import load_daemon_conf
-from proxy.daemon import Daemon, DaemonError, DaemonSettings, activated_socket, bind_listener, is_listening
-from proxy.limits import DAEMON_LIMITS, DAEMON_WIDE_LIMITS, SessionLimits
-from proxy.options import ProxyOptions
-from proxy.peer import AccessPolicy
-from proxy.session import serve_socket
+from proxy.server import logs
+from proxy.server.daemon import Daemon, DaemonError, DaemonSettings, activated_socket, bind_listener, is_listening
+from proxy.server.limits import DAEMON_LIMITS, DAEMON_WIDE_LIMITS, SessionLimits
+from proxy.server.options import ProxyOptions
+from proxy.server.peer import AccessPolicy
+from proxy.server.session import serve_socket
 
-log = logging.getLogger("image-proxy.daemon")
+log = logging.getLogger("image-proxy.server.daemon")
 
 #: builds the session options from the flags and config files, given the mode's default limits
 OptionsBuilder = Callable[[argparse.Namespace, SessionLimits], ProxyOptions]
@@ -207,7 +207,7 @@ def run_daemon(args: argparse.Namespace, build_options: OptionsBuilder) -> int:
 
 def raise_fd_limit() -> None:
     """Raise the soft limit on open files to the hard limit, as Go programs (skopeo) do at start: the daemon's
-    fd use is bounded by its own limits (proxy/limits.py), not by a 1024 default meant for select()."""
+    fd use is bounded by its own limits (proxy/server/limits.py), not by a 1024 default meant for select()."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:
         with contextlib.suppress(ValueError, OSError):

@@ -18,22 +18,23 @@ from collections.abc import Sequence
 import attrs
 import trio
 
-from proxy import __version__, logs
-from proxy.cache_command import add_cache_parser, run_cache
+from proxy import __version__
+from proxy.cli.daemon_command import add_daemon_flags, run_daemon
+from proxy.commands.cache import add_cache_parser, run_cache
+from proxy.commands.copy import add_copy_parser
+from proxy.commands.inspect import add_inspect_parser, add_layers_parser
 from proxy.config import ConfigError, CredentialSource, RegistriesConf, load_registries_conf
 from proxy.config.daemon_conf import DEFAULT_PATH as DEFAULT_DAEMON_CONF
 from proxy.config.daemon_conf import DaemonConfig, load_daemon_conf, parse_byte_size
-from proxy.copy_command import add_copy_parser
-from proxy.daemon_command import add_daemon_flags, run_daemon
 from proxy.http.timeouts import Timeouts
-from proxy.inspect_command import add_inspect_parser, add_layers_parser
-from proxy.limits import SessionLimits
-from proxy.options import ProxyOptions
 from proxy.policy import ImagePolicy
-from proxy.session import serve_socket
+from proxy.registry.client import RegistrySettings
+from proxy.registry.resume import ResumePolicy
+from proxy.server import logs
+from proxy.server.limits import SessionLimits
+from proxy.server.options import ProxyOptions
+from proxy.server.session import serve_socket
 from proxy.sources.base import SourceOptions
-from proxy.sources.registry_client import RegistrySettings
-from proxy.sources.resuming_blob import ResumePolicy
 
 log = logging.getLogger("image-proxy")
 

@@ -15,17 +15,17 @@ import logging
 import trio
 
 from protocol.errors import ErrorCode
-from proxy import jsonlimits
-from proxy import manifest as mf
+from proxy.common import jsonlimits
 from proxy.config import ConfigError, PullSource
 from proxy.http.connection import Response
 from proxy.http.errors import HTTPError
 from proxy.http.ranges import parse_content_range, range_between, range_from
 from proxy.http.retry import ONE_TRY
+from proxy.image import manifest as mf
+from proxy.image.reference import DockerReference, parse_docker_reference
+from proxy.registry.client import RegistryClient, RegistryError
+from proxy.registry.resume import ResumingBlob
 from proxy.sources.base import Blob, BlobNotFound, ImageNotFound, ImageSource, SourceError
-from proxy.sources.docker_reference import DockerReference, parse_docker_reference
-from proxy.sources.registry_client import RegistryClient, RegistryError
-from proxy.sources.resuming_blob import ResumingBlob
 
 log = logging.getLogger(__name__)
 

@@ -29,14 +29,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from proxy.blobstore import STAMP_XATTR, hash_fd, write_stamp
-from proxy.cache_dir import (
+from proxy.cache.directory import (
     CacheDir,
     CacheDirError,
     Changed,
     Entry,
     Kind,
 )
+from proxy.cache.store import STAMP_XATTR, hash_fd, write_stamp
 
 DEFAULT_STALE_AFTER = 24 * 3600.0
 

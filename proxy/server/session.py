@@ -32,12 +32,12 @@ import trio
 from protocol.codec import MAX_MSG_SIZE, decode_request, encode_reply, shown
 from protocol.errors import ErrorCode, ProtocolViolation
 from protocol.messages import Reply, Request
-from proxy import threads
-from proxy.handler import Handler, Outcome
-from proxy.limits import Account, Ledger, RequestRate, daemon_busy
-from proxy.options import ProxyOptions
-from proxy.peer import PeerCredentials
-from proxy.resources import SharedResources, open_resources
+from proxy.common import threads
+from proxy.server.handler import Handler, Outcome
+from proxy.server.limits import Account, Ledger, RequestRate, daemon_busy
+from proxy.server.options import ProxyOptions
+from proxy.server.peer import PeerCredentials
+from proxy.server.resources import SharedResources, open_resources
 from proxy.sources.localfs import Identity, needs_switch
 
 log = logging.getLogger(__name__)
@@ -355,7 +355,7 @@ class Session:
 
 async def serve_socket(sock: socket.socket, options: ProxyOptions) -> None:
     """Serve one client on an already connected stdlib socket (spawned, or one connection passed by systemd)."""
-    from proxy.peer import peer_credentials
+    from proxy.server.peer import peer_credentials
 
     try:
         peer: PeerCredentials | None = peer_credentials(sock)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import attrs
 
-from proxy import manifest as mf
 from proxy.config import CredentialSource
-from proxy.limits import SessionLimits
+from proxy.image import manifest as mf
 from proxy.policy import ImagePolicy
+from proxy.registry.client import RegistrySettings
+from proxy.server.limits import SessionLimits
 from proxy.sources.base import SourceOptions
-from proxy.sources.registry_client import RegistrySettings
 
 
 @attrs.frozen

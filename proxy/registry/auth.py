@@ -36,13 +36,12 @@ import attrs
 import trio
 
 from protocol.errors import ErrorCode, ProxyError
-
-from .connection import Response
-from .errors import HTTPError
-from .headers import HeaderInput, header_pairs, without
-from .pool import ConnectionPool
-from .redirects import request_following_redirects
-from .url import URL, Origin
+from proxy.http.connection import Response
+from proxy.http.errors import HTTPError
+from proxy.http.headers import HeaderInput, header_pairs, without
+from proxy.http.pool import ConnectionPool
+from proxy.http.redirects import request_following_redirects
+from proxy.http.url import URL, Origin
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from protocol.pull import (
     PullFinished,
     PullStarted,
 )
-from proxy.client_session import format_size, short_digest
+from proxy.commands.proxy_access import format_size, short_digest
 
 REDRAW_INTERVAL = 0.1
 JSON_PROGRESS_INTERVAL = 0.25

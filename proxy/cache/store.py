@@ -71,8 +71,7 @@ import trio
 
 from protocol.errors import ErrorCode, ProtocolViolation, ProxyError
 from protocol.methods import parse_digest
-from proxy import threads
-from proxy.cache_dir import (
+from proxy.cache.directory import (
     DIR_MODE,
     FILE_MODE,
     PARTIAL_SUFFIX,
@@ -83,7 +82,8 @@ from proxy.cache_dir import (
     open_regular,
     open_subdir,
 )
-from proxy.pipes import CHUNK_SIZE, splice_file
+from proxy.common import threads
+from proxy.server.pipes import CHUNK_SIZE, splice_file
 from proxy.sources.base import Blob
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ import trio
 
 from protocol.errors import ProxyError
 from protocol.pull import Blob, digest_of, parse_manifest
-from proxy.client_session import (
+from proxy.commands.proxy_access import (
     add_proxy_flags,
     check_proxy_socket_flags,
     format_size,

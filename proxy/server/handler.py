@@ -20,17 +20,17 @@ from protocol.errors import ProtocolViolation, ProxyError
 from protocol.extensions import SERVER_EXTENSIONS
 from protocol.messages import Reply, Request
 from protocol.methods import parse_args
-from proxy import gojson
-from proxy import manifest as mf
-from proxy.limits import Account, Ledger, Resource
-from proxy.options import ProxyOptions
+from proxy.image import gojson
+from proxy.image import manifest as mf
 from proxy.partial import service as partial
 from proxy.partial.planner import ByteRange
-from proxy.pipes import DigestVerifier, Pipe, produce_blob, produce_bytes, produce_raw_blob
-from proxy.resources import SharedResources
+from proxy.registry.source import RegistrySource
+from proxy.server.limits import Account, Ledger, Resource
+from proxy.server.options import ProxyOptions
+from proxy.server.pipes import DigestVerifier, Pipe, produce_blob, produce_bytes, produce_raw_blob
+from proxy.server.resources import SharedResources
+from proxy.server.transports import open_source
 from proxy.sources.base import Blob, BytesBlob, ImageNotFound, ImageSource
-from proxy.sources.reference import open_source
-from proxy.sources.registry import RegistrySource
 
 log = logging.getLogger(__name__)
 

@@ -4,10 +4,10 @@ Everything here is pure (bytes in, bytes/values out): MIME type guessing, manife
 instance selection for the wanted platform, parsing and validation of image manifests, the
 Docker schema2 -> OCI conversion and the OCI config re-serialization that GetManifest,
 GetConfig, GetFullConfig and GetLayerInfo return. The Go structures are mirrored as
-``proxy.gojson`` schemas so that the output is byte-identical to what the Go server writes.
+``proxy.image.gojson`` schemas so that the output is byte-identical to what the Go server writes.
 
 Errors: ``ManifestError`` only, whatever the bytes. A document nested deeper than
-``proxy.jsonlimits.MAX_DEPTH`` is refused naming it by digest:
+``proxy.common.jsonlimits.MAX_DEPTH`` is refused naming it by digest:
 ``OCI image manifest sha256:…: JSON nested too deeply (over 64 levels)``.
 """
 
@@ -24,8 +24,8 @@ from typing import Any
 import attrs
 
 from protocol.errors import ProxyError
-from proxy import gojson
-from proxy.gojson import (
+from proxy.image import gojson
+from proxy.image.gojson import (
     ANY,
     BOOL,
     BYTES,
@@ -99,7 +99,7 @@ class ManifestError(ProxyError):
     """A manifest, list or config cannot be used (malformed, unsupported, no matching instance)."""
 
 
-# ---- Go structures (schemas for proxy.gojson) -----------------------------------------------
+# ---- Go structures (schemas for proxy.image.gojson) -----------------------------------------------
 
 _S = STRING
 

@@ -3,7 +3,7 @@
 The command is a client of the proxy (``protocol.pull`` over ``protocol.client``): it starts
 ``image-proxy experimental-image-proxy`` with the registry flags given here (or uses the daemon at
 ``--proxy-socket``), fetches the config and the layers concurrently (``--jobs``), verifies each, and writes the
-layout described in ``proxy.copy_destination``. Progress goes to stderr: bars on a terminal, lines otherwise,
+layout described in ``proxy.commands.destination``. Progress goes to stderr: bars on a terminal, lines otherwise,
 JSON events on stdout with ``--json``, nothing with ``--quiet``.
 """
 
@@ -18,9 +18,9 @@ import trio
 
 from protocol.errors import ProxyError
 from protocol.pull import DEFAULT_CONCURRENCY, DEFAULT_RETRIES, PulledImage, pull
-from proxy.client_session import add_proxy_flags, check_proxy_socket_flags, open_proxy, report_error
-from proxy.copy_destination import DestinationError, parse_destination
-from proxy.progress import JsonProgress, Progress, TerminalProgress, progress_for
+from proxy.commands.destination import DestinationError, parse_destination
+from proxy.commands.progress import JsonProgress, Progress, TerminalProgress, progress_for
+from proxy.commands.proxy_access import add_proxy_flags, check_proxy_socket_flags, open_proxy, report_error
 
 #: how often the bars are redrawn when no event comes (a stall's counter keeps moving)
 TICK = 0.5

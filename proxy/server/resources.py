@@ -3,7 +3,7 @@ store, and a nursery for the store's downloads.
 
 A download runs in this nursery, not in the session that asked for it, so that a blob several clients of
 a daemon are reading keeps coming when the first of them disconnects. It stops when its last reader goes
-(see ``proxy.blobstore.FollowingBlob``) and, at the latest, when the process ends.
+(see ``proxy.cache.store.FollowingBlob``) and, at the latest, when the process ends.
 
 ```
 resources nursery
@@ -19,10 +19,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import attrs
 import trio
 
-from proxy import threads
-from proxy.blobstore import BlobStore
-from proxy.options import ProxyOptions
-from proxy.sources.registry_client import RegistryClient
+from proxy.cache.store import BlobStore
+from proxy.common import threads
+from proxy.registry.client import RegistryClient
+from proxy.server.options import ProxyOptions
 
 
 @attrs.define(eq=False)

@@ -1,7 +1,7 @@
 """How deeply a document read from outside may nest: one limit, checked before parsing.
 
 ``json.loads`` recurses once per nesting level (and so do PyYAML's composer, ``tomllib`` and our own walks of
-the decoded values, ``proxy.gojson`` among them): a manifest 600 levels deep used to end in a ``RecursionError``
+the decoded values, ``proxy.image.gojson`` among them): a manifest 600 levels deep used to end in a ``RecursionError``
 and an "internal error" reply. Every JSON document the proxy reads from outside (manifests, indexes, configs,
 TOCs, policy files, auth files) is checked here first, on the raw text, and refused with a
 :class:`NestingError` whose text says what was wrong (``JSON nested too deeply (over 64 levels)``); the caller

@@ -2,7 +2,7 @@
 honest errors. The image logic (which manifest, which source for a blob) is in ``registry.py``.
 
 Every request goes through :meth:`RegistryClient.get`, which sends it through
-:func:`proxy.http.auth.send_authorized`: it follows redirects (dropping ``Authorization`` when the origin
+:func:`proxy.registry.auth.send_authorized`: it follows redirects (dropping ``Authorization`` when the origin
 changes), answers a 401 challenge of the registry itself once, and retries what is worth retrying with
 full-jitter backoff that honours ``Retry-After`` and counts toward a deadline. A 401 from any other host (a
 redirect target: storage, a CDN) is an error naming that host; its challenge is never kept, so no later request
@@ -23,16 +23,8 @@ import attrs
 import trio
 
 from protocol.errors import ErrorCode, ProxyError
-from proxy import jsonlimits, threads
+from proxy.common import jsonlimits, threads
 from proxy.config import Credentials, CredentialSource, RegistriesConf, RegistryToken, cert_dirs_for
-from proxy.http.auth import (
-    Challenge,
-    RegistryAuth,
-    UnauthorizedElsewhere,
-    answered_elsewhere,
-    pull,
-    send_authorized,
-)
 from proxy.http.connection import Response
 from proxy.http.errors import HTTPError
 from proxy.http.pool import ConnectionPool
@@ -41,7 +33,15 @@ from proxy.http.retry import ONE_TRY, RETRYABLE_STATUSES, RetryPolicy, parse_ret
 from proxy.http.timeouts import Timeouts
 from proxy.http.tls import create_ssl_context
 from proxy.http.url import URL
-from proxy.sources.resuming_blob import ResumePolicy
+from proxy.registry.auth import (
+    Challenge,
+    RegistryAuth,
+    UnauthorizedElsewhere,
+    answered_elsewhere,
+    pull,
+    send_authorized,
+)
+from proxy.registry.resume import ResumePolicy
 
 log = logging.getLogger(__name__)
 

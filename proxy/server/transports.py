@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from proxy.gojson import go_quote
+from proxy.image.gojson import go_quote
+from proxy.registry.client import RegistryClient
+from proxy.registry.source import open_registry
 from proxy.sources.archive import open_docker_archive, open_oci_archive
 from proxy.sources.base import ImageSource, SourceError, SourceOptions
 from proxy.sources.dir import open_dir
 from proxy.sources.oci_layout import open_oci_layout
-from proxy.sources.registry import open_registry
-from proxy.sources.registry_client import RegistryClient
 
 _OPENERS = {
     "oci": open_oci_layout,

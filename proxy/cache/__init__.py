@@ -1,0 +1,1 @@
+"""The verified, crash-safe blob cache on disk."""

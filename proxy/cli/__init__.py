@@ -1,0 +1,1 @@
+"""Entry points: the command line (``image-proxy …``) and daemon mode's start-up."""

@@ -1,0 +1,1 @@
+"""Helpers every layer uses: worker-thread shares, JSON nesting limits."""

@@ -1,0 +1,1 @@
+"""Image formats, pure: manifests and configs, Go-compatible JSON, docker references."""
