@@ -83,8 +83,8 @@ from proxy.cache.directory import (
     open_subdir,
 )
 from proxy.common import threads
-from proxy.server.pipes import CHUNK_SIZE, splice_file
-from proxy.sources.base import Blob
+from proxy.common.pipes import CHUNK_SIZE, splice_file
+from proxy.sources.base import Blob, FileWindow
 
 log = logging.getLogger(__name__)
 
@@ -491,7 +491,7 @@ class FollowingBlob(Blob):
                 return b""
             await download.wait_for_more(self._pos)
 
-    async def splice_into(self, writer: trio.lowlevel.FdStream) -> int:
+    async def send_to(self, writer: trio.lowlevel.FdStream) -> int:
         """All of the blob into a pipe by sendfile, as it becomes readable; the bytes sent."""
         download = self._download
         assert self._fd is not None
@@ -534,10 +534,13 @@ class FileBlob(Blob):
         self.size = size
         store._reading[digest] += 1
 
-    @property
-    def spliceable_fd(self) -> int | None:
-        """The open file, for producers that copy it in the kernel (it was verified at lookup)."""
-        return self._fd
+    verifies_digest = True  # checked when it was opened (see BlobStore.open_cached)
+
+    def window(self) -> FileWindow:
+        """The unread bytes of the open, verified file: producers send it with sendfile, ranges are pread."""
+        if self._fd is None:
+            raise ValueError("blob is closed")
+        return FileWindow(self._fd, self._pos, self.size - self._pos)
 
     async def read(self, max_bytes: int) -> bytes:
         data = await threads.run_sync(os.pread, self._fd, max_bytes, self._pos)

@@ -13,7 +13,6 @@ from protocol.errors import ProxyError
 from proxy.common import threads
 from proxy.partial.fetch import READ_SIZE, RangeSource, Write
 from proxy.partial.planner import Span, SpanCutter
-from proxy.sources import oci_layout
 from proxy.sources.base import Blob
 
 
@@ -91,13 +90,10 @@ def ranges_of_blob(blob: Blob, reopen: Callable[[], Awaitable[Blob]], what: str,
     known = blob.size if blob.size >= 0 else size
     if known is None:
         raise ProxyError(f"{what}: the source does not say how large the blob is")
-    fd = getattr(blob, "spliceable_fd", None)  # a verified blob-cache file, starting at 0
-    if fd is not None:
-        return FileRanges(fd, 0, known, what, blob.aclose)
-    if isinstance(blob, oci_layout.FileBlob):
-        # A section of a file (oci:, dir:, oci-archive:, an uncompressed docker-archive: member)
-        fd, offset = blob.file_window
-        return FileRanges(fd, offset, known, what, blob.aclose)
+    window = blob.window()
+    if window is not None:
+        # a section of a file: a verified blob-cache file, oci:, dir:, an archive member stored uncompressed
+        return FileRanges(window.fd, window.offset, known, what, blob.aclose)
     return SequentialRanges(blob, reopen, known, what)
 
 

@@ -21,15 +21,16 @@ import trio
 import zstandard
 
 from protocol.errors import ProxyError
-from proxy.cache.store import BlobStore
+from proxy.common.pipes import write_all
 from proxy.image import manifest as mf
 from proxy.partial import toc as tocs
 from proxy.partial.fetch import RangeSource, RegistryRanges, learn_size
 from proxy.partial.local import FileRanges, ranges_of_blob
 from proxy.partial.planner import ByteRange, RangeError
 from proxy.registry.source import RegistrySource
-from proxy.server.pipes import DigestVerifier, Pipe, run_producer, write_all
 from proxy.sources.base import Blob, ImageSource
+from proxy.transfer.pipe import Pipe, run_producer
+from proxy.transfer.verify import DigestVerifier
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,6 @@ async def open_ranges(
     source: ImageSource,
     digest: str,
     size: int | None,
-    store: BlobStore | None,
     what: str,
     probe_blobs: Sequence[mf.Descriptor] = (),
 ) -> RangeSource:
@@ -50,17 +50,18 @@ async def open_ranges(
     ``probe_blobs``: blobs the registry holds for the same image (its config and layers, not a config made by
     converting a schema 1 manifest): the smallest, if at most 256 KiB, is where a registry host not yet known
     to answer multi-range requests is probed (``fetch``). Without one, such a host gets single ranges."""
-    if isinstance(source, RegistrySource):
-        if store is not None:
-            cached = await store.open_cached(digest, size)
-            if cached is not None:
-                fd = cached.spliceable_fd
-                assert fd is not None
-                return FileRanges(fd, 0, cached.size, what, cached.aclose)
+    cached = await source.cached_blob(digest, size)
+    if cached is not None:
+        window = cached.window()
+        assert window is not None  # a cached blob is a verified file
+        return FileRanges(window.fd, window.offset, window.length, what, cached.aclose)
+    registry = source.ranged_source()
+    if registry is not None:
+        assert isinstance(registry, RegistrySource)
         if size is None:
-            size = await learn_size(source, digest, what)
+            size = await learn_size(registry, digest, what)
         probes = [(d.digest, d.size) for d in probe_blobs if not d.urls]  # a foreign layer is not in the registry
-        return RegistryRanges(source, digest, size, what, probes)
+        return RegistryRanges(registry, digest, size, what, probes)
     blob = await source.open_blob(digest)
     try:
         return ranges_of_blob(blob, lambda: source.open_blob(digest), what, size)

@@ -192,7 +192,15 @@ class RegistrySource(ImageSource):
 
     # ------------------------------------------------------------------ blobs
 
-    async def open_blob(self, digest: str) -> Blob:
+    @property
+    def cache_key(self) -> str:  # type: ignore[override]
+        """Downloads are shared, and partials resumed, only between pulls from the same registry."""
+        return self.domain
+
+    def ranged_source(self) -> RegistrySource:
+        return self
+
+    async def open_blob(self, digest: str, expected_size: int | None = None) -> Blob:
         return await self.open_blob_from(digest, 0)
 
     async def open_blob_from(self, digest: str, offset: int, end: int | None = None) -> ResumingBlob:

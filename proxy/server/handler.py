@@ -20,17 +20,19 @@ from protocol.errors import ProtocolViolation, ProxyError
 from protocol.extensions import SERVER_EXTENSIONS
 from protocol.messages import Reply, Request
 from protocol.methods import parse_args
+from proxy.cache.source import CachingSource
 from proxy.image import gojson
 from proxy.image import manifest as mf
 from proxy.partial import service as partial
 from proxy.partial.planner import ByteRange
-from proxy.registry.source import RegistrySource
 from proxy.server.limits import Account, Ledger, Resource
 from proxy.server.options import ProxyOptions
-from proxy.server.pipes import DigestVerifier, Pipe, produce_blob, produce_bytes, produce_raw_blob
 from proxy.server.resources import SharedResources
 from proxy.server.transports import open_source
 from proxy.sources.base import Blob, BytesBlob, ImageNotFound, ImageSource
+from proxy.transfer.pipe import Pipe
+from proxy.transfer.producers import produce_blob, produce_bytes, produce_raw_blob
+from proxy.transfer.verify import DigestVerifier
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +195,7 @@ class Handler:
             raise ProxyError(
                 f"{image.reference}: config {desc.digest} is {desc.size} bytes, over the {MAX_CONFIG_SIZE} limit"
             )
-        blob = await image.source.open_blob(desc.digest)
+        blob = await self._open_blob(image, desc.digest, desc.size)  # through the cache, like any blob
         verifier = DigestVerifier(desc.digest)
         chunks = []
         async with blob:
@@ -246,10 +248,17 @@ class Handler:
                 # nothing signed to read: the policy decides now, before any manifest or blob of it is read (an
                 # archive's content is not touched for an image the policy refuses)
                 await self.config.policy.check(reference, source, b"{}", None, self._registry)
-            return await self._resolve(reference, source)
+            image = await self._resolve(reference, source)
         except BaseException:
             await _close_quietly(source)
             raise
+        if self._store is not None and source.cache_key is not None:
+            # its blobs go through the cache from now on: served from disk, or downloaded once into it, that
+            # download shared only by clients naming the same registry (none waits on a registry it did not name)
+            caching = CachingSource(source, self._store, self._resources.spawn)
+            caching.trusted_sizes = {d.digest: d.size for d in (image.parsed.config, *image.parsed.layers)}
+            image.source = caching
+        return image
 
     async def _resolve(self, reference: str, source: ImageSource) -> OpenedImage:
         try:
@@ -337,19 +346,7 @@ class Handler:
     async def _open_blob(self, image: OpenedImage, digest: str, expected_size: int | None = None) -> Blob:
         if image.converted_config is not None and image.converted_config[0] == digest:
             return BytesBlob(image.converted_config[1])
-        source = image.source
-        if self._store is not None and isinstance(source, RegistrySource):
-            # registry blobs go through the cache: served from disk, or downloaded once into it, that download
-            # shared only by clients naming the same registry (a client never waits on a registry it did not name)
-            return await self._store.fetch(
-                digest,
-                expected_size,
-                lambda offset: source.open_blob_from(digest, offset),
-                self._resources.spawn,
-                source=source.domain,
-                size_limit=self._known_size(image, digest),
-            )
-        return await source.open_blob(digest)
+        return await image.source.open_blob(digest, expected_size)
 
     @staticmethod
     def _stored_blobs(image: OpenedImage) -> list[mf.Descriptor]:
@@ -382,7 +379,7 @@ class Handler:
         wanted = [ByteRange(offset, length) for offset, length in ranges]
         return await self._transfer(
             lambda: partial.open_ranges(
-                image.source, digest, self._known_size(image, digest), self._store, what, self._stored_blobs(image)
+                image.source, digest, self._known_size(image, digest), what, self._stored_blobs(image)
             ),
             lambda _source: sum(r.length for r in wanted),
             lambda pipe, source: partial.produce_ranges(pipe, source, wanted),
@@ -395,7 +392,7 @@ class Handler:
             what=what,
             digest=digest,
             descriptor=desc,
-            open_ranges=lambda: partial.open_ranges(image.source, digest, desc.size, self._store, what),
+            open_ranges=lambda: partial.open_ranges(image.source, digest, desc.size, what),
             open_whole=lambda: self._open_blob(image, digest, desc.size),
         )
 

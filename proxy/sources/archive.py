@@ -352,7 +352,7 @@ class DockerArchiveSource(ImageSource):
             raise SourceError(f'{self.reference}: Manifest lists are not supported by "docker-archive:"')
         return image.manifest, manifest.DOCKER_V2S2
 
-    async def open_blob(self, digest: str) -> Blob:
+    async def open_blob(self, digest: str, expected_size: int | None = None) -> Blob:
         image = await self._loaded()
         if digest == image.config_digest:
             return BytesBlob(image.config)

@@ -10,8 +10,10 @@ from __future__ import annotations
 import abc
 
 import attrs
+import trio
 
 from protocol.errors import ErrorCode, ProxyError
+from proxy.common.pipes import CHUNK_SIZE, splice_file, write_all
 from proxy.sources.localfs import Identity
 
 
@@ -37,17 +39,49 @@ class SourceOptions:
     identity: Identity | None = None
 
 
+@attrs.frozen
+class FileWindow:
+    """Where a blob's bytes lie in an open file: ``length`` bytes from ``offset`` of ``fd`` (the blob's own fd:
+    valid while the blob is open)."""
+
+    fd: int
+    offset: int
+    length: int
+
+
 class Blob(abc.ABC):
-    """An open blob: read it in chunks until ``b""``, then close it."""
+    """An open blob: read it in chunks until ``b""``, then close it. Besides a stream, a blob says what else it can
+    do, so that nobody asks what type it is:
+
+    - ``verifies_digest``: it refuses to end (raises instead of returning ``b""``) unless every byte it gave
+      matched its digest, as a blob-cache file checked when opened, or a reader of a cache download, do;
+      producers need not hash it a second time, and ``send_to`` may move it without reading it.
+    - ``window()``: its bytes are a section of a file, for readers that ``pread`` ranges of it or ``sendfile`` it.
+    """
 
     size: int  # as the source knows it, -1 when unknown
-    #: True when the blob itself refuses to end (raises instead of returning ``b""``) unless every byte it gave
-    #: matched its digest, as a reader of a blob-cache download does: producers need not hash it a second time
     verifies_digest: bool = False
 
     @abc.abstractmethod
     async def read(self, max_bytes: int) -> bytes:
         """Up to ``max_bytes`` bytes; ``b""`` at the end of the blob."""
+
+    def window(self) -> FileWindow | None:
+        """Where the blob's unread bytes lie in a file, or None for a stream."""
+        return None
+
+    async def send_to(self, writer: trio.lowlevel.FdStream) -> int:
+        """All of the blob into a pipe, the number of bytes sent; for a blob that ``verifies_digest`` (nothing
+        checks these bytes on their way). By ``sendfile`` from its window when it has one, else read and write."""
+        window = self.window()
+        if window is not None:
+            end = await splice_file(window.fd, window.offset + window.length, writer, start=window.offset)
+            return end - window.offset
+        sent = 0
+        while chunk := await self.read(CHUNK_SIZE):
+            sent += len(chunk)
+            await write_all(writer, chunk)
+        return sent
 
     @abc.abstractmethod
     async def aclose(self) -> None: ...
@@ -96,9 +130,26 @@ class ImageSource(abc.ABC):
         a digest names one instance of a list, or any manifest stored with the image.
         """
 
+    #: where the cache keeps this source's blobs apart from other sources' (a registry's name); None: its blobs
+    #: are files already, nothing to cache
+    cache_key: str | None = None
+
     @abc.abstractmethod
-    async def open_blob(self, digest: str) -> Blob:
-        """Open the blob with that (already validated) digest; BlobNotFound if absent."""
+    async def open_blob(self, digest: str, expected_size: int | None = None) -> Blob:
+        """Open the blob with that (already validated) digest; BlobNotFound if absent. ``expected_size`` is what
+        the asker expects (a hint: it is checked by the producer, not here)."""
+
+    async def open_blob_from(self, digest: str, offset: int, end: int | None = None) -> Blob:
+        """The blob from byte ``offset`` (to ``end``): for sources with a ``cache_key``, whose downloads resume."""
+        raise NotImplementedError(f"{self.reference}: blobs cannot be read from an offset")
+
+    async def cached_blob(self, digest: str, size: int | None) -> Blob | None:
+        """The blob if a cache holds it verified (a ``CachingSource``), else None."""
+        return None
+
+    def ranged_source(self) -> ImageSource | None:
+        """The source to send HTTP range requests to (a registry), or None: ranges are read from the blob."""
+        return None
 
     async def aclose(self) -> None:  # noqa: B027 - most sources hold nothing to release
         """Release what the source holds (temporary directories, connections)."""
@@ -109,6 +160,7 @@ __all__ = [
     "BlobNotFound",
     "BytesBlob",
     "ErrorCode",
+    "FileWindow",
     "ImageNotFound",
     "ImageSource",
     "SourceError",

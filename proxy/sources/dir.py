@@ -43,7 +43,7 @@ class DirSource(ImageSource):
         """A small file of the directory (a ``signature-N``), as the client (synchronous)."""
         return self.files.read(name, limit)
 
-    async def open_blob(self, digest: str) -> Blob:
+    async def open_blob(self, digest: str, expected_size: int | None = None) -> Blob:
         hex_ = self._hex(digest)
         for name in (hex_, hex_ + ".tar"):
             try:

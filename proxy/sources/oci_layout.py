@@ -14,7 +14,7 @@ from typing import Any
 from proxy.common import threads
 from proxy.image import gojson, manifest
 from proxy.image.gojson import GoJSONError, go_quote
-from proxy.sources.base import Blob, BlobNotFound, ImageNotFound, ImageSource, SourceError, SourceOptions
+from proxy.sources.base import Blob, BlobNotFound, FileWindow, ImageNotFound, ImageSource, SourceError, SourceOptions
 from proxy.sources.localfs import LocalDir, LocalPathError
 
 #: largest JSON document (index.json, manifest) read into memory
@@ -57,13 +57,11 @@ class FileBlob(Blob):
         self._end = offset + length
         self.size = length
 
-    @property
-    def file_window(self) -> tuple[int, int]:
-        """(fd, offset of the blob's next byte in it), for readers that pread ranges of the blob themselves;
-        the fd stays this blob's (closed with it)."""
+    def window(self) -> FileWindow:
+        """The blob's unread bytes in its file (the fd stays this blob's, closed with it)."""
         if self._fd is None:
             raise ValueError("blob is closed")
-        return self._fd, self._pos
+        return FileWindow(self._fd, self._pos, self._end - self._pos)
 
     def read_sync(self, max_bytes: int) -> bytes:
         if self._fd is None:
@@ -235,7 +233,7 @@ class OCILayoutSource(ImageSource):
             raise SourceError(f"{self.reference}: reading manifest {digest}: {os_error_text(e)}") from None
         return raw, mime or manifest.guess_mime_type(raw)
 
-    async def open_blob(self, digest: str) -> Blob:
+    async def open_blob(self, digest: str, expected_size: int | None = None) -> Blob:
         path = self._blob_path(digest)
         try:
             return await threads.run_sync(self._blobs.open_blob, path)

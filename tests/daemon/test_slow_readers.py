@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from proxy.server.pipes import CHUNK_SIZE, PIPE_SIZE_CAP
+from proxy.common.pipes import CHUNK_SIZE, PIPE_SIZE_CAP
 from tests.support.images import ImageSpec, LayerSpec, build_oci_layout, pseudo_random, skopeo_copy
 from tests.support.registry import PushedImages
 

@@ -32,7 +32,7 @@ import trio
 
 from protocol.client import DEFAULT_ARGV, ImageProxy
 from protocol.errors import ProxyError
-from proxy.server.pipes import CHUNK_SIZE, PIPE_SIZE
+from proxy.common.pipes import CHUNK_SIZE, PIPE_SIZE
 from tests.faults.conftest import FaultImages, Layer
 from tests.faults.proxy import Drip, FaultProxy, RequestRecord
 

@@ -50,7 +50,7 @@ def big_layer(images: PartialImages) -> mf.Descriptor:
 
 async def read_ranges(source: RegistrySource, images: PartialImages, probe_blobs, ranges=RANGES) -> None:
     big = images.big
-    async with await open_ranges(source, big.digest, len(big.blob), None, "big", probe_blobs) as reader:
+    async with await open_ranges(source, big.digest, len(big.blob), "big", probe_blobs) as reader:
         assert await reader.read(ranges) == [big.blob[r.offset : r.end] for r in ranges]
 
 

@@ -19,7 +19,7 @@ from protocol.errors import ErrorCode, ProxyError
 from proxy.cache import store as blobstore
 from proxy.cache.directory import Refused
 from proxy.cache.store import SOURCE_XATTR, STAMP_XATTR, BlobStore, FileBlob, StoreError, source_tag, verification_stamp
-from proxy.server.pipes import CHUNK_SIZE
+from proxy.common.pipes import CHUNK_SIZE
 from proxy.sources.base import Blob
 
 GUARD = 10.0

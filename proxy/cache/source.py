@@ -1,0 +1,57 @@
+"""A source whose blobs go through the blob cache: built once, at OpenImage, around a source that has a cache key
+(a registry's), so that nothing else asks what type a source is.
+
+Blobs come from the cache when it holds them verified, else from a download into it shared with every client
+asking for that digest from the same source (``BlobStore.fetch``). A download stops at the size the verified
+manifest gives (``trusted_sizes``), so an endless body cannot fill the disk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from proxy.cache.store import BlobStore
+from proxy.sources.base import Blob, ImageSource
+
+
+class CachingSource(ImageSource):
+    def __init__(
+        self, inner: ImageSource, store: BlobStore, spawn: Callable[[Callable[[], Awaitable[None]]], None]
+    ) -> None:
+        """``spawn`` starts a download where it outlives the request that asked for it (the process's nursery)."""
+        assert inner.cache_key is not None
+        self.inner = inner
+        self.reference = inner.reference
+        self.local_path = inner.local_path
+        self.stores_signatures = inner.stores_signatures
+        self.cache_key = inner.cache_key
+        self._store = store
+        self._spawn = spawn
+        #: blob sizes from the image's verified manifest
+        self.trusted_sizes: dict[str, int] = {}
+
+    async def get_manifest(self, instance_digest: str | None = None) -> tuple[bytes, str]:
+        return await self.inner.get_manifest(instance_digest)
+
+    async def open_blob(self, digest: str, expected_size: int | None = None) -> Blob:
+        inner = self.inner
+        return await self._store.fetch(
+            digest,
+            expected_size,
+            lambda offset: inner.open_blob_from(digest, offset),
+            self._spawn,
+            source=self.cache_key,
+            size_limit=self.trusted_sizes.get(digest),
+        )
+
+    async def cached_blob(self, digest: str, size: int | None) -> Blob | None:
+        return await self._store.open_cached(digest, size)
+
+    def ranged_source(self) -> ImageSource | None:
+        return self.inner.ranged_source()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+__all__ = ["CachingSource"]

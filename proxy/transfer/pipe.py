@@ -1,0 +1,72 @@
+"""A kernel pipe handed to a client, and how its producer's outcome reaches FinishPipe.
+
+A ``Pipe`` is one ``os.pipe()``: the read end travels to the client (SCM_RIGHTS) and is closed here once sent;
+the write end stays the server's until FinishPipe (or the session's end). A producer is a task in the session's
+nursery that writes into the write end and records its outcome; FinishPipe awaits that outcome without holding
+anything else.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Awaitable, Callable
+
+import attrs
+import trio
+
+from protocol.errors import ErrorCode, ProxyError
+from proxy.common.pipes import open_pipe
+
+log = logging.getLogger(__name__)
+
+
+@attrs.define(eq=False)
+class Pipe:
+    """A pipe whose write end the server owns; ``pipeid`` is the write fd number, as in Go."""
+
+    read_fd: int
+    writer: trio.lowlevel.FdStream
+    pipeid: int
+    done: trio.Event = attrs.field(factory=trio.Event)
+    error: ProxyError | None = None
+
+    @classmethod
+    def create(cls) -> Pipe:
+        """A new pipe; ProxyError (retryable) when the process has no fd left for it."""
+        try:
+            read_fd, write_fd = open_pipe()
+        except OSError as e:
+            log.error("cannot create a pipe: %s", e.strerror)
+            raise ProxyError(f"cannot create a pipe: {e.strerror}", ErrorCode.RETRYABLE) from None
+        return cls(read_fd=read_fd, writer=trio.lowlevel.FdStream(write_fd), pipeid=write_fd)
+
+    def close_now(self) -> None:
+        """Close both ends of a pipe that was never handed out (synchronous)."""
+        os.close(self.read_fd)
+        self.writer.close()
+
+    def finish(self, error: ProxyError | None) -> None:
+        self.error = error
+        self.done.set()
+
+    async def aclose(self) -> None:
+        await self.writer.aclose()
+
+
+async def run_producer(pipe: Pipe, work: Callable[[], Awaitable[None]]) -> None:
+    """Run a producer's work and finish the pipe with what FinishPipe is to report: nothing, the ProxyError it
+    raised, or an internal error (logged) for anything else."""
+    error: ProxyError | None = None
+    try:
+        await work()
+    except ProxyError as e:
+        error = e
+    except Exception as e:
+        log.exception("pipe %d: producer failed", pipe.pipeid)
+        error = ProxyError(f"internal error: {type(e).__name__}: {e}")
+    finally:
+        pipe.finish(error)
+
+
+__all__ = ["Pipe", "run_producer"]
