@@ -32,7 +32,7 @@ from typing import Any
 import attrs
 import trio
 
-from protocol.codec import MAX_MSG_SIZE, decode_reply, encode_request
+from protocol.codec import MAX_MSG_SIZE, decode_error_document, decode_reply, encode_request
 from protocol.errors import ErrorCode, ProtocolViolation, ProxyError
 from protocol.messages import Reply, Request
 
@@ -467,15 +467,10 @@ async def _concurrently(*jobs: Callable[[], Awaitable[Any]]) -> None:
 
 
 def _raise_error_document(data: bytes) -> None:
-    try:
-        doc = json.loads(data)
-        code = ErrorCode(doc.get("code", "other"))
-        message = str(doc.get("message", ""))
-    except (ValueError, AttributeError):
-        raise ProtocolViolation(f"GetRawBlob: unparsable error document {data[:200]!r}") from None
-    if code is ErrorCode.EPIPE:
+    error = decode_error_document(data)
+    if error.code is ErrorCode.EPIPE:
         return
-    raise ProxyError(f"GetRawBlob: {message}", code)
+    raise ProxyError(f"GetRawBlob: {error.message}", error.code)
 
 
 __all__ = ["DEFAULT_ARGV", "REQUEST_IDS", "ImageProxy", "ProxyClosed", "parse_version"]

@@ -11,7 +11,7 @@ import json
 import re
 from typing import Any
 
-from protocol.errors import ErrorCode, ProtocolViolation
+from protocol.errors import ErrorCode, ProtocolViolation, ProxyError
 from protocol.messages import Reply, Request
 
 MAX_MSG_SIZE = 32 * 1024
@@ -242,11 +242,29 @@ def decode_reply(data: bytes) -> Reply:
     return Reply(success=success, value=doc["value"], pipeid=pipeid, error_code=code, error=error, id=request_id)
 
 
+def encode_error_document(error: ProxyError) -> bytes:
+    """What GetRawBlob writes to its error fd: ``{"code": ..., "message": ...}``."""
+    return encode_json({"code": str(error.code), "message": error.message})
+
+
+def decode_error_document(data: bytes) -> ProxyError:
+    """The error a GetRawBlob error fd carried; ProtocolViolation when it is not such a document."""
+    try:
+        doc = json.loads(data)
+        code = ErrorCode(doc.get("code", "other"))
+        message = str(doc.get("message", ""))
+    except (ValueError, AttributeError, RecursionError):
+        raise ProtocolViolation(f"GetRawBlob: unparsable error document {data[:200]!r}") from None
+    return ProxyError(message, code)
+
+
 __all__ = [
     "MAX_MSG_SIZE",
     "MAX_SAFE_INTEGER",
+    "decode_error_document",
     "decode_reply",
     "decode_request",
+    "encode_error_document",
     "encode_json",
     "encode_reply",
     "encode_request",

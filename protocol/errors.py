@@ -29,6 +29,22 @@ class ProxyError(Exception):
         return str(self)
 
 
+# ---- the texts clients match on (the Go server's), written once
+
+#: a write to a pipe whose reader went away, as Go names it (clients match on "broken pipe")
+BROKEN_PIPE_TEXT = "write |1: broken pipe"
+
+
+def size_mismatch(expected: int, got: int) -> ProxyError:
+    """A blob that is not the size the client asked for (FinishPipe's text)."""
+    return ProxyError(f"expected {expected} bytes in blob, got {got}")
+
+
+def digest_mismatch(digest: str) -> ProxyError:
+    """A blob whose bytes do not match its digest (FinishPipe's text)."""
+    return ProxyError(f"corrupted blob, expecting {digest}")
+
+
 class ProtocolViolation(ProxyError):
     """The peer sent something the protocol does not allow (bad JSON, bad arguments, ...).
 

@@ -8,18 +8,15 @@ typed arguments or raises ``ProtocolViolation`` with a text that names what is w
 from __future__ import annotations
 
 import enum
-import re
 from typing import Any
 
 import attrs
 
 from protocol.codec import MAX_SAFE_INTEGER, json_type_name, shown
+from protocol.digests import parse_digest
 from protocol.errors import ProtocolViolation
 from protocol.messages import Request
 
-DIGEST_HEX_LENGTHS = {"sha256": 64, "sha512": 128}
-_DIGEST_RE = re.compile(r"^([a-z0-9]+(?:[.+_-][a-z0-9]+)*):([a-zA-Z0-9=_-]+)$")
-_HEX_RE = re.compile(r"^[a-f0-9]+$")
 MAX_REFERENCE_LENGTH = 4096
 #: GetBlobAt: the most ranges in one call, and the longest range (docs/PROTOCOL.md)
 MAX_RANGES_PER_CALL = 1024
@@ -85,27 +82,6 @@ def parse_uint(value: Any, what: str) -> int:
         raise ProtocolViolation(f"{what}: expecting a non-negative integer, not {value}")
     if value > MAX_SAFE_INTEGER:
         raise ProtocolViolation(f"out of range integer for numeric {value}")
-    return value
-
-
-def parse_digest(value: Any) -> str:
-    """An ``algo:hex`` digest; only sha256 and sha512, with their exact lengths, lower-case hex."""
-    if not isinstance(value, str):
-        raise ProtocolViolation(f"expecting string blobid, not {json_type_name(value)}")
-    quoted = shown(value)
-    m = _DIGEST_RE.match(value)
-    if m is None:
-        raise ProtocolViolation(f"invalid digest {quoted}: invalid checksum digest format")
-    algo, hexpart = m.groups()
-    if algo not in DIGEST_HEX_LENGTHS:
-        raise ProtocolViolation(f"invalid digest {quoted}: unsupported digest algorithm {algo!r}")
-    if not _HEX_RE.match(hexpart):
-        raise ProtocolViolation(f"invalid digest {quoted}: invalid checksum digest format")
-    if len(hexpart) != DIGEST_HEX_LENGTHS[algo]:
-        raise ProtocolViolation(
-            f"invalid digest {quoted}: invalid checksum digest length "
-            f"(expected {DIGEST_HEX_LENGTHS[algo]} hex digits for {algo}, got {len(hexpart)})"
-        )
     return value
 
 

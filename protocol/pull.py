@@ -35,7 +35,6 @@ import hashlib
 import inspect
 import json
 import math
-import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, ClassVar, Protocol
@@ -44,6 +43,7 @@ import attrs
 import trio
 
 from protocol.client import ImageProxy
+from protocol.digests import digest_of, is_valid_digest
 from protocol.errors import ErrorCode, ProtocolViolation, ProxyError
 
 DEFAULT_CONCURRENCY = 4
@@ -52,8 +52,6 @@ DEFAULT_RETRIES = 2
 DEFAULT_STALL_NOTICE = 5.0
 #: the wait before the first retry of a blob; doubled for each further one
 RETRY_BACKOFF = 1.0
-
-_DIGEST = re.compile(r"^(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})$")
 
 
 class PullError(ProxyError):
@@ -278,7 +276,7 @@ def parse_manifest(reference: str, manifest: bytes) -> tuple[Blob, tuple[Blob, .
 
 def _descriptor(doc: dict[str, Any], role: str, index: int) -> Blob:
     digest, size = doc["digest"], doc["size"]
-    if not isinstance(digest, str) or not _DIGEST.match(digest):
+    if not is_valid_digest(digest):
         raise ValueError(f"unsupported or malformed digest {digest!r}")
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise ValueError(f"bad size {size!r} for {digest}")
@@ -288,10 +286,6 @@ def _descriptor(doc: dict[str, Any], role: str, index: int) -> Blob:
 def _about(reference: str, text: str) -> str:
     """An error text that names the image (once)."""
     return text if reference in text else f"{reference}: {text}"
-
-
-def digest_of(data: bytes, algorithm: str = "sha256") -> str:
-    return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
 
 
 async def _maybe_await(value: Any) -> Any:

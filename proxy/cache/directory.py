@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from protocol.methods import DIGEST_HEX_LENGTHS
+from protocol.digests import DIGEST_HEX_LENGTHS
 
 PARTIAL_SUFFIX = ".partial"
 #: the mode of what the cache creates: DIR (when it does not exist), blobs/, blobs/<algo>/, blobs and partials

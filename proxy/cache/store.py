@@ -69,8 +69,8 @@ from pathlib import Path
 
 import trio
 
+from protocol.digests import parse_digest
 from protocol.errors import ErrorCode, ProtocolViolation, ProxyError
-from protocol.methods import parse_digest
 from proxy.cache.directory import (
     DIR_MODE,
     FILE_MODE,

@@ -10,14 +10,12 @@ import os
 
 import trio
 
-from protocol.errors import ErrorCode, ProxyError
+from protocol.errors import BROKEN_PIPE_TEXT, ErrorCode, ProxyError
 
 #: bytes moved per read from a source
 CHUNK_SIZE = 1 << 20
 #: the largest pipe buffer we ask for; the system limit (/proc/sys/fs/pipe-max-size) may lower it
 PIPE_SIZE_CAP = 4 << 20
-#: what Go names a failed write to a pipe whose reader went away (clients match on "broken pipe")
-BROKEN_PIPE_TEXT = "write |1: broken pipe"
 
 
 def _system_pipe_max(path: str = "/proc/sys/fs/pipe-max-size") -> int:
@@ -70,4 +68,4 @@ async def splice_file(fd: int, size: int, writer: trio.lowlevel.FdStream, start:
     return offset
 
 
-__all__ = ["BROKEN_PIPE_TEXT", "CHUNK_SIZE", "PIPE_SIZE", "PIPE_SIZE_CAP", "open_pipe", "splice_file", "write_all"]
+__all__ = ["CHUNK_SIZE", "PIPE_SIZE", "PIPE_SIZE_CAP", "open_pipe", "splice_file", "write_all"]

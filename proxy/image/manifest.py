@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import platform as _host
-import re
 import sys
 from typing import Any
 
 import attrs
 
+from protocol.digests import digest_of, is_valid_digest
 from protocol.errors import ProxyError
 from proxy.image import gojson
 from proxy.image.gojson import (
@@ -238,17 +237,6 @@ _DETECTED_FIELDS = Struct(
 )
 
 # ---- digests ---------------------------------------------------------------------------------
-
-_DIGEST_RE = re.compile(r"(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})")
-
-
-def is_valid_digest(d: object) -> bool:
-    """``sha256:<64 hex>`` or ``sha512:<128 hex>``, lowercase, nothing else."""
-    return isinstance(d, str) and _DIGEST_RE.fullmatch(d) is not None
-
-
-def digest_of(data: bytes, algorithm: str = "sha256") -> str:
-    return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
 
 
 def manifest_digest(raw: bytes) -> str:

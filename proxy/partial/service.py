@@ -20,6 +20,7 @@ import attrs
 import trio
 import zstandard
 
+from protocol.digests import DigestVerifier
 from protocol.errors import ProxyError
 from proxy.common.pipes import write_all
 from proxy.image import manifest as mf
@@ -30,7 +31,6 @@ from proxy.partial.planner import ByteRange, RangeError
 from proxy.registry.source import RegistrySource
 from proxy.sources.base import Blob, ImageSource
 from proxy.transfer.pipe import Pipe, run_producer
-from proxy.transfer.verify import DigestVerifier
 
 log = logging.getLogger(__name__)
 

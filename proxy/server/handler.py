@@ -16,6 +16,7 @@ import attrs
 import trio
 
 import protocol
+from protocol.digests import DigestVerifier
 from protocol.errors import ProtocolViolation, ProxyError
 from protocol.extensions import SERVER_EXTENSIONS
 from protocol.messages import Reply, Request
@@ -32,7 +33,6 @@ from proxy.server.transports import open_source
 from proxy.sources.base import Blob, BytesBlob, ImageNotFound, ImageSource
 from proxy.transfer.pipe import Pipe
 from proxy.transfer.producers import produce_blob, produce_bytes, produce_raw_blob
-from proxy.transfer.verify import DigestVerifier
 
 log = logging.getLogger(__name__)
 

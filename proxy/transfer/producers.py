@@ -15,12 +15,12 @@ import logging
 
 import trio
 
-from protocol.codec import encode_json
-from protocol.errors import ProxyError
+from protocol.codec import encode_error_document
+from protocol.digests import DigestVerifier
+from protocol.errors import ProxyError, size_mismatch
 from proxy.common.pipes import CHUNK_SIZE, write_all
 from proxy.sources.base import Blob
 from proxy.transfer.pipe import Pipe, run_producer
-from proxy.transfer.verify import DigestVerifier, size_mismatch
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +62,6 @@ async def produce_blob(pipe: Pipe, blob: Blob, digest: str, expected_size: int) 
     await run_producer(pipe, work)
 
 
-def encode_error_fd_payload(error: ProxyError) -> bytes:
-    """What GetRawBlob writes to its error fd: ``{"code": ..., "message": ...}``."""
-    return encode_json({"code": str(error.code), "message": error.message})
-
-
 async def produce_raw_blob(
     blob: Blob, digest: str, data_writer: trio.lowlevel.FdStream, err_writer: trio.lowlevel.FdStream
 ) -> None:
@@ -90,11 +85,11 @@ async def produce_raw_blob(
             if error is not None:
                 log.debug("raw blob %s: %s", digest, error)
                 with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                    await err_writer.send_all(encode_error_fd_payload(error))
+                    await err_writer.send_all(encode_error_document(error))
         finally:
             with trio.CancelScope(shield=True):
                 await err_writer.aclose()
                 await data_writer.aclose()
 
 
-__all__ = ["encode_error_fd_payload", "produce_blob", "produce_bytes", "produce_raw_blob", "send_blob"]
+__all__ = ["produce_blob", "produce_bytes", "produce_raw_blob", "send_blob"]

@@ -239,7 +239,7 @@ def test_shown_survives_deep_nesting():
 
 
 def test_raw_blob_error_document_encodes_any_text():
-    from proxy.transfer.producers import encode_error_fd_payload
+    from protocol.codec import encode_error_document as encode_error_fd_payload
 
     payload = json.loads(encode_error_fd_payload(ProxyError("bad \udcff digest")).decode("utf-8"))
     assert payload == {"code": "other", "message": "bad \ufffd digest"}
