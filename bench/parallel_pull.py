@@ -3,7 +3,7 @@
 
 Set-up: a docker-registry on 127.0.0.1 holding one image of ``--layers`` layers of ``--layer-mb`` MB each (random,
 incompressible bytes in a tar, gzip level 0), pushed with ``skopeo copy``. Every run spawns a proxy over a
-socketpair and pulls the whole image with ``protocol.pull.pull`` (the same client code in every mode; the client
+socketpair and pulls the whole image with ``protocol.client.pull.pull`` (the same client code in every mode; the client
 counts the bytes and checks sizes, the server checks digests; ``--client-verify`` makes the client hash too):
 
 - ``ours-seq``:  our proxy, in order, one blob at a time: what an in-order client such as containers-image-proxy-rs
@@ -57,7 +57,7 @@ from common import (  # noqa: E402
 )
 
 from protocol.client import ImageProxy  # noqa: E402
-from protocol.pull import pull  # noqa: E402
+from protocol.client.pull import pull  # noqa: E402
 
 MODES = ("ours-seq", "ours-fifo", "ours-ids", "skopeo")
 BEGIN = "<!-- parallel_pull.py: begin -->"
@@ -183,7 +183,7 @@ def report(args, info, total, results: dict[tuple[str, str], list[tuple[float, i
         f"Python {sys.version.split()[0]}",
         f"- image: {args.layers} layers x {args.layer_mb} MB of random bytes (gzip level 0), "
         f"{total / MB:,.0f} MB of layers, in docker-registry on 127.0.0.1",
-        f"- every run: a fresh proxy, one connection, `protocol.pull.pull` with --jobs {args.jobs}; "
+        f"- every run: a fresh proxy, one connection, `protocol.client.pull.pull` with --jobs {args.jobs}; "
         f"client hashing {'on' if args.client_verify else 'off (the servers check digests)'}; "
         f"{args.rounds} rounds, modes alternating within each round",
         "- **shared, noisy 2-core machine**: differences under ~10-15 % are noise",

@@ -38,8 +38,9 @@ def encode_json(obj: Any) -> bytes:
 
 
 def shown(value: Any, limit: int = 200) -> str:
-    """A client's value quoted for an error text: JSON-quoted (so control characters and lone surrogates are
-    escapes, never raw bytes), at most about ``limit`` characters."""
+    """A client's value quoted for an error text: JSON-quoted in ASCII (so control characters, lone surrogates and
+    anything else outside ASCII are escapes, never raw bytes), showing at most ``limit`` characters of it (each
+    written in at most 12: an astral character is two ``\\uXXXX`` escapes)."""
     text = value if isinstance(value, str) else None
     if text is not None and len(text) > limit:
         return json.dumps(text[:limit]) + f"... ({len(text)} characters)"

@@ -1,6 +1,6 @@
 """``image-proxy copy REF oci:DIR[:TAG] | dir:DIR``: pull an image through the proxy into a layout other tools read.
 
-The command is a client of the proxy (``protocol.pull`` over ``protocol.client``): it starts
+The command is a client of the proxy (``protocol.client.pull`` over ``protocol.client``): it starts
 ``image-proxy experimental-image-proxy`` with the registry flags given here (or uses the daemon at
 ``--proxy-socket``), fetches the config and the layers concurrently (``--jobs``), verifies each, and writes the
 layout described in ``proxy.commands.destination``. Progress goes to stderr: bars on a terminal, lines otherwise,
@@ -16,8 +16,9 @@ from collections.abc import Callable
 
 import trio
 
+from protocol.client.pull import DEFAULT_CONCURRENCY, DEFAULT_RETRIES, PulledImage, pull
+from protocol.client.tasks import failing_fast
 from protocol.errors import ProxyError
-from protocol.pull import DEFAULT_CONCURRENCY, DEFAULT_RETRIES, PulledImage, pull
 from proxy.commands.destination import DestinationError, parse_destination
 from proxy.commands.progress import JsonProgress, Progress, TerminalProgress, progress_for
 from proxy.commands.proxy_access import add_proxy_flags, check_proxy_socket_flags, open_proxy, report_error
@@ -87,8 +88,7 @@ async def _copy(args: argparse.Namespace, progress: Progress) -> PulledImage:
     destination = parse_destination(args.destination)
     async with open_proxy(args) as proxy:
         await destination.prepare()
-        failures: list[Exception] = []
-        async with trio.open_nursery() as nursery:
+        async with failing_fast() as nursery:  # a failure is raised as itself, not in an ExceptionGroup
             if isinstance(progress, TerminalProgress):
                 nursery.start_soon(_ticker, progress)
             try:
@@ -100,12 +100,8 @@ async def _copy(args: argparse.Namespace, progress: Progress) -> PulledImage:
                     on_event=progress,
                     retries=args.retries,
                 )
-            except Exception as e:  # raised below, as itself rather than inside an ExceptionGroup
-                failures.append(e)
             finally:
                 nursery.cancel_scope.cancel()
-        if failures:
-            raise failures[0]
         await destination.finish(image)
     return image
 

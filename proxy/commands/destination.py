@@ -25,7 +25,7 @@ from typing import Protocol
 
 import trio
 
-from protocol.pull import Blob, PulledImage
+from protocol.client.pull import Blob, PulledImage
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"

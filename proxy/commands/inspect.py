@@ -18,8 +18,8 @@ from typing import Any
 import attrs
 import trio
 
+from protocol.client.pull import Blob, digest_of, parse_manifest
 from protocol.errors import ProxyError
-from protocol.pull import Blob, digest_of, parse_manifest
 from proxy.commands.proxy_access import (
     add_proxy_flags,
     check_proxy_socket_flags,

@@ -1,4 +1,4 @@
-"""Showing a pull's progress events (``protocol.pull``) to a person or a program.
+"""Showing a pull's progress events (``protocol.client.pull``) to a person or a program.
 
 - :class:`TerminalProgress`: on a terminal, a live area redrawn in place (at most 10 times a second): one bar per
   blob in flight with bytes, rate, and "stalled N s" while no byte comes; a total bar. Finished blobs, stalls
@@ -20,7 +20,7 @@ from typing import Any, TextIO
 
 import attrs
 
-from protocol.pull import (
+from protocol.client.pull import (
     Blob,
     BlobFinished,
     BlobFlowing,

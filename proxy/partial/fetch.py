@@ -50,6 +50,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import attrs
 import trio
 
+from protocol.client.tasks import failing_fast
 from protocol.errors import ErrorCode, ProxyError
 from proxy.http.errors import HTTPError
 from proxy.http.ranges import parse_content_range
@@ -157,7 +158,6 @@ async def copy_units(
     """The ordered window of the module docstring."""
     slots = [_Slot(unit) for unit in units]
     window = trio.Semaphore(parallel)
-    failure: Exception | None = None
 
     async def fetch(slot: _Slot) -> None:
         try:
@@ -175,7 +175,7 @@ async def copy_units(
             else:
                 nursery.start_soon(fetch, slot)
 
-    async with trio.open_nursery() as nursery:
+    async with failing_fast() as nursery:  # a failure is raised as itself, the fetches ahead cancelled
         try:
             nursery.start_soon(launch, nursery)
             for slot in slots:
@@ -190,11 +190,8 @@ async def copy_units(
                             await write(piece)
                 slot.data = None
                 window.release()
-        except Exception as e:
-            failure = e
+        finally:
             nursery.cancel_scope.cancel()
-    if failure is not None:
-        raise failure
 
 
 # ------------------------------------------------------------------------------------------ registry

@@ -18,17 +18,15 @@ lock while the socket blocks; in-order replies keep their order because the disp
 
 from __future__ import annotations
 
-import array
 import collections
-import contextlib
 import logging
 import math
-import os
 import socket
 
 import attrs
 import trio
 
+from protocol.client.fds import ancillary_space, close_fds, fds_from_ancillary, fds_to_ancillary
 from protocol.codec import MAX_MSG_SIZE, decode_request, encode_reply, shown
 from protocol.errors import ErrorCode, ProtocolViolation
 from protocol.messages import Reply, Request
@@ -46,22 +44,7 @@ log = logging.getLogger(__name__)
 MAX_PENDING_REQUESTS = 4096
 #: how long pending requests may still be answered after Shutdown
 SHUTDOWN_GRACE = 0.5
-_ANCILLARY_SPACE = socket.CMSG_SPACE(16 * array.array("i").itemsize)
-
-
-def _close_fds(fds: tuple[int, ...] | list[int]) -> None:
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-
-
-def _fds_from_ancillary(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            usable = len(data) - len(data) % array.array("i").itemsize
-            fds.extend(array.array("i", data[:usable]))
-    return fds
+_ANCILLARY_SPACE = ancillary_space(16)
 
 
 def _request_id(item: Request | ProtocolViolation) -> int | None:
@@ -174,7 +157,7 @@ class Session:
                     encoded = self._outbox_recv.receive_nowait()
                 except (trio.WouldBlock, trio.EndOfChannel):
                     break
-                _close_fds(encoded.fds)
+                close_fds(encoded.fds)
 
     # ------------------------------------------------------------------ receiving
 
@@ -189,10 +172,10 @@ class Session:
                 except OSError as e:
                     log.warning("%s: socket: %s; ending session", self.name, e)
                     return False
-                stray_fds = _fds_from_ancillary(ancdata)
+                stray_fds = fds_from_ancillary(ancdata)
                 if stray_fds:
                     # Clients never send descriptors; do not leak what a confused one sends.
-                    _close_fds(stray_fds)
+                    close_fds(stray_fds)
                 if not data:
                     log.debug("%s closed the socket", self.name)
                     return False
@@ -344,13 +327,12 @@ class Session:
             if self._debug:
                 log.debug("reply %s", encoded.data[:300])
             if encoded.fds:
-                ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", encoded.fds))]
-                await self._sock.sendmsg([encoded.data], ancillary)
+                await self._sock.sendmsg([encoded.data], fds_to_ancillary(encoded.fds))
             else:
                 await self._sock.send(encoded.data)
         finally:
             # Our copies of the read ends: the client has its own now (or never will).
-            _close_fds(encoded.fds)
+            close_fds(encoded.fds)
 
 
 async def serve_socket(sock: socket.socket, options: ProxyOptions) -> None:

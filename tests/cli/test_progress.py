@@ -15,7 +15,7 @@ import time
 import trio
 
 from protocol.client import ImageProxy
-from protocol.pull import BlobFinished, BlobFlowing, BlobRetrying, BlobStalled, PullFinished, PullStarted, pull
+from protocol.client.pull import BlobFinished, BlobFlowing, BlobRetrying, BlobStalled, PullFinished, PullStarted, pull
 from tests.cli.helpers import COMMAND_TIMEOUT, INSECURE, image_proxy
 from tests.faults.proxy import Reset, Stall, fault_proxy
 

@@ -10,8 +10,8 @@ import pytest
 import trio
 
 from protocol.client import DEFAULT_ARGV, ImageProxy, ProxyClosed
+from protocol.client.sync import SyncImageProxy
 from protocol.errors import ProxyError
-from protocol.sync_client import SyncImageProxy
 
 
 def sha256(data: bytes) -> str:
@@ -208,7 +208,7 @@ async def test_a_stalled_registry_blob_does_not_delay_get_manifest(registry_imag
 
 def test_sync_pull_for_scripts(single, tmp_path):
     """``pull_sync`` and ``SyncImageProxy.pull``: every blob of the image, verified, into plain file writers."""
-    from protocol.pull import pull_sync
+    from protocol.client.pull import pull_sync
 
     class FileWriter:
         def __init__(self, path):

@@ -227,7 +227,8 @@ def test_encode_json_is_total(value):
 @given(hostile_values, st.integers(1, 300))
 def test_shown_is_bounded_and_encodable(value, limit):
     text = shown(value, limit)
-    assert len(text) <= limit + 40
+    assert len(text) <= 12 * limit + 40  # at most ``limit`` characters shown, each at most a 12-character escape
+    assert text.isascii()
     encode_json(text).decode("utf-8")
 
 

@@ -43,6 +43,7 @@ import attrs
 import trio
 
 from protocol.client import ImageProxy
+from protocol.client.tasks import failing_fast
 from protocol.digests import digest_of, is_valid_digest
 from protocol.errors import ErrorCode, ProtocolViolation, ProxyError
 
@@ -333,25 +334,16 @@ async def pull(
         await emit(PullStarted(reference, manifest_digest, blobs, sum(b.size for b in blobs)))
         fetched = 0
         limiter = trio.CapacityLimiter(concurrency)
-        failures: list[BaseException] = []
 
         async def one(blob: Blob) -> None:
             nonlocal fetched
             async with limiter:
-                try:
-                    got = await _fetch_blob(
-                        proxy, image_id, reference, blob, sinks, emit, retries, stall_notice, verify
-                    )
-                    fetched += got  # not "fetched += await ...": that would read fetched before the wait
-                except Exception as e:
-                    failures.append(e)
-                    nursery.cancel_scope.cancel()
+                got = await _fetch_blob(proxy, image_id, reference, blob, sinks, emit, retries, stall_notice, verify)
+                fetched += got  # not "fetched += await ...": that would read fetched before the wait
 
-        async with trio.open_nursery() as nursery:
+        async with failing_fast() as nursery:  # the first failure cancels the rest and is raised as itself
             for blob in blobs:
                 nursery.start_soon(one, blob)
-        if failures:
-            raise failures[0]
         await emit(PullFinished(reference, manifest_digest, fetched, time.monotonic() - started))
         return PulledImage(reference, manifest_digest, manifest, digest_of(manifest), config, layers, fetched)
     except ProxyError as e:
@@ -470,17 +462,13 @@ async def _transfer(
                 stalled_since = last_byte
                 await emit(BlobStalled(blob, done, now - last_byte))
 
-    failures: list[Exception] = []
-    async with trio.open_nursery() as nursery:
+    async with failing_fast() as nursery:  # a failure is raised as itself, not inside an ExceptionGroup
         if math.isfinite(stall_notice):
             nursery.start_soon(watchdog)
         try:
             await proxy.copy_blob(image_id, blob.digest, blob.size, sink)
-        except Exception as e:  # raised below as itself, not inside the nursery's ExceptionGroup
-            failures.append(e)
-        nursery.cancel_scope.cancel()
-    if failures:
-        raise failures[0]
+        finally:
+            nursery.cancel_scope.cancel()
     if done != blob.size:
         raise ProtocolViolation(f"expected {blob.size} bytes, got {done}")
     actual = f"{algorithm}:{hasher.hexdigest()}"

@@ -32,6 +32,8 @@ from typing import Any
 import attrs
 import trio
 
+from protocol.client.fds import ancillary_space, close_fds, fds_from_ancillary
+from protocol.client.tasks import failing_fast, run_concurrently
 from protocol.codec import MAX_MSG_SIZE, decode_error_document, decode_reply, encode_request
 from protocol.errors import ErrorCode, ProtocolViolation, ProxyError
 from protocol.messages import Reply, Request
@@ -71,12 +73,6 @@ class _Waiter:
     fds: list[int] = attrs.field(factory=list)
     error: ProxyError | None = None
     abandoned: bool = False
-
-
-def _close_fds(fds: Sequence[int]) -> None:
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
 
 
 class ImageProxy:
@@ -153,9 +149,8 @@ class ImageProxy:
     @contextlib.asynccontextmanager
     async def _serve(cls, sock: socket.socket, request_ids: bool) -> AsyncIterator[ImageProxy]:
         tsock = trio.socket.from_stdlib_socket(sock)
-        failure: Exception | None = None
         with tsock:
-            async with trio.open_nursery() as nursery:
+            async with failing_fast() as nursery:  # callers see the error itself, not an ExceptionGroup
                 proxy = cls(tsock, nursery, request_ids)
                 nursery.start_soon(proxy._sender)
                 nursery.start_soon(proxy._receiver)
@@ -163,13 +158,8 @@ class ImageProxy:
                     await proxy._initialize()
                     yield proxy
                     await proxy.shutdown()
-                except Exception as e:
-                    # Raised outside the nursery, so callers see the error itself, not an ExceptionGroup.
-                    failure = e
                 finally:
                     nursery.cancel_scope.cancel()
-        if failure is not None:
-            raise failure
 
     async def _initialize(self) -> None:
         value = await self._call_value("Initialize", [])
@@ -212,27 +202,24 @@ class ImageProxy:
                 self._broken(ProxyClosed(f"cannot send {waiter.method} to the proxy: {e.strerror or e}"))
 
     async def _receiver(self) -> None:
-        space = socket.CMSG_SPACE(4 * _FD_SIZE)
+        space = ancillary_space(4)
         while True:
             try:
                 data, ancdata, flags, _ = await self._sock.recvmsg(MAX_MSG_SIZE, space, socket.MSG_CMSG_CLOEXEC)
             except OSError as e:
                 self._broken(ProxyClosed(f"connection to the proxy failed: {e.strerror or e}"))
                 return
-            fds: list[int] = []
-            for level, kind, payload in ancdata:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fds.extend(array.array("i", payload[: len(payload) - len(payload) % _FD_SIZE]))
+            fds = fds_from_ancillary(ancdata)
             if not data:
-                _close_fds(fds)
+                close_fds(fds)
                 self._broken(ProxyClosed("the proxy closed the connection (did it exit?)"))
                 return
             waiter = self._match(data, flags)
             if waiter is None:
-                _close_fds(fds)
+                close_fds(fds)
                 return
             if waiter.error is not None or waiter.abandoned:
-                _close_fds(fds)
+                close_fds(fds)
             else:
                 waiter.fds = fds
             waiter.event.set()
@@ -295,7 +282,7 @@ class ImageProxy:
             await waiter.event.wait()
         except BaseException:
             waiter.abandoned = True
-            _close_fds(waiter.fds)
+            close_fds(waiter.fds)
             raise
         if waiter.error is not None:
             raise waiter.error
@@ -305,13 +292,13 @@ class ImageProxy:
     async def _call_fds(self, method: str, args: list[Any], nfds: int) -> tuple[Any, int, list[int]]:
         reply, fds = await self.call(method, args)
         if not reply.success:
-            _close_fds(fds)
+            close_fds(fds)
             raise ProxyError(f"{method}: {reply.error}", reply.error_code)
         if len(fds) != nfds:
-            _close_fds(fds)
+            close_fds(fds)
             raise ProtocolViolation(f"{method}: expected {nfds} fds in the reply, got {len(fds)}")
         if nfds == 1 and reply.pipeid == 0:
-            _close_fds(fds)
+            close_fds(fds)
             raise ProtocolViolation(f"{method}: expected a pipeid with the fd")
         return reply.value, reply.pipeid, fds
 
@@ -340,7 +327,7 @@ class ImageProxy:
     async def _piped(self, method: str, args: list[Any], sink: Sink) -> Any:
         """A one-fd reply: drain the pipe while FinishPipe runs; FinishPipe's error is the result."""
         value, pipeid, (fd,) = await self._call_fds(method, args, 1)
-        await _concurrently(lambda: self._drain(fd, sink), lambda: self.finish_pipe(pipeid))
+        await run_concurrently(lambda: self._drain(fd, sink), lambda: self.finish_pipe(pipeid))
         return value
 
     async def _piped_bytes(self, method: str, args: list[Any]) -> tuple[Any, bytes]:
@@ -358,7 +345,7 @@ class ImageProxy:
         GetCapabilities extension, such as skopeo's proxy. Asked once per connection."""
         if self._capabilities is None:
             reply, fds = await self.call("GetCapabilities", [])
-            _close_fds(fds)
+            close_fds(fds)
             value = reply.value if reply.success else []
             names = value if isinstance(value, list) else []
             self._capabilities = frozenset(n for n in names if isinstance(n, str))
@@ -418,7 +405,7 @@ class ImageProxy:
         self._require((0, 2, 8), "GetRawBlob")
         value, _, (data_fd, err_fd) = await self._call_fds("GetRawBlob", [image_id, digest], 2)
         errors: list[bytes] = []
-        await _concurrently(lambda: self._drain(data_fd, sink), lambda: self._drain(err_fd, errors.append))
+        await run_concurrently(lambda: self._drain(data_fd, sink), lambda: self._drain(err_fd, errors.append))
         if errors:
             _raise_error_document(b"".join(errors))
         return value if isinstance(value, int) and value >= 0 else None
@@ -444,26 +431,6 @@ class ImageProxy:
         """Extension ``layer-toc``: a zstd:chunked layer's verified tar-split, decompressed."""
         _, data = await self._piped_bytes("GetLayerTarSplit", [image_id, digest])
         return data
-
-
-async def _concurrently(*jobs: Callable[[], Awaitable[Any]]) -> None:
-    """Run jobs side by side; the first failure is raised as itself (not as an ExceptionGroup)
-    and cancels the rest."""
-    failures: list[BaseException] = []
-
-    async with trio.open_nursery() as nursery:
-
-        async def run(job: Callable[[], Awaitable[Any]]) -> None:
-            try:
-                await job()
-            except Exception as e:
-                failures.append(e)
-                nursery.cancel_scope.cancel()
-
-        for job in jobs:
-            nursery.start_soon(run, job)
-    if failures:
-        raise failures[0]
 
 
 def _raise_error_document(data: bytes) -> None:

@@ -6,7 +6,7 @@
         img = proxy.open_image("oci:examples/hello:latest")
         digest, manifest = proxy.get_manifest(img)
 
-        image = proxy.pull("oci:examples/hello:latest", sinks)  # protocol.pull: all layers, verified
+        image = proxy.pull("oci:examples/hello:latest", sinks)  # protocol.client.pull: all layers, verified
 
 The trio client runs in a private thread; each method call hops into it and waits (callbacks such as a pull's
 sinks and ``on_event`` run in that thread). ``SyncImageProxy(socket_path=...)`` talks to a running daemon
@@ -23,7 +23,7 @@ from typing import Any
 import trio
 
 from protocol.client import ImageProxy
-from protocol.pull import PulledImage, pull
+from protocol.client.pull import PulledImage, pull
 
 _METHODS = (
     "get_capabilities",
@@ -95,7 +95,7 @@ class SyncImageProxy:
         raise AttributeError(name)
 
     def pull(self, reference: str, sinks: Any, **options: Any) -> PulledImage:
-        """``protocol.pull.pull`` on this connection (same options); the sinks run in the client's thread."""
+        """``protocol.client.pull.pull`` on this connection (same options); the sinks run in the client's thread."""
         if self._proxy is None or self._token is None:
             raise RuntimeError("the proxy is closed")
         proxy = self._proxy
