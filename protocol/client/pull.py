@@ -60,7 +60,7 @@ class PullError(ProxyError):
 
 
 @attrs.frozen
-class Blob:
+class BlobDescriptor:
     """One blob of the image: the config or a layer, as the manifest describes it."""
 
     digest: str
@@ -86,7 +86,7 @@ class BlobWriter(Protocol):
 
 
 #: ``sinks(blob)``: a writer for one attempt at ``blob``, or None to skip a blob the destination already has
-BlobSinks = Callable[[Blob], "BlobWriter | Awaitable[BlobWriter | None] | None"]
+BlobSinks = Callable[[BlobDescriptor], "BlobWriter | Awaitable[BlobWriter | None] | None"]
 
 
 # ------------------------------------------------------------------------------------------------ events
@@ -97,7 +97,7 @@ class PullStarted:
     kind = "pull-started"
     reference: str
     manifest_digest: str
-    blobs: tuple[Blob, ...]
+    blobs: tuple[BlobDescriptor, ...]
     total_bytes: int
 
     def as_json(self) -> dict[str, Any]:
@@ -113,7 +113,7 @@ class PullStarted:
 @attrs.frozen
 class BlobStarted:
     kind = "blob-started"
-    blob: Blob
+    blob: BlobDescriptor
     attempt: int
 
     def as_json(self) -> dict[str, Any]:
@@ -123,7 +123,7 @@ class BlobStarted:
 @attrs.frozen
 class BlobProgress:
     kind = "blob-progress"
-    blob: Blob
+    blob: BlobDescriptor
     #: bytes of this blob received in this attempt
     done: int
 
@@ -136,7 +136,7 @@ class _Gap:
     """A pause in a blob's bytes: ``done`` bytes received so far, ``seconds`` of silence."""
 
     kind: ClassVar[str]
-    blob: Blob
+    blob: BlobDescriptor
     done: int
     seconds: float
 
@@ -168,7 +168,7 @@ class BlobRetrying:
     """Attempt ``attempt`` failed with a retryable error; the blob is fetched again after ``delay`` seconds."""
 
     kind = "blob-retrying"
-    blob: Blob
+    blob: BlobDescriptor
     attempt: int
     error: str
     delay: float
@@ -188,7 +188,7 @@ class BlobSkipped:
     """The destination already holds the blob."""
 
     kind = "blob-skipped"
-    blob: Blob
+    blob: BlobDescriptor
 
     def as_json(self) -> dict[str, Any]:
         return {"event": self.kind, **self.blob.as_json()}
@@ -197,7 +197,7 @@ class BlobSkipped:
 @attrs.frozen
 class BlobFinished:
     kind = "blob-finished"
-    blob: Blob
+    blob: BlobDescriptor
     seconds: float
 
     def as_json(self) -> dict[str, Any]:
@@ -246,12 +246,12 @@ class PulledImage:
     manifest_digest: str
     manifest: bytes
     stored_manifest_digest: str
-    config: Blob
-    layers: tuple[Blob, ...]
+    config: BlobDescriptor
+    layers: tuple[BlobDescriptor, ...]
     fetched_bytes: int
 
     @property
-    def blobs(self) -> tuple[Blob, ...]:
+    def blobs(self) -> tuple[BlobDescriptor, ...]:
         return (self.config, *self.layers)
 
     @property
@@ -262,7 +262,7 @@ class PulledImage:
 # ------------------------------------------------------------------------------------------------ the pull
 
 
-def parse_manifest(reference: str, manifest: bytes) -> tuple[Blob, tuple[Blob, ...]]:
+def parse_manifest(reference: str, manifest: bytes) -> tuple[BlobDescriptor, tuple[BlobDescriptor, ...]]:
     """The config and layers an OCI image manifest names; PullError for anything else."""
     try:
         doc = json.loads(manifest)
@@ -275,13 +275,13 @@ def parse_manifest(reference: str, manifest: bytes) -> tuple[Blob, tuple[Blob, .
     return blobs[0], tuple(blobs[1:])
 
 
-def _descriptor(doc: dict[str, Any], role: str, index: int) -> Blob:
+def _descriptor(doc: dict[str, Any], role: str, index: int) -> BlobDescriptor:
     digest, size = doc["digest"], doc["size"]
     if not is_valid_digest(digest):
         raise ValueError(f"unsupported or malformed digest {digest!r}")
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise ValueError(f"bad size {size!r} for {digest}")
-    return Blob(digest, size, str(doc.get("mediaType", "")), role, index)
+    return BlobDescriptor(digest, size, str(doc.get("mediaType", "")), role, index)
 
 
 def _about(reference: str, text: str) -> str:
@@ -335,7 +335,7 @@ async def pull(
         fetched = 0
         limiter = trio.CapacityLimiter(concurrency)
 
-        async def one(blob: Blob) -> None:
+        async def one(blob: BlobDescriptor) -> None:
             nonlocal fetched
             async with limiter:
                 got = await _fetch_blob(proxy, image_id, reference, blob, sinks, emit, retries, stall_notice, verify)
@@ -360,7 +360,7 @@ async def _fetch_blob(
     proxy: ImageProxy,
     image_id: int,
     reference: str,
-    blob: Blob,
+    blob: BlobDescriptor,
     sinks: BlobSinks,
     emit: _Emitter,
     retries: int,
@@ -405,7 +405,7 @@ async def _fetch_blob(
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-async def _config_from_full_config(proxy: ImageProxy, image_id: int, blob: Blob, sinks: BlobSinks) -> bool:
+async def _config_from_full_config(proxy: ImageProxy, image_id: int, blob: BlobDescriptor, sinks: BlobSinks) -> bool:
     try:
         data = await proxy.get_full_config(image_id)
     except ProxyError:
@@ -422,7 +422,7 @@ async def _config_from_full_config(proxy: ImageProxy, image_id: int, blob: Blob,
 async def _transfer(
     proxy: ImageProxy,
     image_id: int,
-    blob: Blob,
+    blob: BlobDescriptor,
     writer: BlobWriter,
     emit: _Emitter,
     stall_notice: float,
@@ -500,7 +500,7 @@ def pull_sync(
 
 __all__ = [
     "DEFAULT_CONCURRENCY",
-    "Blob",
+    "BlobDescriptor",
     "BlobFinished",
     "BlobFlowing",
     "BlobProgress",

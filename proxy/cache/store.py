@@ -522,7 +522,7 @@ class FollowingBlob(Blob):
             download.cancel_scope.cancel()
 
 
-class FileBlob(Blob):
+class CachedBlob(Blob):
     """A cached blob, verified when it was opened, read from that open file (producers splice it)."""
 
     def __init__(self, store: BlobStore, digest: str, path: Path, fd: int, size: int) -> None:
@@ -692,14 +692,14 @@ class BlobStore:
         finally:
             os.close(dir_fd)
 
-    def _file_blob(self, digest: str, fd: int, st: os.stat_result) -> FileBlob:
+    def _file_blob(self, digest: str, fd: int, st: os.stat_result) -> CachedBlob:
         if not self.read_only:
             # least recently used = oldest atime; set it ourselves (relatime mounts update it rarely), keep mtime
             with contextlib.suppress(PermissionError):  # not our file: it keeps its atime
                 os.utime(fd, ns=(time.time_ns(), st.st_mtime_ns))
-        return FileBlob(self, digest, self.final_path(digest), fd, st.st_size)
+        return CachedBlob(self, digest, self.final_path(digest), fd, st.st_size)
 
-    async def open_cached(self, digest: str, expected_size: int | None = None) -> FileBlob | None:
+    async def open_cached(self, digest: str, expected_size: int | None = None) -> CachedBlob | None:
         """The verified cached blob, or None (a wrong file is removed, a refused path logged).
 
         ``expected_size`` is not checked here: a verified blob is what it is, and a size that disagrees is the

@@ -25,7 +25,7 @@ from typing import Protocol
 
 import trio
 
-from protocol.client.pull import Blob, PulledImage
+from protocol.client.pull import BlobDescriptor, PulledImage
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -45,7 +45,7 @@ class Destination(Protocol):
 
     async def prepare(self) -> None: ...
 
-    async def sink(self, blob: Blob) -> BlobFile | None: ...
+    async def sink(self, blob: BlobDescriptor) -> BlobFile | None: ...
 
     async def finish(self, image: PulledImage) -> None: ...
 
@@ -92,7 +92,7 @@ def _write_atomically(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
-def _file_has(path: Path, blob: Blob) -> bool:
+def _file_has(path: Path, blob: BlobDescriptor) -> bool:
     """Whether ``path`` is a regular file holding exactly ``blob`` (size, then digest)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -144,7 +144,7 @@ class BlobFile:
             os.unlink(self.tmp)
 
 
-async def _existing_or_new(path: Path, blob: Blob) -> BlobFile | None:
+async def _existing_or_new(path: Path, blob: BlobDescriptor) -> BlobFile | None:
     if await trio.to_thread.run_sync(_file_has, path, blob):
         return None
     return BlobFile(path)
@@ -178,7 +178,7 @@ class OciLayoutDestination:
         algorithm, _, hexpart = digest.partition(":")
         return self.path / "blobs" / algorithm / hexpart
 
-    async def sink(self, blob: Blob) -> BlobFile | None:
+    async def sink(self, blob: BlobDescriptor) -> BlobFile | None:
         path = self._blob_path(blob.digest)
         path.parent.mkdir(exist_ok=True)
         return await _existing_or_new(path, blob)
@@ -244,7 +244,7 @@ class DirDestination:
         algorithm, _, hexpart = digest.partition(":")
         return self.path / (hexpart if algorithm == "sha256" else f"{algorithm}-{hexpart}")
 
-    async def sink(self, blob: Blob) -> BlobFile | None:
+    async def sink(self, blob: BlobDescriptor) -> BlobFile | None:
         return await _existing_or_new(self._blob_path(blob.digest), blob)
 
     async def finish(self, image: PulledImage) -> None:

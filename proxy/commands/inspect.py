@@ -18,7 +18,7 @@ from typing import Any
 import attrs
 import trio
 
-from protocol.client.pull import Blob, digest_of, parse_manifest
+from protocol.client.pull import BlobDescriptor, digest_of, parse_manifest
 from protocol.errors import ProxyError
 from proxy.commands.proxy_access import (
     add_proxy_flags,
@@ -35,8 +35,8 @@ class ImageFacts:
     digest: str
     manifest: bytes
     config: dict[str, Any]
-    config_blob: Blob
-    layers: tuple[Blob, ...]
+    config_blob: BlobDescriptor
+    layers: tuple[BlobDescriptor, ...]
 
     @property
     def platform(self) -> str:

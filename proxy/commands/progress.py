@@ -21,7 +21,7 @@ from typing import Any, TextIO
 import attrs
 
 from protocol.client.pull import (
-    Blob,
+    BlobDescriptor,
     BlobFinished,
     BlobFlowing,
     BlobProgress,
@@ -44,7 +44,7 @@ _UP = "\x1b[{}F"  # cursor to the start of the line N lines up
 _ERASE = "\x1b[2K"  # erase the whole line
 
 
-def _label(blob: Blob, count: int) -> str:
+def _label(blob: BlobDescriptor, count: int) -> str:
     if blob.role == "config":
         return "config"
     return f"layer {blob.index + 1}/{count}"
@@ -58,7 +58,7 @@ def _rate(nbytes: int, seconds: float) -> str:
 
 @attrs.define
 class _Bar:
-    blob: Blob
+    blob: BlobDescriptor
     done: int = 0
     started: float | None = None
     stalled_since: float | None = None

@@ -18,7 +18,15 @@ import trio.testing
 from protocol.errors import ErrorCode, ProxyError
 from proxy.cache import store as blobstore
 from proxy.cache.directory import Refused
-from proxy.cache.store import SOURCE_XATTR, STAMP_XATTR, BlobStore, FileBlob, StoreError, source_tag, verification_stamp
+from proxy.cache.store import (
+    SOURCE_XATTR,
+    STAMP_XATTR,
+    BlobStore,
+    CachedBlob,
+    StoreError,
+    source_tag,
+    verification_stamp,
+)
 from proxy.common.pipes import CHUNK_SIZE
 from proxy.sources.base import Blob
 
@@ -276,7 +284,7 @@ async def test_a_wrong_client_size_never_removes_a_verified_blob(tmp_path):
         async with spawner() as spawn:
             for asked in (len(DATA) + 1, len(DATA) - 1):
                 blob = await store.fetch(DIGEST, asked, source.open_from, spawn, source="r")
-                assert isinstance(blob, FileBlob) and blob.size == len(DATA)  # the asker's producer reports it
+                assert isinstance(blob, CachedBlob) and blob.size == len(DATA)  # the asker's producer reports it
                 await blob.aclose()
                 assert path.read_bytes() == DATA
             blob = await store.fetch(DIGEST, len(DATA), source.open_from, spawn, source="r")
