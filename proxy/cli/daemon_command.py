@@ -20,7 +20,7 @@ from pathlib import Path
 import attrs
 import trio
 
-from proxy.cache.store import make_private_dirs
+from proxy.cache.files import make_private_dirs
 from proxy.config import ConfigError
 from proxy.config.daemon_conf import load_daemon_conf
 from proxy.server import logs

@@ -36,7 +36,7 @@ from proxy.cache.directory import (
     Entry,
     Kind,
 )
-from proxy.cache.store import STAMP_XATTR, hash_fd, write_stamp
+from proxy.cache.files import STAMP_XATTR, hash_fd, write_stamp
 
 DEFAULT_STALE_AFTER = 24 * 3600.0
 

@@ -12,7 +12,7 @@ import trio
 
 from protocol.client import ImageProxy
 from protocol.errors import ProxyError
-from proxy.cache.store import STAMP_XATTR, verification_stamp
+from proxy.cache.files import STAMP_XATTR, verification_stamp
 from tests.faults.conftest import FaultImages, Layer
 from tests.faults.proxy import Answer, FaultProxy, Stall
 

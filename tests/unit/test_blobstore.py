@@ -18,15 +18,8 @@ import trio.testing
 from protocol.errors import ErrorCode, ProxyError
 from proxy.cache import store as blobstore
 from proxy.cache.directory import Refused
-from proxy.cache.store import (
-    SOURCE_XATTR,
-    STAMP_XATTR,
-    BlobStore,
-    CachedBlob,
-    StoreError,
-    source_tag,
-    verification_stamp,
-)
+from proxy.cache.files import SOURCE_XATTR, STAMP_XATTR, source_tag, verification_stamp
+from proxy.cache.store import BlobStore, CachedBlob, StoreError
 from proxy.common.pipes import CHUNK_SIZE
 from proxy.sources.base import Blob
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from proxy.cache import directory as cache_dir
-from proxy.cache.store import STAMP_XATTR, verification_stamp
+from proxy.cache.files import STAMP_XATTR, verification_stamp
 from proxy.cli.main import main
 from proxy.commands import cache as cache_command
 
