@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import datetime
 import hashlib
-import json
 import logging
 import time
 import urllib.parse
@@ -42,6 +40,8 @@ from proxy.http.headers import HeaderInput, header_pairs, without
 from proxy.http.pool import ConnectionPool
 from proxy.http.redirects import request_following_redirects
 from proxy.http.url import URL, Origin
+from proxy.registry.challenges import Challenge, Scope, parse_challenges
+from proxy.registry.tokens import MIN_TOKEN_LIFETIME, Token, parse_token_response
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +49,6 @@ log = logging.getLogger(__name__)
 MAX_TOKEN_BODY = 1 << 20
 #: error answers from the token server: read this much for the message
 MAX_ERROR_BODY = 64 * 1024
-#: distribution's minimum token lifetime; also the default when ``expires_in`` is missing
-MIN_TOKEN_LIFETIME = 60.0
 #: refresh a token this long before it expires (at most a quarter of its lifetime)
 REFRESH_MARGIN = 10.0
 #: statuses from the token server worth trying again
@@ -61,177 +59,11 @@ CLIENT_ID = "image-proxy"
 MAX_CACHED_TOKENS = 256
 
 
-# -- challenges ------------------------------------------------------------------------------------------------
-
-
-@attrs.frozen
-class Challenge:
-    """One ``WWW-Authenticate`` challenge: a lower-case scheme, lower-case parameter names."""
-
-    scheme: str
-    params: dict[str, str] = attrs.field(factory=dict, hash=False)
-    #: the token68 form (``Negotiate abc==``), rare for registries
-    token68: str = ""
-
-    @property
-    def realm(self) -> str | None:
-        return self.params.get("realm")
-
-    @property
-    def service(self) -> str:
-        return self.params.get("service", "")
-
-
-_TCHARS = frozenset("!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
-# token68 adds "/" (and trailing "="); accepted in names too, so ``Basic dXNl/cg==`` reads as one word
-_WORD_CHARS = _TCHARS | {"/"}
-_SPACE = " \t"
-
-
-class _Cursor:
-    def __init__(self, text: str) -> None:
-        self.text = text
-        self.pos = 0
-
-    def peek(self) -> str:
-        return self.text[self.pos] if self.pos < len(self.text) else ""
-
-    def skip(self, chars: str) -> bool:
-        """Skip any of ``chars``; True if a comma was among the skipped ones."""
-        comma = False
-        while self.pos < len(self.text) and self.text[self.pos] in chars:
-            comma = comma or self.text[self.pos] == ","
-            self.pos += 1
-        return comma
-
-    def word(self) -> str:
-        start = self.pos
-        while self.pos < len(self.text) and self.text[self.pos] in _WORD_CHARS:
-            self.pos += 1
-        return self.text[start : self.pos]
-
-    def quoted(self) -> str:
-        """A quoted string starting at the cursor (on the opening quote); an unterminated one runs to the end."""
-        self.pos += 1
-        out: list[str] = []
-        while self.pos < len(self.text):
-            char = self.text[self.pos]
-            self.pos += 1
-            if char == '"':
-                break
-            if char == "\\":
-                if self.pos < len(self.text):
-                    out.append(self.text[self.pos])
-                    self.pos += 1
-                continue
-            out.append(char)
-        return "".join(out)
-
-    def bare_value(self) -> str:
-        """An unquoted value: lenient, up to whitespace or a comma (servers send unquoted URLs)."""
-        start = self.pos
-        while self.pos < len(self.text) and self.text[self.pos] not in " \t,":
-            self.pos += 1
-        return self.text[start : self.pos]
-
-
-def parse_www_authenticate(value: str) -> list[Challenge]:
-    """Every challenge in one ``WWW-Authenticate`` value. Never raises: what cannot be parsed is skipped.
-
-    The first occurrence of a parameter wins. A parameter before any scheme is dropped."""
-    cursor = _Cursor(value)
-    challenges: list[Challenge] = []
-    scheme: str | None = None
-    params: dict[str, str] = {}
-    token68 = ""
-    fresh = False  # right after the scheme: a lone word is token68
-
-    def finish() -> None:
-        if scheme is not None:
-            challenges.append(Challenge(scheme, dict(params), token68))
-
-    while True:
-        comma = cursor.skip(_SPACE + ",")
-        if not cursor.peek():
-            break
-        word = cursor.word()
-        if not word:  # garbage: skip it (a whole quoted string, or one character)
-            if cursor.peek() == '"':
-                cursor.quoted()
-            else:
-                cursor.pos += 1
-            continue
-        cursor.skip(_SPACE)
-        if cursor.peek() == "=":
-            cursor.pos += 1
-            cursor.skip(_SPACE)
-            following = cursor.peek()
-            if following == '"':
-                param_value: str | None = cursor.quoted()
-            elif following in ("", ",", "="):
-                equals = cursor.pos
-                cursor.skip("=")
-                if fresh and scheme is not None and not params and not comma:
-                    token68 = word + "=" * (cursor.pos - equals + 1)
-                    fresh = False
-                    continue
-                param_value = ""
-            else:
-                param_value = cursor.bare_value()
-            if scheme is not None and param_value is not None:
-                params.setdefault(word.lower(), param_value)
-            fresh = False
-            continue
-        if fresh and scheme is not None and not comma:
-            token68 = word
-            fresh = False
-            continue
-        finish()
-        scheme, params, token68, fresh = word.lower(), {}, "", True
-    finish()
-    return challenges
-
-
-def parse_challenges(values: Iterable[str]) -> list[Challenge]:
-    """The challenges of every ``WWW-Authenticate`` field of a response, in order."""
-    return [challenge for value in values for challenge in parse_www_authenticate(value)]
-
-
 def response_challenges(response: Response) -> list[Challenge]:
     return parse_challenges(response.headers.get_all("www-authenticate"))
 
 
 # -- scopes and credentials ------------------------------------------------------------------------------------
-
-
-@attrs.frozen(order=True)
-class Scope:
-    """A token scope: ``repository:ns/app:pull`` (``str()`` renders it)."""
-
-    repository: str
-    actions: tuple[str, ...] = ("pull",)
-    resource_type: str = "repository"
-
-    def __str__(self) -> str:
-        return f"{self.resource_type}:{self.repository}:{','.join(self.actions)}"
-
-    @classmethod
-    def parse(cls, text: str) -> Scope | None:
-        """``type:name:actions``; the name may contain ``:`` (a host with a port). None if malformed."""
-        kind, _, rest = text.partition(":")
-        name, _, actions = rest.rpartition(":")
-        if not kind or not name or not actions:
-            return None
-        return cls(name, tuple(a for a in actions.split(",") if a), kind)
-
-    @classmethod
-    def parse_list(cls, text: str) -> list[Scope]:
-        """A challenge's ``scope`` parameter: space-separated scopes; malformed ones are skipped."""
-        return [scope for scope in (cls.parse(part) for part in text.split()) if scope is not None]
-
-
-def pull(repository: str) -> Scope:
-    return Scope(repository, ("pull",))
 
 
 class Credentials(Protocol):
@@ -336,65 +168,6 @@ def _snippet(body: bytes, secrets: Iterable[str | None]) -> str:
     text = " ".join(body[:300].decode("utf-8", "replace").split())
     text = "".join(c if c.isprintable() else "?" for c in text)[:200]
     return _redact(text, secrets)
-
-
-# -- tokens ----------------------------------------------------------------------------------------------------
-
-
-@attrs.frozen
-class Token:
-    """A bearer token and the wall-clock second (``clock()``) from which it should no longer be used."""
-
-    value: str = attrs.field(repr=False)
-    expires_at: float
-    #: an OAuth2 refresh token from the answer (kept, not used yet)
-    refresh_token: str | None = attrs.field(default=None, repr=False)
-
-
-def _parse_issued_at(text: object) -> float | None:
-    if not isinstance(text, str) or not text:
-        return None
-    cleaned = text.strip().replace("Z", "+00:00").replace("z", "+00:00")
-    # fromisoformat wants at most 6 fractional digits; Go writes 9
-    head, dot, tail = cleaned.partition(".")
-    if dot:
-        digits = len(tail) - len(tail.lstrip("0123456789"))
-        tail = tail[: min(digits, 6)] + tail[digits:]
-        cleaned = f"{head}.{tail}"
-    try:
-        moment = datetime.datetime.fromisoformat(cleaned)
-    except ValueError:
-        return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=datetime.UTC)
-    return moment.timestamp()
-
-
-def parse_token_response(body: bytes, now: float) -> Token:
-    """A token server's JSON answer. ``expires_in`` is raised to at least 60 s (missing: 60 s); ``issued_at`` is
-    used when it is plausible (not in the future, not older than the lifetime), else ``now`` (clock skew).
-
-    Raises ValueError (without the body's content: it may hold a token)."""
-    try:
-        answer = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"the answer is not JSON ({type(e).__name__})") from None
-    if not isinstance(answer, dict):
-        raise ValueError("the answer is not a JSON object")
-    value = answer.get("token") or answer.get("access_token")
-    if not isinstance(value, str) or not value:
-        raise ValueError("the answer has no token or access_token")
-    if any(c.isspace() or not c.isprintable() for c in value):
-        raise ValueError("the token holds characters a header cannot carry")
-    expires_in = answer.get("expires_in")
-    lifetime = MIN_TOKEN_LIFETIME
-    if isinstance(expires_in, int | float) and not isinstance(expires_in, bool):
-        lifetime = max(float(expires_in), MIN_TOKEN_LIFETIME)
-    issued = _parse_issued_at(answer.get("issued_at"))
-    if issued is None or not now - lifetime <= issued <= now:
-        issued = now
-    refresh = answer.get("refresh_token")
-    return Token(value, issued + lifetime, refresh if isinstance(refresh, str) and refresh else None)
 
 
 @attrs.define

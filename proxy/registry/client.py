@@ -33,14 +33,8 @@ from proxy.http.retry import ONE_TRY, RETRYABLE_STATUSES, RetryPolicy, parse_ret
 from proxy.http.timeouts import Timeouts
 from proxy.http.tls import create_ssl_context
 from proxy.http.url import URL
-from proxy.registry.auth import (
-    Challenge,
-    RegistryAuth,
-    UnauthorizedElsewhere,
-    answered_elsewhere,
-    pull,
-    send_authorized,
-)
+from proxy.registry.auth import RegistryAuth, UnauthorizedElsewhere, answered_elsewhere, send_authorized
+from proxy.registry.challenges import Challenge, pull
 from proxy.registry.resume import ResumePolicy
 
 log = logging.getLogger(__name__)

@@ -25,18 +25,14 @@ from proxy.http.tls import create_ssl_context
 from proxy.registry.auth import (
     MAX_TOKEN_BODY,
     AuthError,
-    Challenge,
     RegistryAuth,
-    Scope,
     UnauthorizedElsewhere,
     answered_elsewhere,
-    parse_challenges,
-    parse_token_response,
-    parse_www_authenticate,
-    pull,
     response_challenges,
     send_authorized,
 )
+from proxy.registry.challenges import Challenge, Scope, parse_challenges, parse_www_authenticate, pull
+from proxy.registry.tokens import parse_token_response
 from tests.http.registry import Registry, RegistryOptions, TokenAuth, run_registry, write_htpasswd
 from tests.http.server import FAST, Reply, TestServer, redirect, serve
 from tests.http.token_issuer import TokenIssuer, serve_issuer
