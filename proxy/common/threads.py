@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import threading
 from collections.abc import Callable, Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import trio
 
@@ -51,4 +52,69 @@ def no_client_threads() -> None:
     _client_limiter.set(None)
 
 
-__all__ = ["client_threads", "no_client_threads", "run_sync"]
+class WorkAbandoned(Exception):
+    """Raised in a worker thread whose caller was cancelled: it stops and releases what it holds."""
+
+
+# ---- work a cancelled caller leaves behind
+
+_NOTHING: Any = object()
+
+
+class CancelFlag:
+    """Set when the trio caller of a worker thread is cancelled; the thread polls it (``check``)."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._delivered: Any = _NOTHING
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def check(self) -> None:
+        if self._event.is_set():
+            raise WorkAbandoned
+
+    def _deliver(self, result: Any) -> bool:
+        """In the thread, its result ready: False when the caller is gone (the thread must release it)."""
+        with self._lock:
+            if self._event.is_set():
+                return False
+            self._delivered = result
+            return True
+
+    def _abandon(self) -> Any:
+        """In trio, the caller leaving: set the flag; the result the thread delivered meanwhile, if any."""
+        with self._lock:
+            self._event.set()
+            result, self._delivered = self._delivered, _NOTHING
+            return result
+
+
+async def run_cancellable(fn: Callable[[CancelFlag], T], release: Callable[[T], None]) -> T:
+    """``fn(flag)`` in a worker thread (within the client's share). Cancelling the caller sets ``flag`` and returns
+    at once; the thread stops at its next ``flag.check()``. Whatever it produced is ``release``d exactly once
+    when the caller is gone, whether it finished before or after.
+
+    Abandoning is safe here although the thread may write: it writes only to a temporary file it opened itself
+    and closes itself, never to an fd the caller could close and the process reuse."""
+    flag = CancelFlag()
+
+    def work() -> T:
+        result = fn(flag)
+        if not flag._deliver(result):
+            release(result)
+            raise WorkAbandoned
+        return result
+
+    try:
+        return await run_sync(work, abandon_on_cancel=True)
+    except BaseException:
+        left = flag._abandon()
+        if left is not _NOTHING:
+            release(left)
+        raise
+
+
+__all__ = ["CancelFlag", "WorkAbandoned", "client_threads", "no_client_threads", "run_cancellable", "run_sync"]

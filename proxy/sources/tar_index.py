@@ -60,26 +60,37 @@ also when it finished just as its caller gave up.
 
 from __future__ import annotations
 
-import bz2
 import contextlib
 import errno
-import gzip
 import io
-import lzma
 import os
-import re
 import tempfile
-import threading
-import zlib
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-import zstandard
-
-from proxy.common import threads
+from proxy.common.threads import CancelFlag, WorkAbandoned, run_cancellable
 from proxy.image.gojson import go_quote
+from proxy.sources.compression import DECOMPRESSION_ERRORS, decompressing_reader, detect_compression
 from proxy.sources.localfs import Identity, open_regular_file, resolved_path
 from proxy.sources.oci_layout import FileBlob, FileSection, LayoutFiles, os_error_text
+from proxy.sources.tar_headers import (
+    BLOCK,
+    MAX_EXTENDED_HEADER,
+    MAX_NAME_BYTES,
+    REGULAR,
+    TYPE_NAMES,
+    ArchiveError,
+    c_string,
+    checksum_ok,
+    clean_name,
+    header_name,
+    link_target,
+    member_name,
+    number,
+    pax_records,
+    show,
+    shown,
+)
 
 T = TypeVar("T")
 
@@ -87,119 +98,12 @@ T = TypeVar("T")
 MAX_MEMBERS = 100_000
 #: bytes of decompressed tar (also: at most half the free space under the temporary directory)
 MAX_DECOMPRESSED_SIZE = 64 << 30
-#: bytes of one member name or symlink target
-MAX_NAME_BYTES = 4096
-#: bytes of one PAX extended header (local or global)
-MAX_EXTENDED_HEADER = 1 << 20
 #: extended headers (PAX, GNU long name / long link) before one member
 MAX_EXTENDED_HEADERS = 4
 
-BLOCK = 512
 _ZERO_BLOCK = bytes(BLOCK)
 _CHUNK = 1 << 20
 _READ_AHEAD = 64 << 10
-
-
-class ArchiveError(Exception):
-    """An archive refused or unreadable; the text names the archive, and the member or the cap concerned."""
-
-
-class WorkAbandoned(Exception):
-    """Raised in a worker thread whose caller was cancelled: it stops and releases what it holds."""
-
-
-# ------------------------------------------------------------------------------------------ cancellation
-
-_NOTHING: Any = object()
-
-
-class CancelFlag:
-    """Set when the trio caller of a worker thread is cancelled; the thread polls it (``check``)."""
-
-    def __init__(self) -> None:
-        self._event = threading.Event()
-        self._lock = threading.Lock()
-        self._delivered: Any = _NOTHING
-
-    def is_set(self) -> bool:
-        return self._event.is_set()
-
-    def check(self) -> None:
-        if self._event.is_set():
-            raise WorkAbandoned
-
-    def _deliver(self, result: Any) -> bool:
-        """In the thread, its result ready: False when the caller is gone (the thread must release it)."""
-        with self._lock:
-            if self._event.is_set():
-                return False
-            self._delivered = result
-            return True
-
-    def _abandon(self) -> Any:
-        """In trio, the caller leaving: set the flag; the result the thread delivered meanwhile, if any."""
-        with self._lock:
-            self._event.set()
-            result, self._delivered = self._delivered, _NOTHING
-            return result
-
-
-async def run_cancellable(fn: Callable[[CancelFlag], T], release: Callable[[T], None]) -> T:
-    """``fn(flag)`` in a worker thread (within the client's share). Cancelling the caller sets ``flag`` and returns
-    at once; the thread stops at its next ``flag.check()``. Whatever it produced is ``release``d exactly once
-    when the caller is gone, whether it finished before or after.
-
-    Abandoning is safe here although the thread may write: it writes only to a temporary file it opened itself
-    and closes itself, never to an fd the caller could close and the process reuse."""
-    flag = CancelFlag()
-
-    def work() -> T:
-        result = fn(flag)
-        if not flag._deliver(result):
-            release(result)
-            raise WorkAbandoned
-        return result
-
-    try:
-        return await threads.run_sync(work, abandon_on_cancel=True)
-    except BaseException:
-        left = flag._abandon()
-        if left is not _NOTHING:
-            release(left)
-        raise
-
-
-# ------------------------------------------------------------------------------------------ compression
-
-_MAGIC = (
-    (b"\x1f\x8b\x08", "gzip"),
-    (b"BZh", "bzip2"),
-    (b"\xfd7zXZ\x00", "xz"),
-    (b"\x28\xb5\x2f\xfd", "zstd"),
-)
-
-#: what decompressors raise on corrupt input (OSError covers gzip.BadGzipFile)
-DECOMPRESSION_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError, zstandard.ZstdError)
-
-
-def detect_compression(head: bytes) -> str | None:
-    for magic, name in _MAGIC:
-        if head.startswith(magic):
-            return name
-    return None
-
-
-def decompressing_reader(raw: Any, algorithm: str) -> Any:
-    """A synchronous file object yielding the decompressed bytes of ``raw`` (each ``read(n)`` at most n bytes)."""
-    if algorithm == "gzip":
-        return gzip.GzipFile(fileobj=raw, mode="rb")
-    if algorithm == "bzip2":
-        return bz2.BZ2File(raw, mode="rb")
-    if algorithm == "xz":
-        return lzma.LZMAFile(raw, mode="rb")
-    if algorithm == "zstd":
-        return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
-    raise ValueError(f"unknown compression {algorithm}")
 
 
 def decompressed_cap(directory: str) -> tuple[int, str]:
@@ -261,7 +165,7 @@ class _FileCursor:
         """Refuse (naming ``member``: raw name, or a description) ``n`` bytes more than the file holds."""
         if self.pos + n > self.size:
             raise ArchiveError(
-                f"archive {go_quote(self.where)}: member {_shown(member)} is truncated: it needs {n} bytes from offset "
+                f"archive {go_quote(self.where)}: member {shown(member)} is truncated: it needs {n} bytes from offset "
                 f"{self.pos}, the archive has {self.size}"
             )
 
@@ -318,7 +222,7 @@ class _StreamCursor:
             self.written += n
 
     def _over(self, n: int, member: bytes | str | None) -> ArchiveError:
-        what = f"member {_shown(member)} ({n} bytes)" if member is not None else f"{n} more bytes"
+        what = f"member {shown(member)} ({n} bytes)" if member is not None else f"{n} more bytes"
         return ArchiveError(
             f"archive {go_quote(self.where)}: {what} at offset {self.pos} of the decompressed archive would take it "
             f"past {self.cap} bytes ({self.why})"
@@ -353,157 +257,6 @@ class _StreamCursor:
         return start
 
 
-# ------------------------------------------------------------------------------------------ headers
-
-_TYPE_NAMES = {
-    b"1": "a hard link",
-    b"2": "a symbolic link",
-    b"3": "a character device",
-    b"4": "a block device",
-    b"6": "a FIFO",
-    b"S": "a GNU sparse file",
-    b"V": "a GNU volume header",
-    b"M": "a GNU multi-volume continuation",
-    b"D": "a GNU dump directory",
-}
-_REGULAR = (b"0", b"\0", b"7")
-_OCTAL = re.compile(rb"[0-7]+")
-
-
-def _show(raw: bytes) -> str:
-    return go_quote(raw.decode("utf-8", "replace"))
-
-
-def _shown(member: bytes | str) -> str:
-    """A member for an error: its raw name quoted, or a description as it is."""
-    return member if isinstance(member, str) else _show(member)
-
-
-def _number(field: bytes) -> int | None:
-    """A numeric header field: octal text, or GNU base-256 (non-negative only); None when invalid."""
-    if field and field[0] & 0x80:
-        if field[0] & 0x40:
-            return None  # negative
-        return int.from_bytes(bytes([field[0] & 0x3F]) + field[1:], "big")
-    text = field.strip(b" \0")
-    if not text:
-        return 0
-    if not _OCTAL.fullmatch(text):
-        return None
-    return int(text, 8)
-
-
-def _checksum_ok(block: bytes) -> bool:
-    stored = _number(block[148:156])
-    if stored is None:
-        return False
-    unsigned = sum(block) - sum(block[148:156]) + 8 * 32
-    if stored == unsigned:
-        return True
-    high = sum(1 for b in block if b >= 0x80) - sum(1 for b in block[148:156] if b >= 0x80)
-    return stored == unsigned - 256 * high  # some old tars sum signed chars
-
-
-def _c_string(field: bytes) -> bytes:
-    return field.split(b"\0", 1)[0]
-
-
-def _header_name(block: bytes) -> bytes:
-    name = _c_string(block[0:100])
-    if block[257:263] == b"ustar\0":  # POSIX ustar (GNU's magic is "ustar  \0" and has no prefix)
-        prefix = _c_string(block[345:476] if block[508:512] == b"tar\0" else block[345:500])  # star: shorter
-        if prefix:
-            name = prefix + b"/" + name
-    return name
-
-
-def _pax_records(data: bytes, where: str, at: int) -> dict[str, bytes]:
-    """``LEN KEY=VALUE\\n`` records; later records win, an empty value unsets."""
-    records: dict[str, bytes] = {}
-    pos = 0
-    while pos < len(data):
-        if data[pos] == 0:
-            break  # NUL padding
-        space = data.find(b" ", pos, pos + 20)
-        length = int(data[pos:space]) if space > pos and data[pos:space].isdigit() else 0
-        record = data[pos : pos + length]
-        if length <= space - pos + 1 or len(record) < length or not record.endswith(b"\n") or b"=" not in record:
-            raise ArchiveError(f"archive {go_quote(where)}: malformed PAX extended header at offset {at}")
-        key, _, value = record[space - pos + 1 : -1].partition(b"=")
-        try:
-            name = key.decode("utf-8")
-        except UnicodeDecodeError:
-            raise ArchiveError(f"archive {go_quote(where)}: malformed PAX extended header at offset {at}") from None
-        if value:
-            records[name] = value
-        else:
-            records.pop(name, None)
-        pos += length
-    return records
-
-
-def clean_name(text: str) -> str | None:
-    """A slash-separated path as the index keys it (``.`` and empty components dropped); None when it is
-    absolute or has a ``..`` component (no member has such a name)."""
-    if text.startswith("/"):
-        return None
-    parts = [p for p in text.split("/") if p not in ("", ".")]
-    if ".." in parts:
-        return None
-    return "/".join(parts)
-
-
-def _member_name(raw: bytes, where: str) -> tuple[str, bool]:
-    """The cleaned name of a member, and whether it was written as a directory (trailing slash)."""
-
-    def refuse(why: str) -> ArchiveError:
-        return ArchiveError(f"archive {go_quote(where)}: member {_show(raw)}: {why}; refused")
-
-    if len(raw) > MAX_NAME_BYTES:
-        raise refuse(f"name longer than {MAX_NAME_BYTES} bytes (MAX_NAME_BYTES)")
-    if b"\0" in raw:
-        raise refuse("name contains a NUL byte")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise refuse("name is not valid UTF-8") from None
-    if text.startswith("/"):
-        raise refuse("absolute name")
-    name = clean_name(text)
-    if name is None:
-        raise refuse('name has a ".." component')
-    return name, text.endswith("/")
-
-
-def _link_target(name: str, raw: bytes, shown: str, where: str) -> str:
-    """A docker-archive symlink's target as an index name: relative, staying inside the archive."""
-
-    def refuse(why: str) -> ArchiveError:
-        return ArchiveError(f"archive {go_quote(where)}: member {shown}: symbolic link to {_show(raw)} {why}; refused")
-
-    if not raw or len(raw) > MAX_NAME_BYTES or b"\0" in raw:
-        raise refuse("with an empty, overlong or NUL-holding target")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise refuse("that is not valid UTF-8") from None
-    if text.startswith("/"):
-        raise refuse("with an absolute target")
-    stack = name.split("/")[:-1]
-    for part in text.split("/"):
-        if part in ("", "."):
-            continue
-        if part == "..":
-            if not stack:
-                raise refuse("that leads out of the archive")
-            stack.pop()
-        else:
-            stack.append(part)
-    if not stack:
-        raise refuse("that leads to the archive's root")
-    return "/".join(stack)
-
-
 Cursor = _FileCursor | _StreamCursor
 
 
@@ -532,10 +285,10 @@ def scan(
             if pending:
                 raise ArchiveError(f"archive {quoted}: an extended header at the end names no member")
             return  # an end-of-archive block, or the end of the file at a header boundary (as Go's reader)
-        if not _checksum_ok(block):
+        if not checksum_ok(block):
             raise ArchiveError(f"archive {quoted}: invalid tar header at offset {at} (bad checksum)")
         typeflag = block[156:157]
-        size = _number(block[124:136])
+        size = number(block[124:136])
         if size is None:
             raise ArchiveError(f"archive {quoted}: invalid size field in the tar header at offset {at}")
         padded = -size % BLOCK
@@ -562,7 +315,7 @@ def scan(
                     f"(at offset {at}); refused"
                 )
             if typeflag == b"x":
-                records = _pax_records(data, where, at)
+                records = pax_records(data, where, at)
                 if any(k.startswith("GNU.sparse.") for k in records):
                     pending["sparse"] = b"1"  # refused at the member, by its name
                 for key in ("path", "linkpath", "size"):
@@ -575,17 +328,17 @@ def scan(
         members += 1
         if members > MAX_MEMBERS:
             raise ArchiveError(f"archive {quoted}: more than {MAX_MEMBERS} members (MAX_MEMBERS); refused")
-        raw_name = pending.get("path", _header_name(block))
-        raw_link = pending.get("linkpath", _c_string(block[157:257]))
+        raw_name = pending.get("path", header_name(block))
+        raw_link = pending.get("linkpath", c_string(block[157:257]))
         if "size" in pending:
             if not pending["size"].isdigit():
-                raise ArchiveError(f"archive {quoted}: invalid PAX size for member {_show(raw_name)}")
+                raise ArchiveError(f"archive {quoted}: invalid PAX size for member {show(raw_name)}")
             size = int(pending["size"])
             padded = -size % BLOCK
         sparse = "sparse" in pending
         pending = {}
         extended = 0
-        name, dir_syntax = _member_name(raw_name, where)
+        name, dir_syntax = member_name(raw_name, where)
         if sparse:
             typeflag = b"S"
 
@@ -593,14 +346,14 @@ def scan(
             cursor.check_room(size + padded, raw_name)
             cursor.skip(size + padded, False)
             continue
-        if typeflag in _REGULAR:
+        if typeflag in REGULAR:
             if not name:
                 raise ArchiveError(
-                    f"archive {quoted}: member {_show(raw_name)}: a file named as the archive's root; refused"
+                    f"archive {quoted}: member {show(raw_name)}: a file named as the archive's root; refused"
                 )
             wanted = want(name)
             if wanted and (name in files or name in links):
-                raise ArchiveError(f"archive {quoted}: member {_show(raw_name)}: the name appears twice; refused")
+                raise ArchiveError(f"archive {quoted}: member {show(raw_name)}: the name appears twice; refused")
             cursor.check_room(size + padded, raw_name)
             offset = cursor.skip(size, wanted)
             cursor.skip(padded, False)
@@ -608,19 +361,19 @@ def scan(
                 files[name] = (offset, size)
             continue
         if typeflag == b"2" and links_allowed:
-            target = _link_target(name, raw_link, _show(raw_name), where)
+            target = link_target(name, raw_link, show(raw_name), where)
             if want(name):
                 if name in files or name in links:
-                    raise ArchiveError(f"archive {quoted}: member {_show(raw_name)}: the name appears twice; refused")
+                    raise ArchiveError(f"archive {quoted}: member {show(raw_name)}: the name appears twice; refused")
                 links[name] = target
             cursor.check_room(size + padded, raw_name)
             cursor.skip(size + padded, False)
             continue
-        kind = _TYPE_NAMES.get(typeflag, f"of tar type {typeflag!r}")
+        kind = TYPE_NAMES.get(typeflag, f"of tar type {typeflag!r}")
         if typeflag in (b"1", b"2"):
-            kind = f"{kind} to {_show(raw_link)}"
+            kind = f"{kind} to {show(raw_link)}"
         raise ArchiveError(
-            f"archive {quoted}: member {_show(raw_name)} is {kind}; only regular files and directories are accepted"
+            f"archive {quoted}: member {show(raw_name)} is {kind}; only regular files and directories are accepted"
         )
 
 
