@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
@@ -20,7 +21,7 @@ from protocol.digests import DigestVerifier
 from protocol.errors import ProtocolViolation, ProxyError
 from protocol.extensions import SERVER_EXTENSIONS
 from protocol.messages import Reply, Request
-from protocol.methods import parse_args
+from protocol.methods import METHODS, parse_args
 from proxy.cache.source import CachingSource
 from proxy.image import gojson
 from proxy.image import manifest as mf
@@ -87,23 +88,9 @@ class Handler:
         self._finishing: set[int] = set()
         self._raw_transfers = 0  # GetRawBlob producers running (their pipes have no pipeid)
         self._account = account if account is not None else Ledger().account(None, config.limits)
+        #: one method per call of the protocol's method table (``GetLayerTOC`` -> ``get_layer_toc``)
         self._methods: dict[str, Callable[..., Awaitable[Outcome]]] = {
-            "Initialize": self.initialize,
-            "OpenImage": self.open_image,
-            "OpenImageOptional": self.open_image_optional,
-            "CloseImage": self.close_image,
-            "GetManifest": self.get_manifest,
-            "GetConfig": self.get_config,
-            "GetFullConfig": self.get_full_config,
-            "GetBlob": self.get_blob,
-            "GetRawBlob": self.get_raw_blob,
-            "GetLayerInfo": self.get_layer_info,
-            "GetLayerInfoPiped": self.get_layer_info_piped,
-            "FinishPipe": self.finish_pipe,
-            "GetCapabilities": self.get_capabilities,
-            "GetBlobAt": self.get_blob_at,
-            "GetLayerTOC": self.get_layer_toc,
-            "GetLayerTarSplit": self.get_layer_tar_split,
+            spec.name: getattr(self, _python_name(spec.name)) for spec in METHODS.values() if spec.replies
         }
 
     # ----------------------------------------------------------------- dispatch
@@ -477,6 +464,10 @@ class Handler:
                 except Exception:
                     log.exception("closing %s", image.reference)
             self._images.clear()
+
+
+def _python_name(method: str) -> str:
+    return re.sub(r"(?<=[a-z])(?=[A-Z])", "_", method).lower()
 
 
 @contextlib.contextmanager
