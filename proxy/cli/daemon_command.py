@@ -21,19 +21,18 @@ import attrs
 import trio
 
 from proxy.cache.files import make_private_dirs
+from proxy.cli.settings import options_from_args
 from proxy.config import ConfigError
 from proxy.config.daemon_conf import load_daemon_conf
 from proxy.server import logs
 from proxy.server.daemon import Daemon, DaemonError, DaemonSettings, activated_socket, bind_listener, is_listening
-from proxy.server.limits import DAEMON_LIMITS, DAEMON_WIDE_LIMITS, SessionLimits
+from proxy.server.limits import DAEMON_LIMITS, DAEMON_WIDE_LIMITS
 from proxy.server.options import ProxyOptions
 from proxy.server.peer import AccessPolicy
 from proxy.server.session import serve_socket
 
 log = logging.getLogger("image-proxy.server.daemon")
 
-#: builds the session options from the flags and config files, given the mode's default limits
-OptionsBuilder = Callable[[argparse.Namespace, SessionLimits], ProxyOptions]
 
 DEFAULT_SHUTDOWN_GRACE = 10.0
 SOCKET_NAME = "image-proxy.sock"
@@ -124,11 +123,11 @@ def add_daemon_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-blob-cache", action="store_true", help=f"no blob cache (default: {default_cache_dir()})")
 
 
-def daemon_config(args: argparse.Namespace, build_options: OptionsBuilder) -> tuple[ProxyOptions, DaemonSettings]:
+def daemon_config(args: argparse.Namespace) -> tuple[ProxyOptions, DaemonSettings]:
     """The daemon's options and settings from flags, then the config file, then the defaults. Raises
     ConfigError; called again on SIGHUP."""
-    conf = load_daemon_conf(args.config)
-    options = build_options(args, DAEMON_LIMITS)
+    conf = load_daemon_conf(args.config)  # once per start or reload
+    options = options_from_args(args, DAEMON_LIMITS, conf)
     if args.no_blob_cache or (conf.cache_enabled is False and not args.blob_cache):
         cache_dir = None
     else:
@@ -161,14 +160,14 @@ def daemon_config(args: argparse.Namespace, build_options: OptionsBuilder) -> tu
     return options, settings
 
 
-def run_daemon(args: argparse.Namespace, build_options: OptionsBuilder) -> int:
+def run_daemon(args: argparse.Namespace) -> int:
     logs.setup_logging(logging.DEBUG if args.debug else logging.INFO)
     raise_fd_limit()
     if args.insecure_policy and args.require_signed:
         log.error("--insecure-policy and --require-signed cannot be used together")
         return 2
     try:
-        options, settings = daemon_config(args, build_options)
+        options, settings = daemon_config(args)
     except ConfigError as e:
         log.error("%s", e)
         return 2
@@ -192,7 +191,7 @@ def run_daemon(args: argparse.Namespace, build_options: OptionsBuilder) -> int:
         return 1
     bound = None if activated else _inode(settings.listen)
     try:
-        daemon = Daemon(listener, options, settings, lambda: daemon_config(args, build_options))
+        daemon = Daemon(listener, options, settings, lambda: daemon_config(args))
         trio.run(daemon.serve)
     except DaemonError as e:
         log.error("%s", e)

@@ -15,26 +15,18 @@ import socket
 import sys
 from collections.abc import Sequence
 
-import attrs
 import trio
 
-from proxy import __version__
 from proxy.cli.daemon_command import add_daemon_flags, run_daemon
+from proxy.cli.settings import options_from_args
 from proxy.commands.cache import add_cache_parser, run_cache
 from proxy.commands.copy import add_copy_parser
 from proxy.commands.inspect import add_inspect_parser, add_layers_parser
-from proxy.config import ConfigError, CredentialSource, RegistriesConf, load_registries_conf
+from proxy.config import ConfigError
 from proxy.config.daemon_conf import DEFAULT_PATH as DEFAULT_DAEMON_CONF
-from proxy.config.daemon_conf import DaemonConfig, load_daemon_conf, parse_byte_size
-from proxy.http.timeouts import Timeouts
-from proxy.policy import ImagePolicy
-from proxy.registry.client import RegistrySettings
-from proxy.registry.resume import ResumePolicy
+from proxy.config.daemon_conf import parse_byte_size
 from proxy.server import logs
-from proxy.server.limits import SessionLimits
-from proxy.server.options import ProxyOptions
 from proxy.server.session import serve_socket
-from proxy.sources.base import SourceOptions
 
 log = logging.getLogger("image-proxy")
 
@@ -188,106 +180,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def registry_settings_from_args(args: argparse.Namespace) -> RegistrySettings:
-    """Registry settings: flags, else the daemon's config file, else the defaults. A registries.conf that cannot
-    be read makes every docker:// open fail with the reason (local transports keep working): the error is the
-    user's to fix, not a reason not to start. A bad daemon config file is a ConfigError (the caller exits)."""
-    agent = f"image-proxy/{__version__}"
-    if args.user_agent_prefix:
-        agent = f"{args.user_agent_prefix} {agent}"
-    conf = load_daemon_conf(getattr(args, "config", None))
-
-    def pick(name: str, default: float) -> float:
-        flag = getattr(args, name, None)
-        if flag is not None:
-            return flag
-        value = getattr(conf, name)
-        return default if value is None else value
-
-    settings = RegistrySettings(
-        tls_verify=getattr(args, "tls_verify", None) is not False,
-        cert_dir=getattr(args, "cert_dir", None),
-        user_agent=agent,
-        timeouts=Timeouts(
-            connect=pick("connect_timeout", 30.0),
-            tls=pick("tls_handshake_timeout", 10.0),
-            headers=pick("response_header_timeout", 30.0),
-            stall=pick("stall_timeout", 30.0),
-        ),
-        resume=ResumePolicy(max_resumes=int(pick("max_resumes", 10))),
-    )
-    try:
-        registries = load_registries_conf(args.registries_conf or None)
-    except ConfigError as e:
-        log.error("%s", e)
-        return attrs.evolve(settings, registries_error=str(e))
-    return attrs.evolve(settings, registries=registries)
-
-
-def credentials_from_args(args: argparse.Namespace, registries: RegistriesConf) -> CredentialSource:
-    return CredentialSource.from_options(
-        authfile=getattr(args, "authfile", None),
-        creds=getattr(args, "creds", None),
-        username=getattr(args, "username", None),
-        password=getattr(args, "password", None),
-        registry_token=getattr(args, "registry_token", None),
-        no_creds=getattr(args, "no_creds", False),
-        credential_helpers=registries.credential_helpers,
-    )
-
-
-def policy_from_args(args: argparse.Namespace) -> ImagePolicy:
-    """``--policy``, ``--insecure-policy``, ``--require-signed``, ``--registries.d``. A policy that cannot be read
-    makes every OpenImage fail with the reason (skopeo's text when there is no policy.json at all)."""
-    policy = ImagePolicy.from_flags(
-        policy_path=getattr(args, "policy", None),
-        insecure=getattr(args, "insecure_policy", False),
-        require_signed=getattr(args, "require_signed", False),
-        registries_d=getattr(args, "registries_d", None),
-    )
-    for problem in (policy.error, policy.registries_d_error):
-        if problem is not None:
-            log.error("signature policy: %s", problem)
-    return policy
-
-
-def limits_from_conf(conf: DaemonConfig, base: SessionLimits) -> SessionLimits:
-    """``base`` with what the config file's [limits] sets; 0 lifts the limits that can be lifted."""
-    values = {}
-    for name in ("open_images", "open_pipes", "requests_per_second"):
-        value = getattr(conf, name)
-        if value is not None:
-            values[name] = value or None
-    if conf.queued_request_bytes is not None:
-        values["queued_bytes"] = conf.queued_request_bytes or None
-    for name in ("request_burst", "max_request_size", "concurrent_requests", "worker_threads"):
-        value = getattr(conf, name)
-        if value is not None:
-            values[name] = value
-    return attrs.evolve(base, **values)
-
-
-def options_from_args(args: argparse.Namespace, base_limits: SessionLimits | None = None) -> ProxyOptions:
-    """Everything a session needs, from the flags and the config files (raises ConfigError)."""
-    registry = registry_settings_from_args(args)
-    conf = load_daemon_conf(getattr(args, "config", None))
-    return ProxyOptions(
-        limits=limits_from_conf(conf, base_limits if base_limits is not None else SessionLimits()),
-        blob_cache=getattr(args, "blob_cache", None),
-        blob_cache_max=getattr(args, "blob_cache_max", None),
-        registry=registry,
-        credentials=credentials_from_args(args, registry.registries),
-        source_options=SourceOptions(
-            tmpdir=args.tmpdir or None, shared_blob_dir=getattr(args, "shared_blob_dir", None)
-        ),
-        policy=policy_from_args(args),
-        override_os=args.override_os,
-        override_arch=args.override_arch,
-        override_variant=args.override_variant,
-        debug=args.debug,
-    )
-
-
 def setup_logging(debug: bool) -> None:
     logs.setup_logging(logging.DEBUG if debug else logging.WARNING)
 
@@ -332,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "cache":
         return run_cache(args)
     if args.command == "daemon":
-        return run_daemon(args, options_from_args)
+        return run_daemon(args)
     raise AssertionError(args.command)  # pragma: no cover
 
 
