@@ -32,13 +32,12 @@ import trio
 
 from protocol.codec import encode_reply
 from protocol.messages import Reply
-from proxy.cache.store import BlobStore
 from proxy.registry.client import RegistryClient
 from proxy.server import systemd
 from proxy.server.limits import DAEMON_WIDE_LIMITS, DaemonLimits, Ledger
 from proxy.server.options import ProxyOptions
 from proxy.server.peer import AccessPolicy, PeerCredentials, peer_credentials
-from proxy.server.resources import SharedResources
+from proxy.server.resources import SharedResources, open_store
 from proxy.server.session import Session
 
 log = logging.getLogger("image-proxy.server.daemon")
@@ -173,7 +172,7 @@ class Daemon:
         self._options = options
         self._settings = settings
         self._reload_config = reload
-        self._store = BlobStore(options.blob_cache, options.blob_cache_max) if options.blob_cache else None
+        self._store = open_store(options)
         self._generation: _Generation | None = None
         self._sessions: set[Session] = set()
         self._accepting = trio.CancelScope()
@@ -245,9 +244,9 @@ class Daemon:
 
     def _new_generation(self, options: ProxyOptions, settings: DaemonSettings) -> _Generation:
         assert self._background is not None
-        registry = RegistryClient(options.registry, options.credentials)
-        self._registries.append(registry)
-        return _Generation(options, settings, SharedResources(registry, self._store, self._background))
+        resources = SharedResources.build(options, self._background, self._store)
+        self._registries.append(resources.registry)
+        return _Generation(options, settings, resources)
 
     def reload(self) -> None:
         """SIGHUP: read the configuration again; new connections get it. A file with errors changes nothing."""

@@ -31,6 +31,12 @@ class SharedResources:
     store: BlobStore | None
     _nursery: trio.Nursery
 
+    @classmethod
+    def build(cls, options: ProxyOptions, nursery: trio.Nursery, store: BlobStore | None) -> SharedResources:
+        """The one place shared resources are made: a registry client for ``options``, the given store, the
+        nursery downloads run in."""
+        return cls(RegistryClient(options.registry, options.credentials), store, nursery)
+
     def spawn(self, work: Callable[[], Awaitable[None]]) -> None:
         """Start background work that belongs to the process, not to one client (its worker threads are not
         counted in the share of the client that happened to start it)."""
@@ -42,24 +48,30 @@ class SharedResources:
         self._nursery.start_soon(as_process)
 
 
+def open_store(options: ProxyOptions) -> BlobStore | None:
+    """The blob cache ``options`` ask for (None: no cache)."""
+    return BlobStore(options.blob_cache, options.blob_cache_max) if options.blob_cache is not None else None
+
+
 @contextlib.asynccontextmanager
 async def open_resources(options: ProxyOptions) -> AsyncIterator[SharedResources]:
     """The shared resources for ``options``; on exit every background download is cancelled (partial files
     stay for the next pull) and every registry connection closed."""
-    registry = RegistryClient(options.registry, options.credentials)
-    store = BlobStore(options.blob_cache, options.blob_cache_max) if options.blob_cache is not None else None
+    resources: SharedResources | None = None
     failure: BaseException | None = None
     try:
         async with trio.open_nursery() as nursery:
             try:
-                yield SharedResources(registry, store, nursery)
+                resources = SharedResources.build(options, nursery, open_store(options))
+                yield resources
             except BaseException as e:
                 # re-raised outside the nursery, so callers see the error itself, not an ExceptionGroup
                 failure = e
             finally:
                 nursery.cancel_scope.cancel()
     finally:
-        with trio.CancelScope(shield=True):
-            await registry.aclose()
+        if resources is not None:
+            with trio.CancelScope(shield=True):
+                await resources.registry.aclose()
     if failure is not None:
         raise failure
