@@ -115,6 +115,7 @@ class Session:
         self._all_answered = trio.Event()
         self._handler: Handler | None = None
         self._debug = log.isEnabledFor(logging.DEBUG)
+        self._refusals_logged: set[str] = set()
 
     @property
     def busy(self) -> bool:
@@ -203,13 +204,20 @@ class Session:
                 self._all_answered = trio.Event()
                 if refused == "daemon":
                     error = daemon_busy(self._account.daemon_limits)
-                    log.warning("%s: request refused: %s", self.name, error)
+                    self._log_refusal("queued-bytes", error.message)
                     self._answer(Reply.failure(error.message, error.code), item, 0)
                     continue
                 self._accept(_Queued(item, size), handler, nursery)
         finally:
             self._receiving = False
             self._in_order_changed.set()
+
+    def _log_refusal(self, limit: str, why: str) -> None:
+        """A refused request: a warning the first time this connection hits ``limit``, debug lines after (a flood
+        of refused requests must not become a flood of log lines)."""
+        level = logging.DEBUG if limit in self._refusals_logged else logging.WARNING
+        self._refusals_logged.add(limit)
+        log.log(level, "%s: request refused: %s", self.name, why)
 
     def _decode(self, data: bytes, truncated: bool) -> Request | ProtocolViolation:
         decoded = decode_request(data, truncated=truncated)
@@ -237,7 +245,7 @@ class Session:
         request_id = _request_id(item)
         if not self._rate.allow(trio.current_time()):
             rate = self._limits.requests_per_second
-            log.warning("%s: request refused: over the rate limit of %g per second", self.name, rate)
+            self._log_refusal("rate", f"over the rate limit of {rate:g} per second")
             reply = Reply.failure(
                 f"request rate limit exceeded ({rate:g} requests per second, bursts of "
                 f"{self._limits.request_burst}); slow down and retry",
