@@ -42,8 +42,6 @@ from proxy.server.session import Session
 
 log = logging.getLogger("image-proxy.server.daemon")
 
-#: how often the shutdown grace period looks whether transfers are still in flight
-_DRAIN_POLL = 0.05
 #: pause after a failed accept (out of fds, ...), so a persistent failure does not spin
 _ACCEPT_BACKOFF = 0.1
 #: a refused connection may still get one error reply, if it sends its first request within this time
@@ -179,6 +177,8 @@ class Daemon:
         self._stopping = False
         self._background: trio.Nursery | None = None
         self._grace_over = trio.Event()
+        #: set when a session may have become idle, or ended (the shutdown grace period waits on it)
+        self._activity = trio.Event()
         self._registries: list[RegistryClient] = []  # of every generation not yet retired
         self._ledger = Ledger(settings.limits)
         self._refusals = 0
@@ -213,6 +213,7 @@ class Daemon:
             log.warning("stopping now: cancelling %d connection(s)", len(self._sessions))
             self._settings = attrs.evolve(self._settings, shutdown_grace=0)
             self._grace_over.set()
+            self._activity.set()
             return
         self._stopping = True
         systemd.notify("STOPPING=1")
@@ -227,7 +228,8 @@ class Daemon:
         self._listener.close()
         with trio.move_on_after(self._settings.shutdown_grace):
             while any(session.busy for session in self._sessions) and not self._grace_over.is_set():
-                await trio.sleep(_DRAIN_POLL)
+                self._activity = trio.Event()
+                await self._activity.wait()
         busy = sum(session.busy for session in self._sessions)
         if busy:
             log.warning("grace period over: cancelling %d connection(s) with transfers in flight", busy)
@@ -315,17 +317,24 @@ class Daemon:
                 return
             log.info("connection from %s", _describe(peer))
             generation.connections += 1
-            session = Session(conn, generation.options, generation.resources, peer=peer, ledger=self._ledger)
+            session = Session(
+                conn, generation.options, generation.resources, peer=peer, ledger=self._ledger, on_idle=self._active
+            )
             self._sessions.add(session)
             try:
                 await session.run()
             finally:
                 self._sessions.discard(session)
+                self._active()
                 self._ledger.disconnect(peer.uid)
                 generation.connections -= 1
                 if generation is not self._generation and generation.connections == 0:
                     self._retire(generation)
                 log.info("connection from pid %d closed", peer.pid)
+
+    def _active(self) -> None:
+        """A session may have become idle, or ended: let a waiting shutdown look again."""
+        self._activity.set()
 
     async def _refuse(self, conn: trio.socket.SocketType, why: str) -> None:
         """Tell a refused client why: its first request gets the reason as an error reply (briefly; a client that

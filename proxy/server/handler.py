@@ -72,10 +72,12 @@ class Handler:
         spawn: Callable[[Callable[[], Awaitable[None]]], None],
         resources: SharedResources | None = None,
         account: Account | None = None,
+        on_idle: Callable[[], None] | None = None,
     ) -> None:
         """``spawn`` starts this session's producers; ``resources`` are shared with other sessions (None: local
         transports only, no cache); ``account`` counts what this connection holds against its limits and its
-        user's (default: this connection's limits only)."""
+        user's (default: this connection's limits only); ``on_idle`` is called when a transfer ends (a daemon's
+        shutdown waits for the last one)."""
         self.config = config
         self._resources = resources
         self._registry = resources.registry if resources is not None else None
@@ -88,6 +90,7 @@ class Handler:
         self._finishing: set[int] = set()
         self._raw_transfers = 0  # GetRawBlob producers running (their pipes have no pipeid)
         self._account = account if account is not None else Ledger().account(None, config.limits)
+        self._on_idle = on_idle or (lambda: None)
         #: one method per call of the protocol's method table (``GetLayerTOC`` -> ``get_layer_toc``)
         self._methods: dict[str, Callable[..., Awaitable[Outcome]]] = {
             spec.name: getattr(self, _python_name(spec.name)) for spec in METHODS.values() if spec.replies
@@ -168,6 +171,7 @@ class Handler:
         if self._pipes.pop(pipe.pipeid, None) is None:
             return
         self._account.give(Resource.PIPES)
+        self._on_idle()
         with trio.CancelScope(shield=True):
             await pipe.aclose()
 
@@ -429,6 +433,7 @@ class Handler:
             finally:
                 self._raw_transfers -= 1
                 self._account.give(Resource.PIPES)
+                self._on_idle()
 
         self._spawn(produce)
         return Outcome(Reply.ok(blob.size), (data_pipe.read_fd, err_pipe.read_fd))

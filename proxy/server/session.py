@@ -22,6 +22,7 @@ import collections
 import logging
 import math
 import socket
+from collections.abc import Callable
 
 import attrs
 import trio
@@ -92,6 +93,7 @@ class Session:
         resources: SharedResources,
         peer: PeerCredentials | None = None,
         ledger: Ledger | None = None,
+        on_idle: Callable[[], None] | None = None,
     ) -> None:
         self._sock = sock
         identity = identity_of(peer)
@@ -116,6 +118,8 @@ class Session:
         self._handler: Handler | None = None
         self._debug = log.isEnabledFor(logging.DEBUG)
         self._refusals_logged: set[str] = set()
+        #: called when this session may have become idle (``busy`` turned false): the daemon's shutdown waits on it
+        self._on_idle = on_idle or (lambda: None)
 
     @property
     def busy(self) -> bool:
@@ -137,7 +141,9 @@ class Session:
         handler: Handler | None = None
         try:
             async with trio.open_nursery() as nursery:
-                handler = self._handler = Handler(self._options, nursery.start_soon, self._resources, self._account)
+                handler = self._handler = Handler(
+                    self._options, nursery.start_soon, self._resources, self._account, self._on_idle
+                )
                 nursery.start_soon(self._sender, nursery.cancel_scope)
                 nursery.start_soon(self._dispatch, handler)
                 shutdown = await self._receive(handler, nursery)
@@ -327,6 +333,7 @@ class Session:
             self._unanswered -= 1
             if self._unanswered == 0:
                 self._all_answered.set()
+                self._on_idle()
 
     async def _send(self, encoded: _Encoded) -> None:
         try:

@@ -114,6 +114,16 @@ def fd_table(pid: int, listening: str) -> FdTable:
     return FdTable(tuple(sorted(other)), tcp)
 
 
+async def without_cache_files(daemon, listening: str, cache: Path) -> FdTable:
+    """The fd table once nothing under the cache's ``blobs/`` is open any more (a download finishing in the
+    background closes its file and directory fds just after its readers got the last byte; the cache's own
+    directory stays open), or as it is after SETTLE s."""
+    with trio.move_on_after(SETTLE):
+        while any(target.startswith(f"{cache}/blobs/") for target in fd_table(daemon.pid, listening).other):
+            await trio.sleep(0.05)  # polling the daemon's fd table, with a deadline
+    return fd_table(daemon.pid, listening)
+
+
 async def settled(daemon, listening: str, baseline: FdTable) -> FdTable:
     """The fd table once it is back to ``baseline`` (TCP at most the pool's idle cap), or as it is after SETTLE s."""
     with trio.move_on_after(SETTLE):
@@ -427,7 +437,7 @@ async def test_300_refusals_by_the_open_pipes_limit_leave_the_connection_able_to
                 reply, fds = await proxy.call(method, [img])
                 assert reply.success, reply
                 held.append((reply, fds[0]))
-            before = fd_table(daemon.pid, listening)
+            before = await without_cache_files(daemon, listening, tmp_path / "cache")
             for n in range(300):
                 img, blob = (local, layer) if n % 2 else (remote, remote_layer)
                 await refused(proxy, "GetBlob", [img, blob.digest, blob.size], PIPES_REFUSED)
