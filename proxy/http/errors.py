@@ -1,7 +1,7 @@
 """Errors of the HTTP client: where it failed (host, port, phase), why (cause), and whether to retry.
 
-Every error is a :class:`protocol.errors.ProxyError`, so it can become a reply as it is; a retryable one
-carries :attr:`ErrorCode.RETRYABLE`.
+These are the HTTP client's own errors (it knows nothing of the image-proxy protocol): the registry layer turns
+them into the errors clients see, with ``retryable`` deciding the reply's ``retryable`` code.
 """
 
 from __future__ import annotations
@@ -10,8 +10,6 @@ import enum
 import socket
 import ssl
 from collections.abc import Sequence
-
-from protocol.errors import ErrorCode, ProxyError
 
 
 class Phase(enum.StrEnum):
@@ -39,7 +37,7 @@ def format_authority(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-class HTTPError(ProxyError):
+class HTTPError(Exception):
     """Base class: something failed while talking to ``host:port``.
 
     ``retryable`` says whether the same request may succeed if tried again (on a new connection).
@@ -63,7 +61,11 @@ class HTTPError(ProxyError):
         self.phase = phase
         self.cause = cause
         self._retryable = self.default_retryable if retryable is None else retryable
-        super().__init__(message, ErrorCode.RETRYABLE if self._retryable else ErrorCode.OTHER)
+        super().__init__(message)
+
+    @property
+    def message(self) -> str:
+        return str(self)
 
     @property
     def retryable(self) -> bool:

@@ -23,6 +23,7 @@ from protocol.extensions import SERVER_EXTENSIONS
 from protocol.messages import Reply, Request
 from protocol.methods import METHODS, parse_args
 from proxy.cache.source import CachingSource
+from proxy.http.errors import HTTPError
 from proxy.image import gojson
 from proxy.image import manifest as mf
 from proxy.partial import service as partial
@@ -32,7 +33,7 @@ from proxy.server.options import ProxyOptions
 from proxy.server.resources import SharedResources
 from proxy.server.transports import open_source
 from proxy.sources.base import Blob, BytesBlob, ImageNotFound, ImageSource
-from proxy.transfer.pipe import Pipe
+from proxy.transfer.pipe import Pipe, from_http
 from proxy.transfer.producers import produce_blob, produce_bytes, produce_raw_blob
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,10 @@ class Handler:
         except ProxyError as e:
             log.debug("%s failed: %s", request.method, e)
             return Outcome(Reply.failure(e.message, e.code))
+        except HTTPError as e:
+            error = from_http(e)
+            log.debug("%s failed: %s", request.method, error)
+            return Outcome(Reply.failure(error.message, error.code))
         except Exception as e:
             log.exception("%s: internal error", request.method)
             return Outcome(Reply.failure(f"internal error in {request.method}: {type(e).__name__}: {e}"))

@@ -17,6 +17,7 @@ import trio
 
 from protocol.errors import ErrorCode, ProxyError
 from proxy.common.pipes import open_pipe
+from proxy.http.errors import HTTPError
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,12 @@ class Pipe:
         await self.writer.aclose()
 
 
+def from_http(error: HTTPError) -> ProxyError:
+    """An HTTP client error that reached the protocol unconverted (the registry layer names what it was doing
+    and converts; this is the safety net): its text, retryable when it says so."""
+    return ProxyError(error.message, ErrorCode.RETRYABLE if error.retryable else ErrorCode.OTHER)
+
+
 async def run_producer(pipe: Pipe, work: Callable[[], Awaitable[None]]) -> None:
     """Run a producer's work and finish the pipe with what FinishPipe is to report: nothing, the ProxyError it
     raised, or an internal error (logged) for anything else."""
@@ -62,6 +69,8 @@ async def run_producer(pipe: Pipe, work: Callable[[], Awaitable[None]]) -> None:
         await work()
     except ProxyError as e:
         error = e
+    except HTTPError as e:
+        error = from_http(e)
     except Exception as e:
         log.exception("pipe %d: producer failed", pipe.pipeid)
         error = ProxyError(f"internal error: {type(e).__name__}: {e}")
@@ -69,4 +78,4 @@ async def run_producer(pipe: Pipe, work: Callable[[], Awaitable[None]]) -> None:
         pipe.finish(error)
 
 
-__all__ = ["Pipe", "run_producer"]
+__all__ = ["Pipe", "from_http", "run_producer"]

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import trustme
 
-from protocol.errors import ErrorCode
 from proxy.http.errors import HTTPError, Phase, RedirectError, TLSConfigError, TLSError
 from proxy.http.pool import ConnectionPool
 from proxy.http.proxies import ProxyConfig
@@ -71,7 +70,7 @@ async def test_unknown_ca_fails_verification_not_retryable(tls_server: TestServe
                 pass
     error = caught.value
     assert error.verification_failed
-    assert not error.retryable and error.code is ErrorCode.OTHER
+    assert not error.retryable
     assert (error.host, error.port, error.phase) == ("127.0.0.1", tls_server.port, Phase.TLS)
     assert "certificate verification failed" in str(error)
 
