@@ -19,7 +19,6 @@ FinishPipe, never the deadlock of reading to EOF first.
 from __future__ import annotations
 
 import array
-import collections
 import contextlib
 import json
 import os
@@ -34,7 +33,8 @@ import trio
 
 from protocol.client.fds import ancillary_space, close_fds, fds_from_ancillary
 from protocol.client.tasks import failing_fast, run_concurrently
-from protocol.codec import MAX_MSG_SIZE, decode_error_document, decode_reply, encode_request
+from protocol.client_connection import Broken, ClientConnection
+from protocol.codec import MAX_MSG_SIZE, decode_error_document, encode_request
 from protocol.errors import ErrorCode, ProtocolViolation, ProxyError
 from protocol.messages import Reply, Request
 
@@ -81,13 +81,10 @@ class ImageProxy:
     def __init__(self, sock: trio.socket.SocketType, nursery: trio.Nursery, request_ids: bool = True) -> None:
         self._sock = sock
         self._nursery = nursery
-        #: waiters of calls without an id, in the order they were sent (their replies come in that order)
-        self._pending: collections.deque[_Waiter] = collections.deque()
-        #: waiters of calls with an id, by id (their replies come in any order)
-        self._by_id: dict[int, _Waiter] = {}
+        #: which reply answers which call (pure: protocol.client_connection)
+        self._conn: ClientConnection[_Waiter] = ClientConnection()
         self._want_ids = request_ids
         self._use_ids = False
-        self._next_id = 1
         self._outbox_send, self._outbox_recv = trio.open_memory_channel[tuple[bytes, _Waiter]](0)
         self._closed: ProxyError | None = None
         self.version: tuple[int, int, int] = (0, 0, 0)
@@ -192,10 +189,7 @@ class ImageProxy:
             if self._closed is not None:
                 self._fail(waiter, self._closed)
                 continue
-            if waiter.id is None:
-                self._pending.append(waiter)
-            else:
-                self._by_id[waiter.id] = waiter
+            self._conn.expect(waiter, waiter.method, waiter.id)
             try:
                 await self._sock.send(data)
             except OSError as e:
@@ -214,56 +208,30 @@ class ImageProxy:
                 close_fds(fds)
                 self._broken(ProxyClosed("the proxy closed the connection (did it exit?)"))
                 return
-            waiter = self._match(data, flags)
-            if waiter is None:
+            answered = self._conn.receive(data, bool(flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC)))
+            if isinstance(answered, Broken):
                 close_fds(fds)
+                self._fail_all(answered)
                 return
+            waiter = answered.handle
+            waiter.reply, waiter.error = answered.reply, answered.error
             if waiter.error is not None or waiter.abandoned:
                 close_fds(fds)
             else:
                 waiter.fds = fds
             waiter.event.set()
 
-    def _match(self, data: bytes, flags: int) -> _Waiter | None:
-        """The waiter a reply packet answers, with the reply or an error set on it; None when the connection
-        can no longer be trusted (it is then marked broken)."""
-        truncated = bool(flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC))
-        reply: Reply | ProtocolViolation
-        try:
-            reply = decode_reply(data) if not truncated else ProtocolViolation("a reply was truncated")
-        except ProtocolViolation as e:
-            reply = e
-        if isinstance(reply, Reply) and reply.id is not None:
-            waiter = self._by_id.pop(reply.id, None)
-            if waiter is None:
-                self._broken(ProtocolViolation(f"the proxy answered request id {reply.id}, which is not in flight"))
-                return None
-            waiter.reply = reply
-            return waiter
-        if not self._pending:
-            # Without an id, a reply can only answer the oldest in-order call. With ids in use, a reply we cannot
-            # decode cannot be matched to anything: the connection is no longer usable.
-            why = str(reply) if isinstance(reply, ProtocolViolation) else "the proxy sent a reply nobody asked for"
-            self._broken(ProtocolViolation(why))
-            return None
-        waiter = self._pending.popleft()
-        if isinstance(reply, ProtocolViolation):
-            waiter.error = ProtocolViolation(f"reply to {waiter.method}: {reply}")
-        else:
-            waiter.reply = reply
-        return waiter
-
     def _fail(self, waiter: _Waiter, error: ProxyError) -> None:
         waiter.error = error
         waiter.event.set()
 
     def _broken(self, error: ProxyError) -> None:
+        self._fail_all(self._conn.close(error))
+
+    def _fail_all(self, broken: Broken[_Waiter]) -> None:
         if self._closed is None:
-            self._closed = error
-        while self._pending:
-            self._fail(self._pending.popleft(), self._closed)
-        waiting, self._by_id = list(self._by_id.values()), {}
-        for waiter in waiting:
+            self._closed = broken.error
+        for waiter in broken.waiting:
             self._fail(waiter, self._closed)
 
     async def call(self, method: str, args: list[Any], *, ordered: bool = False) -> tuple[Reply, list[int]]:
@@ -275,10 +243,10 @@ class ImageProxy:
             raise self._closed
         request_id = None
         if self._use_ids and not ordered:
-            request_id, self._next_id = self._next_id, self._next_id + 1
+            request_id = self._conn.next_id()
         waiter = _Waiter(method, request_id)
         try:
-            await self._outbox_send.send((encode_request(Request(method, args, id=request_id)), waiter))
+            await self._outbox_send.send((self._conn.packet(method, args, request_id), waiter))
             await waiter.event.wait()
         except BaseException:
             waiter.abandoned = True
