@@ -14,6 +14,7 @@ import attrs
 
 from protocol.codec import MAX_MSG_SIZE
 from protocol.errors import ErrorCode, ProxyError
+from protocol.server_connection import RequestRate
 
 
 @attrs.frozen
@@ -71,27 +72,6 @@ class Resource(enum.Enum):
 
 class LimitExceeded(ProxyError):
     """A limit refused a request; the text names it."""
-
-
-class RequestRate:
-    """A token bucket: ``allow(now)`` says whether one more request fits the rate."""
-
-    def __init__(self, per_second: float | None, burst: int) -> None:
-        self.per_second = per_second
-        self.burst = max(1, burst)
-        self._tokens = float(self.burst)
-        self._last: float | None = None
-
-    def allow(self, now: float) -> bool:
-        if self.per_second is None:
-            return True
-        if self._last is not None:
-            self._tokens = min(self.burst, self._tokens + (now - self._last) * self.per_second)
-        self._last = now
-        if self._tokens >= 1:
-            self._tokens -= 1
-            return True
-        return False
 
 
 class Ledger:

@@ -18,7 +18,6 @@ lock while the socket blocks; in-order replies keep their order because the disp
 
 from __future__ import annotations
 
-import collections
 import logging
 import math
 import socket
@@ -28,12 +27,12 @@ import attrs
 import trio
 
 from protocol.client.fds import ancillary_space, close_fds, fds_from_ancillary, fds_to_ancillary
-from protocol.codec import MAX_MSG_SIZE, decode_request, encode_reply, shown
-from protocol.errors import ErrorCode, ProtocolViolation
+from protocol.codec import MAX_MSG_SIZE, encode_reply, shown
 from protocol.messages import Reply, Request
+from protocol.server_connection import AnswerNow, ConnectionLimits, Decision, InTurn, Refusal, Run, ServerConnection
 from proxy.common import threads
 from proxy.server.handler import Handler, Outcome
-from proxy.server.limits import Account, Ledger, RequestRate, daemon_busy
+from proxy.server.limits import Account, Ledger, daemon_busy
 from proxy.server.options import ProxyOptions
 from proxy.server.peer import PeerCredentials
 from proxy.server.resources import SharedResources, open_resources
@@ -41,24 +40,9 @@ from proxy.sources.localfs import Identity, needs_switch
 
 log = logging.getLogger(__name__)
 
-#: requests a client may send before reading replies, before the session is closed as misbehaving
-MAX_PENDING_REQUESTS = 4096
 #: how long pending requests may still be answered after Shutdown
 SHUTDOWN_GRACE = 0.5
 _ANCILLARY_SPACE = ancillary_space(16)
-
-
-def _request_id(item: Request | ProtocolViolation) -> int | None:
-    return item.id if isinstance(item, Request) else item.request_id
-
-
-@attrs.frozen
-class _Queued:
-    """A request waiting its turn, with the bytes it is counted for; or (``answer``) a reply already decided for
-    an in-order request (a refusal), which must still leave in its turn."""
-
-    item: Request | ProtocolViolation | Reply
-    size: int
 
 
 @attrs.frozen
@@ -105,15 +89,18 @@ class Session:
         self._peer = peer
         self.name = f"client pid {peer.pid} uid {peer.uid}" if peer is not None else "client"
         self._account: Account = (ledger or Ledger()).account(peer.uid if peer is not None else None, self._limits)
-        self._in_order: collections.deque[_Queued] = collections.deque()
+        #: what arrived, what is owed, in which order (pure: protocol.server_connection)
+        self._conn = ServerConnection(
+            ConnectionLimits(
+                max_request_size=self._limits.max_request_size,
+                requests_per_second=self._limits.requests_per_second,
+                request_burst=self._limits.request_burst,
+            )
+        )
         self._in_order_changed = trio.Event()
         self._receiving = True
-        self._ids_in_flight: set[int] = set()
         self._id_slots = trio.CapacityLimiter(max(1, self._limits.concurrent_requests))
-        self._rate = RequestRate(self._limits.requests_per_second, self._limits.request_burst)
         self._outbox_send, self._outbox_recv = trio.open_memory_channel[_Encoded](math.inf)
-        #: requests received and not yet answered on the socket
-        self._unanswered = 0
         self._all_answered = trio.Event()
         self._handler: Handler | None = None
         self._debug = log.isEnabledFor(logging.DEBUG)
@@ -124,7 +111,7 @@ class Session:
     @property
     def busy(self) -> bool:
         """Whether a request is unanswered or a transfer is in flight (a daemon's shutdown waits for those)."""
-        return self._unanswered > 0 or (self._handler is not None and self._handler.transfers_in_flight)
+        return self._conn.unanswered > 0 or (self._handler is not None and self._handler.transfers_in_flight)
 
     async def run(self) -> None:
         """Serve until EOF or Shutdown. Whatever goes wrong inside (a bug in a handler, a sender, a producer) ends
@@ -147,7 +134,7 @@ class Session:
                 nursery.start_soon(self._sender, nursery.cancel_scope)
                 nursery.start_soon(self._dispatch, handler)
                 shutdown = await self._receive(handler, nursery)
-                if shutdown and self._unanswered:
+                if shutdown and self._conn.unanswered:
                     # Answer what came before Shutdown, but never wait long.
                     with trio.move_on_after(SHUTDOWN_GRACE):
                         await self._all_answered.wait()
@@ -186,15 +173,15 @@ class Session:
                 if not data:
                     log.debug("%s closed the socket", self.name)
                     return False
-                item = self._decode(data, bool(flags & socket.MSG_TRUNC))
-                if isinstance(item, Request) and item.method == "Shutdown":
+                item = self._conn.decode(data, bool(flags & socket.MSG_TRUNC))
+                if self._conn.is_shutdown(item):
                     log.debug("%s: Shutdown requested", self.name)
                     return True
-                if self._unanswered >= MAX_PENDING_REQUESTS:
+                if self._conn.over_pending:
                     log.error(
                         "%s sent over %d requests without reading replies; ending session",
                         self.name,
-                        MAX_PENDING_REQUESTS,
+                        self._conn.limits.max_pending,
                     )
                     return False
                 size = len(data)
@@ -206,14 +193,14 @@ class Session:
                         self._limits.queued_bytes,
                     )
                     return False
-                self._unanswered += 1
                 self._all_answered = trio.Event()
                 if refused == "daemon":
                     error = daemon_busy(self._account.daemon_limits)
                     self._log_refusal("queued-bytes", error.message)
-                    self._answer(Reply.failure(error.message, error.code), item, 0)
-                    continue
-                self._accept(_Queued(item, size), handler, nursery)
+                    decision = self._conn.refuse(item, Reply.failure(error.message, error.code), 0)
+                else:
+                    decision = self._conn.accept(item, size, trio.current_time())
+                self._carry_out(decision, handler, nursery)
         finally:
             self._receiving = False
             self._in_order_changed.set()
@@ -225,60 +212,30 @@ class Session:
         self._refusals_logged.add(limit)
         log.log(level, "%s: request refused: %s", self.name, why)
 
-    def _decode(self, data: bytes, truncated: bool) -> Request | ProtocolViolation:
-        decoded = decode_request(data, truncated=truncated)
-        limit = self._limits.max_request_size
-        if len(data) > limit and not truncated and limit < MAX_MSG_SIZE:
-            return ProtocolViolation(
-                f"invalid request: message exceeds this server's {limit} byte request limit",
-                request_id=_request_id(decoded),  # answered with its id, so a client using ids can match it
-            )
-        return decoded
-
-    def _answer(self, reply: Reply, item: Request | ProtocolViolation, size: int) -> None:
-        """Answer ``item`` with ``reply`` without handling it: at once when it has an id, else in its turn."""
-        request_id = _request_id(item)
-        if request_id is None:
-            self._in_order.append(_Queued(reply, size))
-            self._in_order_changed.set()
+    def _carry_out(self, decision: Decision, handler: Handler, nursery: trio.Nursery) -> None:
+        """Do what the connection decided for a request: run it (with an id), answer it now, or let the
+        dispatcher take it in its turn."""
+        refusal = decision.refusal if isinstance(decision, AnswerNow | InTurn) else None
+        if refusal is Refusal.RATE:
+            self._log_refusal("rate", f"over the rate limit of {self._limits.requests_per_second:g} per second")
+        if isinstance(decision, Run):
+            nursery.start_soon(self._handle_with_id, handler, decision)
+        elif isinstance(decision, AnswerNow):
+            self._send_soon(Outcome(decision.reply), decision.size)
         else:
-            self._send_soon(Outcome(attrs.evolve(reply, id=request_id)), size)
-
-    def _accept(self, queued: _Queued, handler: Handler, nursery: trio.Nursery) -> None:
-        """Queue a request (or answer it at once when it breaks a limit)."""
-        item = queued.item
-        assert not isinstance(item, Reply)
-        request_id = _request_id(item)
-        if not self._rate.allow(trio.current_time()):
-            rate = self._limits.requests_per_second
-            self._log_refusal("rate", f"over the rate limit of {rate:g} per second")
-            reply = Reply.failure(
-                f"request rate limit exceeded ({rate:g} requests per second, bursts of "
-                f"{self._limits.request_burst}); slow down and retry",
-                ErrorCode.RETRYABLE,
-            )
-            self._answer(reply, item, queued.size)
-            return
-        if request_id is None:
-            self._in_order.append(queued)
             self._in_order_changed.set()
-            return
-        if request_id in self._ids_in_flight:
-            self._answer(Reply.failure(f"request id {request_id} is already in use"), item, queued.size)
-            return
-        self._ids_in_flight.add(request_id)
-        nursery.start_soon(self._handle_with_id, handler, queued, request_id)
 
     # ------------------------------------------------------------------ handling
 
     async def _dispatch(self, handler: Handler) -> None:
         while True:
-            while not self._in_order:
+            queued = self._conn.next_in_order()
+            while queued is None:
                 if not self._receiving:
                     return
                 self._in_order_changed = trio.Event()
                 await self._in_order_changed.wait()
-            queued = self._in_order.popleft()
+                queued = self._conn.next_in_order()
             if isinstance(queued.item, Reply):
                 self._send_soon(Outcome(queued.item), queued.size)
                 continue
@@ -286,20 +243,19 @@ class Session:
                 log.debug("request %s %s", shown(queued.item.method, 100), shown(queued.item.args))
             self._send_soon(await handler.handle(queued.item), queued.size)
 
-    async def _handle_with_id(self, handler: Handler, queued: _Queued, request_id: int) -> None:
+    async def _handle_with_id(self, handler: Handler, run: Run) -> None:
         try:
             async with self._id_slots:
-                item = queued.item
+                item = run.item
                 if self._debug and isinstance(item, Request):
-                    log.debug("request %s %s id %d", shown(item.method, 100), shown(item.args), request_id)
-                assert not isinstance(item, Reply)
+                    log.debug("request %s %s id %d", shown(item.method, 100), shown(item.args), run.request_id)
                 outcome = await handler.handle(item)
             reply = outcome.reply
             if reply is not None:
-                outcome = attrs.evolve(outcome, reply=attrs.evolve(reply, id=request_id))
-            self._send_soon(outcome, queued.size)
+                outcome = attrs.evolve(outcome, reply=attrs.evolve(reply, id=run.request_id))
+            self._send_soon(outcome, run.size)
         finally:
-            self._ids_in_flight.discard(request_id)
+            self._conn.done(run.request_id)
 
     def _send_soon(self, outcome: Outcome, request_size: int) -> None:
         """Encode a reply now (once) and queue it for the sender; it holds its own size in queued bytes instead of
@@ -330,8 +286,7 @@ class Session:
                 return
             finally:
                 self._account.unqueue(encoded.size)
-            self._unanswered -= 1
-            if self._unanswered == 0:
+            if self._conn.sent():
                 self._all_answered.set()
                 self._on_idle()
 

@@ -8,8 +8,8 @@ import socket
 
 import pytest
 
+from protocol.server_connection import RequestRate
 from proxy.server import systemd
-from proxy.server.limits import RequestRate
 from proxy.server.logs import OneLineFormatter
 from proxy.server.peer import AccessPolicy, PeerCredentials, peer_credentials
 
