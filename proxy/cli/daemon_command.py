@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import grp
 import logging
 import os
-import pwd
 import resource
-from collections.abc import Callable
 from pathlib import Path
 
 import attrs
@@ -22,6 +19,7 @@ import trio
 
 from proxy.cache.files import make_private_dirs
 from proxy.cli.settings import options_from_args
+from proxy.commands import arguments
 from proxy.config import ConfigError
 from proxy.config.daemon_conf import load_daemon_conf
 from proxy.server import logs
@@ -63,60 +61,25 @@ def default_cache_dir() -> str:
     return str(Path(base) / "image-proxy")
 
 
-def _lookup(text: str, by_name: Callable[[str], int], kind: str) -> int:
-    if text.isdigit():
-        return int(text)
-    try:
-        return by_name(text)
-    except KeyError:
-        raise argparse.ArgumentTypeError(f"no {kind} named {text!r} on this system") from None
-
-
-def _user(text: str) -> int:
-    return _lookup(text, lambda name: pwd.getpwnam(name).pw_uid, "user")
-
-
-def _group(text: str) -> int:
-    return _lookup(text, lambda name: grp.getgrnam(name).gr_gid, "group")
-
-
-def _mode(text: str) -> int:
-    try:
-        value = int(text, 8)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid octal mode {text!r} (e.g. 0660)") from None
-    if not 0 <= value <= 0o777:
-        raise argparse.ArgumentTypeError(f"invalid socket mode {text!r}")
-    return value
-
-
-def _grace(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r}") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"the grace period is 0 or more seconds, not {text!r}")
-    return value
-
-
 def add_daemon_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--listen", metavar="PATH", help=f"the socket to listen on (default {default_socket_path()})")
-    parser.add_argument("--socket-group", type=_group, metavar="GROUP", help="group owning the socket")
-    parser.add_argument("--socket-mode", type=_mode, metavar="MODE", help="the socket's mode (default 0660)")
+    parser.add_argument("--socket-group", type=arguments.group, metavar="GROUP", help="group owning the socket")
+    parser.add_argument(
+        "--socket-mode", type=arguments.octal_mode, metavar="MODE", help="the socket's mode (default 0660)"
+    )
     parser.add_argument(
         "--allow-uid",
-        type=_user,
+        type=arguments.user,
         action="append",
         metavar="USER",
         help="serve only these users (repeatable; with --allow-gid: either matches); default: whoever can connect",
     )
     parser.add_argument(
-        "--allow-gid", type=_group, action="append", metavar="GROUP", help="serve members of these groups"
+        "--allow-gid", type=arguments.group, action="append", metavar="GROUP", help="serve members of these groups"
     )
     parser.add_argument(
         "--shutdown-grace",
-        type=_grace,
+        type=arguments.seconds(zero_allowed=True, what="the grace period"),
         metavar="SECONDS",
         help=f"after SIGTERM, how long transfers in flight may finish (default {DEFAULT_SHUTDOWN_GRACE:g})",
     )

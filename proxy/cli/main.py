@@ -19,12 +19,12 @@ import trio
 
 from proxy.cli.daemon_command import add_daemon_flags, run_daemon
 from proxy.cli.settings import options_from_args
+from proxy.commands import arguments
 from proxy.commands.cache import add_cache_parser, run_cache
 from proxy.commands.copy import add_copy_parser
 from proxy.commands.inspect import add_inspect_parser, add_layers_parser
 from proxy.config import ConfigError
 from proxy.config.daemon_conf import DEFAULT_PATH as DEFAULT_DAEMON_CONF
-from proxy.config.daemon_conf import parse_byte_size
 from proxy.server import logs
 from proxy.server.session import serve_socket
 
@@ -40,42 +40,6 @@ _NOT_YET_EFFECTIVE = {
     "daemon_host": "the docker-daemon: transport, which image-proxy does not offer",
     "command_timeout": "nothing: skopeo's proxy ignores it too",
 }
-
-
-def _parse_bool(text: str) -> bool:
-    lowered = text.lower()
-    if lowered in ("1", "t", "true", "yes"):
-        return True
-    if lowered in ("0", "f", "false", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"invalid boolean value {text!r}")
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"a timeout must be a positive number of seconds, not {text!r}")
-    return value
-
-
-def _byte_size(text: str) -> int:
-    try:
-        return parse_byte_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid count {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"a count must not be negative, not {text!r}")
-    return value
 
 
 def _add_global_flags(parser: argparse.ArgumentParser, suppress: bool) -> None:
@@ -106,13 +70,16 @@ def _add_serve_flags(parser: argparse.ArgumentParser, connected: bool = True) ->
     parser.add_argument("--password")
     parser.add_argument("--registry-token", metavar="TOKEN")
     parser.add_argument("--cert-dir", metavar="PATH")
-    parser.add_argument("--tls-verify", type=_parse_bool, nargs="?", const=True, default=None, metavar="BOOL")
+    parser.add_argument("--tls-verify", type=arguments.boolean, nargs="?", const=True, default=None, metavar="BOOL")
     parser.add_argument("--no-creds", action="store_true", help="access the registry anonymously")
     parser.add_argument("--shared-blob-dir", metavar="DIR", help="blobs of oci: layouts live here")
     parser.add_argument("--daemon-host", metavar="HOST")
     parser.add_argument("--blob-cache", metavar="DIR", help="keep verified registry blobs in DIR (default: none)")
     parser.add_argument(
-        "--blob-cache-max", type=_byte_size, metavar="SIZE", help="evict least recently used blobs above SIZE (20G)"
+        "--blob-cache-max",
+        type=arguments.byte_size,
+        metavar="SIZE",
+        help="evict least recently used blobs above SIZE (20G)",
     )
     parser.add_argument(
         "--config",
@@ -122,35 +89,35 @@ def _add_serve_flags(parser: argparse.ArgumentParser, connected: bool = True) ->
     # Our own (skopeo has no such flags): the deadlines of every registry exchange, in seconds.
     parser.add_argument(
         "--connect-timeout",
-        type=_seconds,
+        type=arguments.seconds(),
         default=None,
         metavar="SECONDS",
         help="DNS + TCP connect (and proxy CONNECT) deadline (default 30)",
     )
     parser.add_argument(
         "--tls-handshake-timeout",
-        type=_seconds,
+        type=arguments.seconds(),
         default=None,
         metavar="SECONDS",
         help="TLS handshake deadline (default 10)",
     )
     parser.add_argument(
         "--response-header-timeout",
-        type=_seconds,
+        type=arguments.seconds(),
         default=None,
         metavar="SECONDS",
         help="deadline from sending a request to the end of the response headers (default 30)",
     )
     parser.add_argument(
         "--max-resumes",
-        type=_count,
+        type=arguments.whole_number(),
         default=None,
         metavar="N",
         help="how many times one blob transfer may resume after a network failure (default 10)",
     )
     parser.add_argument(
         "--stall-timeout",
-        type=_seconds,
+        type=arguments.seconds(),
         default=None,
         metavar="SECONDS",
         help="a body read that gets no byte for this long fails (default 30)",
@@ -176,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_inspect_parser(sub, _add_global_flags)
     add_layers_parser(sub, _add_global_flags)
     add_copy_parser(sub, _add_global_flags)
-    add_cache_parser(sub, _byte_size)
+    add_cache_parser(sub, arguments.byte_size)
     return parser
 
 

@@ -19,32 +19,13 @@ import trio
 from protocol.client.pull import DEFAULT_CONCURRENCY, DEFAULT_RETRIES, PulledImage, pull
 from protocol.client.tasks import failing_fast
 from protocol.errors import ProxyError
+from proxy.commands import arguments
 from proxy.commands.destination import DestinationError, parse_destination
 from proxy.commands.progress import JsonProgress, Progress, TerminalProgress, progress_for
 from proxy.commands.proxy_access import add_proxy_flags, check_proxy_socket_flags, open_proxy, report_error
 
 #: how often the bars are redrawn when no event comes (a stall's counter keeps moving)
 TICK = 0.5
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
-    if not 1 <= value <= 64:
-        raise argparse.ArgumentTypeError(f"must be from 1 to 64, not {text!r}")
-    return value
-
-
-def _retries(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
-    if not 0 <= value <= 10:
-        raise argparse.ArgumentTypeError(f"must be from 0 to 10, not {text!r}")
-    return value
 
 
 def add_copy_parser(sub: argparse._SubParsersAction, add_global_flags: Callable[..., None]) -> None:
@@ -61,13 +42,13 @@ def add_copy_parser(sub: argparse._SubParsersAction, add_global_flags: Callable[
     p.add_argument(
         "-j",
         "--jobs",
-        type=_positive,
+        type=arguments.whole_number(1, 64, "--jobs"),
         default=DEFAULT_CONCURRENCY,
         help=f"blobs fetched at once ({DEFAULT_CONCURRENCY})",
     )
     p.add_argument(
         "--retries",
-        type=_retries,
+        type=arguments.whole_number(0, 10, "--retries"),
         default=DEFAULT_RETRIES,
         help=f"fetch a blob again this often after a retryable failure ({DEFAULT_RETRIES})",
     )
