@@ -38,8 +38,8 @@ def registry_settings_from_args(args: argparse.Namespace, conf: DaemonConfig) ->
         return default if value is None else value
 
     settings = RegistrySettings(
-        tls_verify=getattr(args, "tls_verify", None) is not False,
-        cert_dir=getattr(args, "cert_dir", None),
+        tls_verify=args.tls_verify is not False,
+        cert_dir=args.cert_dir,
         user_agent=agent,
         timeouts=Timeouts(
             connect=pick("connect_timeout", 30.0),
@@ -59,12 +59,12 @@ def registry_settings_from_args(args: argparse.Namespace, conf: DaemonConfig) ->
 
 def credentials_from_args(args: argparse.Namespace, registries: RegistriesConf) -> CredentialSource:
     return CredentialSource.from_options(
-        authfile=getattr(args, "authfile", None),
-        creds=getattr(args, "creds", None),
-        username=getattr(args, "username", None),
-        password=getattr(args, "password", None),
-        registry_token=getattr(args, "registry_token", None),
-        no_creds=getattr(args, "no_creds", False),
+        authfile=args.authfile,
+        creds=args.creds,
+        username=args.username,
+        password=args.password,
+        registry_token=args.registry_token,
+        no_creds=args.no_creds,
         credential_helpers=registries.credential_helpers,
     )
 
@@ -73,10 +73,10 @@ def policy_from_args(args: argparse.Namespace) -> ImagePolicy:
     """``--policy``, ``--insecure-policy``, ``--require-signed``, ``--registries.d``. A policy that cannot be read
     makes every OpenImage fail with the reason (skopeo's text when there is no policy.json at all)."""
     policy = ImagePolicy.from_flags(
-        policy_path=getattr(args, "policy", None),
-        insecure=getattr(args, "insecure_policy", False),
-        require_signed=getattr(args, "require_signed", False),
-        registries_d=getattr(args, "registries_d", None),
+        policy_path=args.policy,
+        insecure=args.insecure_policy,
+        require_signed=args.require_signed,
+        registries_d=args.registries_d,
     )
     for problem in (policy.error, policy.registries_d_error):
         if problem is not None:
@@ -107,16 +107,16 @@ def options_from_args(
     daemon's config file as already read (read here otherwise): one reading per start or reload, so a file edited
     meanwhile cannot mix two versions."""
     if conf is None:
-        conf = load_daemon_conf(getattr(args, "config", None))
+        conf = load_daemon_conf(args.config)
     registry = registry_settings_from_args(args, conf)
     return ProxyOptions(
         limits=limits_from_conf(conf, base_limits if base_limits is not None else SessionLimits()),
-        blob_cache=getattr(args, "blob_cache", None),
-        blob_cache_max=getattr(args, "blob_cache_max", None),
+        blob_cache=args.blob_cache,
+        blob_cache_max=args.blob_cache_max,
         registry=registry,
         credentials=credentials_from_args(args, registry.registries),
         source_options=SourceOptions(
-            tmpdir=args.tmpdir or None, shared_blob_dir=getattr(args, "shared_blob_dir", None)
+            tmpdir=args.tmpdir or None, shared_blob_dir=args.shared_blob_dir
         ),
         policy=policy_from_args(args),
         override_os=args.override_os,
