@@ -115,9 +115,7 @@ def options_from_args(
         blob_cache_max=args.blob_cache_max,
         registry=registry,
         credentials=credentials_from_args(args, registry.registries),
-        source_options=SourceOptions(
-            tmpdir=args.tmpdir or None, shared_blob_dir=args.shared_blob_dir
-        ),
+        source_options=SourceOptions(tmpdir=args.tmpdir or None, shared_blob_dir=args.shared_blob_dir),
         policy=policy_from_args(args),
         override_os=args.override_os,
         override_arch=args.override_arch,
