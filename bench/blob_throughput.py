@@ -1,34 +1,35 @@
 #!/usr/bin/env python3
-"""GetBlob throughput of a large blob from a real docker-registry on loopback: our proxy against skopeo's.
+"""GetBlob throughput of a large blob from a real docker-registry on loopback: our proxy against skopeo's, over
+plain HTTP, over TLS, and ours filling an empty blob cache.
 
-Set-up: a docker-registry on 127.0.0.1 with a temporary storage directory, an OCI layout holding one image whose
-only layer is ``--size-mib`` MiB of random (incompressible) bytes in a tar, wrapped in gzip level 0 (stored
-blocks: no compression work anywhere, and skopeo pushes it unchanged), pushed with ``skopeo copy``.
+Set-up: an OCI layout holding one image whose only layer is ``--size-mib`` MiB of random (incompressible) bytes in
+a tar, wrapped in gzip level 0 (stored blocks: no compression work anywhere, and skopeo pushes it unchanged),
+pushed with ``skopeo copy`` to a plain-HTTP docker-registry and to a TLS one (self-signed certificate made with
+the ``openssl`` CLI), both on 127.0.0.1 and sharing nothing, as the paths need (``--paths``).
 
-Each round spawns a server over a ``SOCK_SEQPACKET`` socketpair (the socket on its stdin), ours then skopeo's,
-and runs Initialize, OpenImage, GetBlob, FinishPipe with a small synchronous client: the pipe fd is drained by a
-thread (large reads, SHA-256 of every byte) while the main thread waits for the FinishPipe reply. See
-bench/README.md for what each number means.
+Each round spawns servers over a ``SOCK_SEQPACKET`` socketpair (the socket on its stdin), for every path ours
+then skopeo's, and runs Initialize, OpenImage, GetBlob, FinishPipe with a small synchronous client: the pipe fd is
+drained by a thread (large reads, SHA-256 of every byte) while the main thread waits for the FinishPipe reply.
+The cache paths run ours with ``--blob-cache`` of a new empty directory and check that the blob landed in it.
+See bench/README.md for what each number means.
 
-Run from the repository root: ``python bench/blob_throughput.py [--size-mib 1024] [--rounds 3]``.
+Run from the repository root: ``python bench/blob_throughput.py [--size-mib 1024] [--rounds 3] [--paths tls]``.
 Only the standard library is used; ``--py-spy-out`` needs py-spy (``pip install py-spy``).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import contextlib
 import shutil
-import subprocess
+import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from common import (
-    GB,
-    MB,
     MIB,
     REPO_ROOT,
     REPOSITORY,
@@ -36,15 +37,23 @@ from common import (
     TRANSFER_METRICS,
     BlobTransfer,
     Layer,
+    ReferenceRun,
     RunningRegistry,
     build_layout,
+    describe_tree,
     docker_registry,
+    find_cached_blob,
     measure_get_blob,
     median_range,
     push,
     ratio_of_medians,
+    ref_hashlib,
+    ref_http_read,
+    reference_argv,
     report_header,
+    run_reference,
     start_bench,
+    tls_parameters,
     write_report,
 )
 
@@ -55,148 +64,398 @@ BEGIN_MARK = "<!-- blob_throughput.py: begin -->"
 END_MARK = "<!-- blob_throughput.py: end -->"
 
 
-def server_argv(name: str) -> list[str]:
+@dataclass(frozen=True)
+class BenchPath:
+    """One row of the report: what ours does, and which skopeo run it is compared with."""
+
+    name: str
+    tls: bool  # the TLS registry (else the plain-HTTP one)
+    cache: bool  # ours runs with --blob-cache of a new empty directory (skopeo has no cache)
+    base: str | None  # for a cache path: the uncached path on the same registry (its skopeo column, its baseline)
+    what: str
+
+    @property
+    def skopeo_path(self) -> str:
+        """The path whose skopeo runs fill this row's skopeo column."""
+        return self.base or self.name
+
+
+#: every path, in report order
+PATHS: dict[str, BenchPath] = {
+    p.name: p
+    for p in (
+        BenchPath("plain", False, False, None, "GetBlob from the plain-HTTP registry"),
+        BenchPath("tls", True, False, None, "GetBlob from the TLS registry (both servers `--tls-verify=false`)"),
+        BenchPath(
+            "tls-cache",
+            True,
+            True,
+            "tls",
+            "ours with `--blob-cache DIR`, DIR a new empty directory each round, over TLS: the pull downloads into the "
+            "cache while serving the pipe. skopeo has no such cache: **its column is skopeo's `tls` run**",
+        ),
+        BenchPath(
+            "plain-cache",
+            False,
+            True,
+            "plain",
+            "as `tls-cache` over plain HTTP; **the skopeo column is skopeo's `plain` run**",
+        ),
+    )
+}
+
+#: what a cache path must reach against its uncached baseline and against skopeo (throughput, ratio of medians)
+CACHE_TARGETS = {"tls-cache": (0.9, 2.0)}
+
+
+def server_argv(name: str, cache: Path | None = None) -> list[str]:
     if name == OURS:
-        return [sys.executable, "-m", "proxy", "experimental-image-proxy", "--tls-verify=false"]
+        argv = [sys.executable, "-m", "proxy", "experimental-image-proxy", "--tls-verify=false"]
+        return [*argv, "--blob-cache", str(cache)] if cache is not None else argv
     return ["skopeo", "experimental-image-proxy", "--tls-verify=false"]
+
+
+def measured_paths(selected: Sequence[str]) -> list[str]:
+    """The paths to measure, in report order: the selected ones and the bases of the selected cache paths."""
+    wanted = set(selected) | {PATHS[name].base for name in selected if PATHS[name].base}
+    return [name for name in PATHS if name in wanted]
 
 
 # ------------------------------------------------------------------------------------------- measurements
 
 
 @dataclass
-class ReferenceRun:
-    name: str
-    round: int
-    bytes: int
-    wall: float
-    cpu: float  # the command's user + system CPU (wait4 rusage)
+class Run:
+    """One measured server process: which path, which server, the transfer, and for a cache path the entry found."""
 
-    @property
-    def mb_s(self) -> float:
-        return self.bytes / MB / self.wall
+    path: str
+    server: str
+    transfer: BlobTransfer
+    cache_entry: str = ""  # the cache file, relative to the cache directory
 
 
-def run_server(
-    name: str,
-    round_no: int,
-    registry: RunningRegistry,
-    layer: Layer,
-    workdir: Path,
-    args: argparse.Namespace,
-    argv: Sequence[str] | None = None,
-) -> BlobTransfer:
-    run = measure_get_blob(
-        name,
-        round_no,
-        argv or server_argv(name),
-        registry.authority,
-        registry,
-        layer,
-        workdir,
-        args.read_size_kib * 1024,
-        not args.no_hash,
-        args.timeout,
-    )
-    if args.verbose:
-        print(f"  {name} (protocol {run.protocol}) round {round_no}: {run.mb_s:.0f} MB/s", flush=True)
-    return run
+class Bench:
+    """The registries, the layer and the options of one run: runs servers and references."""
+
+    def __init__(
+        self, registries: dict[bool, RunningRegistry], layer: Layer, workdir: Path, args: argparse.Namespace
+    ) -> None:
+        self.registries = registries  # by tls
+        self.layer = layer
+        self.workdir = workdir
+        self.args = args
+
+    def run_server(
+        self, path: str, server: str, round_no: int, wrap: Callable[[list[str]], list[str]] | None = None
+    ) -> Run:
+        """One GetBlob of ``server`` on ``path``; for ours on a cache path, with a new empty cache directory that is
+        checked to hold the blob afterwards (the bench fails if not), then removed. ``wrap`` changes the argv."""
+        spec = PATHS[path]
+        registry = self.registries[spec.tls]
+        cache = self.workdir / f"cache-{path}-{round_no}" if spec.cache and server == OURS else None
+        if cache is not None:
+            cache.mkdir()
+        try:
+            argv = server_argv(server, cache)
+            transfer = measure_get_blob(
+                f"{path}, {server}",
+                round_no,
+                wrap(argv) if wrap else argv,
+                registry.authority,
+                registry,
+                self.layer,
+                self.workdir,
+                self.args.read_size_kib * 1024,
+                not self.args.no_hash,
+                self.args.timeout,
+            )
+            entry = ""
+            if cache is not None:
+                found = find_cached_blob(cache, self.layer)
+                if found is None:
+                    raise RuntimeError(
+                        f"{path} round {round_no}: no file named after {self.layer.digest} of {self.layer.size:,} "
+                        f"bytes in the cache directory {cache} after our server exited; it holds:\n"
+                        f"{describe_tree(cache)}"
+                    )
+                entry = str(found.relative_to(cache))
+        finally:
+            if cache is not None:
+                shutil.rmtree(cache, ignore_errors=True)
+        if self.args.verbose:
+            cached = f", cache entry {entry}" if entry else ""
+            speed = f"{transfer.mb_s:.0f} MB/s{cached}"
+            print(f"  {path} {server} (protocol {transfer.protocol}) round {round_no}: {speed}", flush=True)
+        return Run(path, server, transfer, entry)
+
+    def references(self, round_no: int) -> list[ReferenceRun]:
+        """The reference commands of one round: over the layer file, and over each registry in use."""
+        layer, size = self.layer, self.layer.size
+        refs = [
+            run_reference("`sha256sum` of the layer file", round_no, ["sha256sum", str(layer.path)], size),
+            run_reference(
+                "Python `hashlib.sha256` of the layer file, 1 MiB `readinto`",
+                round_no,
+                reference_argv(ref_hashlib, str(layer.path), layer.digest),
+                size,
+            ),
+        ]
+        for tls, registry in sorted(self.registries.items()):
+            url = registry.blob_url(layer.digest)
+            transport = "TLS" if tls else "plain HTTP"
+            if curl := curl_argv(registry, layer):
+                name = f"`curl -s{' -k --http1.1' if tls else ''} -o /dev/null` of the blob URL, {transport}"
+                refs.append(run_reference(name, round_no, curl, size))
+            loop = "a blocking `ssl.SSLSocket`" if tls else "a blocking socket"
+            refs.append(
+                run_reference(
+                    f"Python read loop, {transport}: {loop}, `recv_into` 1 MiB",
+                    round_no,
+                    reference_argv(ref_http_read, url),
+                    size,
+                )
+            )
+            refs.append(
+                run_reference(
+                    f"Python read loop, {transport}, + `hashlib.sha256` inline",
+                    round_no,
+                    reference_argv(ref_http_read, url, "--hash"),
+                    size,
+                )
+            )
+        return refs
+
+    def profile_ours(self, path: str) -> None:
+        """One extra, unmeasured transfer of ours on ``path`` under ``py-spy record`` (collapsed stacks or a flame
+        graph)."""
+        py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        out = Path(self.args.py_spy_out).resolve()
+        fmt = "flamegraph" if out.suffix == ".svg" else "raw"
+        run = self.run_server(
+            path,
+            OURS,
+            0,
+            wrap=lambda argv: [py_spy, "record", "--rate", "250", "--format", fmt, "--output", str(out), "--", *argv],
+        )
+        print(f"py-spy: {path}, {run.transfer.mb_s:.0f} MB/s under the profiler, profile in {out}", flush=True)
 
 
-def run_reference(name: str, round_no: int, argv: Sequence[str], size: int) -> ReferenceRun:
-    start = time.perf_counter()
-    process = subprocess.Popen(list(argv), stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(process.pid, 0)
-    wall = time.perf_counter() - start
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} exited with {process.returncode}")
-    return ReferenceRun(name, round_no, size, wall, usage.ru_utime + usage.ru_stime)
+def curl_argv(registry: RunningRegistry, layer: Layer) -> list[str] | None:
+    curl = shutil.which("curl")
+    if curl is None:
+        return None
+    tls = ["-k", "--http1.1"] if registry.tls else []  # the registry offers h2; ours and the Python loop speak 1.1
+    return [curl, "-s", "-f", *tls, "-o", "/dev/null", registry.blob_url(layer.digest)]
 
 
-def profile_ours(registry: RunningRegistry, layer: Layer, workdir: Path, args: argparse.Namespace) -> None:
-    """One extra, unmeasured transfer with our server under ``py-spy record`` (collapsed stacks / flamegraph)."""
-    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    out = Path(args.py_spy_out).resolve()
-    fmt = "flamegraph" if out.suffix == ".svg" else "raw"
-    argv = [py_spy, "record", "--rate", "250", "--format", fmt, "--output", str(out), "--", *server_argv(OURS)]
-    run = run_server(OURS, 0, registry, layer, workdir, args, argv=argv)
-    print(f"py-spy: {run.mb_s:.0f} MB/s under the profiler, profile in {out}", flush=True)
+def warm_up(registry: RunningRegistry, layer: Layer) -> None:
+    """One read of the blob through the registry: its storage file into the page cache, and a check that the
+    registry serves it (curl, or the Python read loop without curl)."""
+    argv = curl_argv(registry, layer) or reference_argv(ref_http_read, registry.blob_url(layer.digest), "--hash")
+    run_reference("warm-up", 0, argv, layer.size)
 
 
 # ------------------------------------------------------------------------------------------- report
 
 
+def _values(runs: list[Run], path: str, server: str, get: Callable[[BlobTransfer], float]) -> list[float]:
+    return [get(r.transfer) for r in runs if r.path == path and r.server == server]
+
+
+def _mb_s(r: BlobTransfer) -> float:
+    return r.mb_s
+
+
+def _cpu_s_gb(r: BlobTransfer) -> float:
+    return r.per_gb(r.server_cpu)
+
+
+def _hwm_mib(r: BlobTransfer) -> float:
+    return r.server_hwm / MIB
+
+
 def render(
-    runs: list[BlobTransfer], refs: list[ReferenceRun], layer: Layer, args: argparse.Namespace, machine: dict[str, str]
+    runs: list[Run],
+    refs: list[ReferenceRun],
+    paths: list[str],
+    layer: Layer,
+    registries: dict[bool, RunningRegistry],
+    tls_info: str,
+    args: argparse.Namespace,
+    machine: dict[str, str],
 ) -> str:
     hashing = "off (--no-hash)" if args.no_hash else "on (SHA-256 of every byte, checked against the digest)"
+    order = ", ".join(f"{r.path} {r.server}" for r in runs if r.transfer.round == 1)
     lines = [
         BEGIN_MARK,
         "# GetBlob throughput: image-proxy vs skopeo experimental-image-proxy",
         "",
         *report_header(machine),
-        f"- blob: {layer.size:,} bytes ({args.size_mib} MiB of random bytes in a tar, gzip level 0), "
-        f"docker-registry on 127.0.0.1 (plain HTTP, filesystem storage, page cache warm)",
-        f"- rounds: {args.rounds}, alternating {OURS}, {SKOPEO}, {OURS}, {SKOPEO}, ...; "
-        f"client read size {args.read_size_kib} KiB; client hashing {hashing}",
+        f"- blob: {layer.size:,} bytes ({args.size_mib} MiB of random bytes in a tar, gzip level 0)",
+        "- registries: docker-registry on 127.0.0.1, filesystem storage, the image pushed with `skopeo copy` to "
+        "each (they share nothing), page cache warm: "
+        + "; ".join(
+            f"TLS on :{reg.port} (self-signed P-256 certificate from `openssl req -x509`; {tls_info} with Python's "
+            "default client context, which ours and the Python references use; skopeo's Go client may pick "
+            "another suite)"
+            if tls
+            else f"plain HTTP on :{reg.port}"
+            for tls, reg in sorted(registries.items())
+        ),
+        f"- servers: {OURS} `python -m proxy experimental-image-proxy --tls-verify=false` (cache paths: "
+        f"`--blob-cache DIR`), {SKOPEO} `skopeo experimental-image-proxy --tls-verify=false`",
+        f"- rounds: {args.rounds}, each in this order: {order}; client read size {args.read_size_kib} KiB; "
+        f"client hashing {hashing}",
+        "- paths:",
+        *(f"  - `{name}`: {PATHS[name].what}" for name in paths),
         "- **the machine is shared and noisy**: treat differences under ~10-15 % as noise; the min to max ranges show "
         "the spread",
         "",
-        "Median (min to max) over the rounds; ratio = ours / skopeo of the medians.",
+        "## Summary",
         "",
-        f"| metric | {OURS} | {SKOPEO} | ratio |",
-        "|---|---:|---:|---:|",
+        "Medians over the rounds; ratio = ours / skopeo of the median throughputs (above 1: ours is faster).",
+        "",
+        "| path | skopeo MB/s | ours MB/s | ratio | ours server CPU s/GB | ours peak RSS MiB |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
-    for label, fmt, get in TRANSFER_METRICS:
-        ours = [get(r) for r in runs if r.case == OURS]
-        theirs = [get(r) for r in runs if r.case == SKOPEO]
-        ratio = ratio_of_medians(ours, theirs)
-        lines.append(f"| {label} | {median_range(ours, fmt)} | {median_range(theirs, fmt)} | {ratio} |")
+    for name in paths:
+        spec = PATHS[name]
+        ours = _values(runs, name, OURS, _mb_s)
+        theirs = _values(runs, spec.skopeo_path, SKOPEO, _mb_s)
+        label = f"{name} (skopeo: its {spec.base} run)" if spec.base else name
+        lines.append(
+            f"| {label} | {statistics.median(theirs):.0f} | {statistics.median(ours):.0f} "
+            f"| {ratio_of_medians(ours, theirs)} | {statistics.median(_values(runs, name, OURS, _cpu_s_gb)):.2f} "
+            f"| {statistics.median(_values(runs, name, OURS, _hwm_mib)):.1f} |"
+        )
+    for name in paths:
+        spec = PATHS[name]
+        if not spec.base:
+            continue
+        ours = _values(runs, name, OURS, _mb_s)
+        to_base = ratio_of_medians(ours, _values(runs, spec.base, OURS, _mb_s))
+        to_skopeo = ratio_of_medians(ours, _values(runs, spec.base, SKOPEO, _mb_s))
+        targets = CACHE_TARGETS.get(name)
+        lines += [
+            "",
+            f"`{name}` throughput: ours with an empty cache / ours `{spec.base}` without cache = "
+            f"**{to_base}**{_verdict(to_base, targets[0] if targets else None)}; / skopeo `{spec.base}` = "
+            f"**{to_skopeo}**{_verdict(to_skopeo, targets[1] if targets else None)}.",
+        ]
+    for name in paths:
+        lines += ["", *_path_table(runs, name)]
     if refs:
-        lines += ["", "References (same blob, same rounds):", "", "| reference | MB/s | CPU s/GB |", "|---|---:|---:|"]
+        lines += [
+            "",
+            "## References",
+            "",
+            "Same blob, same rounds; each a separate process, its CPU from `wait4` (the Python ones include "
+            "interpreter start-up, about 0.03 s).",
+            "",
+            "| reference | MB/s | CPU s/GB |",
+            "|---|---:|---:|",
+        ]
         for name in dict.fromkeys(r.name for r in refs):
             mine = [r for r in refs if r.name == name]
-            cpu = [r.cpu / (r.bytes / GB) for r in mine]
+            cpu = [r.cpu_s_gb for r in mine]
             lines.append(f"| {name} | {median_range([r.mb_s for r in mine], '.0f')} | {median_range(cpu, '.2f')} |")
     lines += [
         "",
-        "Every round:",
+        "## Every round",
         "",
-        "| round | server | MB/s | wall s | server CPU s | whole-process CPU s | peak RSS MiB | client CPU s "
+        "| round | path | server | MB/s | wall s | server CPU s | whole-process CPU s | peak RSS MiB | client CPU s "
         "| registry CPU s |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in runs:
+    for run in runs:
+        r = run.transfer
         lines.append(
-            f"| {r.round} | {r.case} | {r.mb_s:.0f} | {r.wall:.2f} | {r.server_cpu:.2f} | {r.server_cpu_total:.2f} "
-            f"| {r.server_hwm / MIB:.1f} | {r.client_cpu:.2f} | {r.registry_cpu:.2f} |"
+            f"| {r.round} | {run.path} | {run.server} | {r.mb_s:.0f} | {r.wall:.2f} | {r.server_cpu:.2f} "
+            f"| {r.server_cpu_total:.2f} | {r.server_hwm / MIB:.1f} | {r.client_cpu:.2f} | {r.registry_cpu:.2f} |"
         )
+    entries = sorted({r.cache_entry for r in runs if r.cache_entry})
+    if entries:
+        lines += [
+            "",
+            f"Cache paths: after every round of ours the cache directory held the blob ({layer.size:,} bytes) as "
+            + ", ".join(f"`DIR/{e}`" for e in entries)
+            + "; the directory was removed after the round.",
+        ]
     lines += ["", "Produced by `python bench/blob_throughput.py`; see bench/README.md.", END_MARK, ""]
     return "\n".join(lines)
+
+
+def _verdict(ratio: str, target: float | None) -> str:
+    if target is None:
+        return ""
+    met = ratio != "n/a" and float(ratio) >= target
+    return f" (target ≥ {target:g}: {'met' if met else '**not met**'})"
+
+
+def _path_table(runs: list[Run], name: str) -> list[str]:
+    """The metrics of one path: ours, skopeo, their ratio, and for a cache path the ratio to uncached ours."""
+    spec = PATHS[name]
+    header = f"| metric | {OURS} | {SKOPEO} | ratio |"
+    rule = "|---|---:|---:|---:|"
+    if spec.base:
+        header += f" ours / ours `{spec.base}` |"
+        rule += "---:|"
+    lines = [f"## `{name}`: {spec.what}", "", header, rule]
+    for label, fmt, get in TRANSFER_METRICS:
+        ours = _values(runs, name, OURS, get)
+        theirs = _values(runs, spec.skopeo_path, SKOPEO, get)
+        ratio = ratio_of_medians(ours, theirs)
+        row = f"| {label} | {median_range(ours, fmt)} | {median_range(theirs, fmt)} | {ratio} |"
+        if spec.base:
+            row += f" {ratio_of_medians(ours, _values(runs, spec.base, OURS, get))} |"
+        lines.append(row)
+    return lines
 
 
 # ------------------------------------------------------------------------------------------- main
 
 
+def _path_list(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in PATHS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown path(s) {', '.join(unknown)}; choose from {', '.join(PATHS)}")
+    return list(dict.fromkeys(names))
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--size-mib", type=int, default=1024, help="layer content size in MiB (default 1024)")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds; each runs ours then skopeo (default 3)")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="rounds; each runs every path, ours then skopeo (default 3)"
+    )
+    parser.add_argument(
+        "--paths",
+        type=_path_list,
+        default=list(PATHS),
+        help=f"comma list of paths to measure (default all: {','.join(PATHS)}); a cache path also measures its "
+        "uncached base (tls-cache: tls)",
+    )
     parser.add_argument(
         "--out", default=str(REPO_ROOT / "bench" / "RESULTS.md"), help="Markdown file whose section to write"
     )
     parser.add_argument("--read-size-kib", type=int, default=1024, help="client read size per read (default 1024)")
     parser.add_argument("--no-hash", action="store_true", help="do not SHA-256 the bytes in the client")
-    parser.add_argument("--no-references", action="store_true", help="skip the sha256sum and curl references")
+    parser.add_argument("--no-references", action="store_true", help="skip the reference commands")
     parser.add_argument("--timeout", type=float, default=600.0, help="bound on every reply and on the drain, s")
     parser.add_argument("--workdir", help="where to put the layout and registry storage (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("--py-spy-out", help="after the rounds, profile one transfer of ours with py-spy into FILE")
+    parser.add_argument(
+        "--profile-path", choices=list(PATHS), help="the path --py-spy-out profiles (default: the first of --paths)"
+    )
     parser.add_argument("-q", "--quiet", dest="verbose", action="store_false", help="no progress lines")
     args = parser.parse_args(argv)
     if args.size_mib < 1 or args.rounds < 1 or args.read_size_kib < 1:
         parser.error("--size-mib, --rounds and --read-size-kib must be positive")
+    args.profile_path = args.profile_path or args.paths[0]
+    if args.profile_path not in measured_paths(args.paths):
+        parser.error(f"--profile-path {args.profile_path} is not among the measured paths")
     return args
 
 
@@ -205,37 +464,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench = start_bench(args.workdir, "blob-bench-", args.verbose)
     if bench is None:
         return 2
+    if any(PATHS[name].tls for name in args.paths) and shutil.which("openssl") is None:
+        print("openssl is required for the TLS paths (apt-get install openssl)", file=sys.stderr)
+        return 2
     machine, workdir, progress = bench.machine, bench.workdir, bench.progress
+    paths = measured_paths(args.paths)
     try:
         started = time.perf_counter()
         layer, _ = build_layout(workdir / "layout", args.size_mib * MIB)
         progress(f"layout: {layer.size:,} bytes, {layer.digest} ({time.perf_counter() - started:.1f} s)")
-        with docker_registry(workdir / "registry") as registry:
-            started = time.perf_counter()
-            push(workdir / "layout", registry, args.timeout)
-            progress(f"pushed to {registry.authority}/{REPOSITORY}:{TAG} ({time.perf_counter() - started:.1f} s)")
-            curl = shutil.which("curl")
-            curl_argv = [curl, "-s", "-f", "-o", "/dev/null", registry.blob_url(layer.digest)] if curl else None
-            if curl_argv:  # warm the registry's page cache and check the blob is served
-                run_reference("warm-up", 0, curl_argv, layer.size)
-            runs: list[BlobTransfer] = []
+        with contextlib.ExitStack() as stack:
+            registries: dict[bool, RunningRegistry] = {}
+            for tls in sorted({PATHS[name].tls for name in paths}):
+                registry = stack.enter_context(docker_registry(workdir / ("registry-tls" if tls else "registry"), tls))
+                started = time.perf_counter()
+                push(workdir / "layout", registry, args.timeout)
+                warm_up(registry, layer)
+                progress(
+                    f"pushed to {registry.scheme}://{registry.authority}/{REPOSITORY}:{TAG} and read back "
+                    f"({time.perf_counter() - started:.1f} s)"
+                )
+                registries[tls] = registry
+            tls_info = tls_parameters(registries[True]) if True in registries else ""
+            runner = Bench(registries, layer, workdir, args)
+            # by registry (plain first), uncached paths before cache paths; ours then skopeo on each uncached path
+            order = sorted(paths, key=lambda name: (PATHS[name].tls, PATHS[name].cache))
+            runs: list[Run] = []
             refs: list[ReferenceRun] = []
             for round_no in range(1, args.rounds + 1):
-                for name in (OURS, SKOPEO):
-                    runs.append(run_server(name, round_no, registry, layer, workdir, args))
+                for name in order:
+                    runs.append(runner.run_server(name, OURS, round_no))
+                    if not PATHS[name].cache:
+                        runs.append(runner.run_server(name, SKOPEO, round_no))
                 if not args.no_references:
-                    refs.append(
-                        run_reference(
-                            "sha256sum of the layer file", round_no, ["sha256sum", str(layer.path)], layer.size
-                        )
-                    )
-                    if curl_argv:
-                        refs.append(
-                            run_reference("curl -s -o /dev/null of the blob URL", round_no, curl_argv, layer.size)
-                        )
+                    refs += runner.references(round_no)
             if args.py_spy_out:
-                profile_ours(registry, layer, workdir, args)
-        report = render(runs, refs, layer, args, machine)
+                runner.profile_ours(args.profile_path)
+        report = render(runs, refs, paths, layer, registries, tls_info, args, machine)
         write_report(Path(args.out), report, BEGIN_MARK, END_MARK)
         print(report)
         return 0

@@ -1,6 +1,10 @@
-"""Shared parts of the benchmarks: a docker-registry on loopback, the one-layer image pushed into it, a small
-synchronous client of the proxy protocol over a ``SOCK_SEQPACKET`` socketpair, a pipe drain, /proc readers, one
-measured GetBlob, the start of every bench's ``main()`` and the report helpers. Standard library only.
+"""Shared parts of the benchmarks: a docker-registry on loopback (plain HTTP or TLS with a self-signed certificate),
+the one-layer image pushed into it, a small synchronous client of the proxy protocol over a ``SOCK_SEQPACKET``
+socketpair, a pipe drain, /proc readers, one measured GetBlob, the reference programs (a hashlib loop over a file, a
+blocking HTTP(S) read loop), the start of every bench's ``main()`` and the report helpers. Standard library only.
+
+The reference programs also run on their own: ``python bench/common.py ref-hashlib FILE [DIGEST]`` and
+``python bench/common.py ref-http-read URL [--hash]`` (see ``reference_argv``).
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ import contextlib
 import datetime
 import hashlib
 import http.client
+import inspect
 import json
 import os
 import platform
@@ -17,6 +22,7 @@ import resource
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -85,13 +91,18 @@ class RunningRegistry:
     process: subprocess.Popen[bytes]
     port: int
     log: Path
+    tls: bool = False  # HTTPS with a self-signed certificate (clients must not verify it)
 
     @property
     def authority(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls else "http"
+
     def blob_url(self, digest: str) -> str:
-        return f"http://{self.authority}/v2/{REPOSITORY}/blobs/{digest}"
+        return f"{self.scheme}://{self.authority}/v2/{REPOSITORY}/blobs/{digest}"
 
 
 def free_port() -> int:
@@ -102,8 +113,20 @@ def free_port() -> int:
         return port
 
 
-def _answers(port: int) -> bool:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+def unverified_tls_context() -> ssl.SSLContext:
+    """A client context that checks neither the certificate nor the host name (the registry's is self-signed)."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _answers(port: int, tls: bool) -> bool:
+    conn: http.client.HTTPConnection
+    if tls:
+        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=2, context=unverified_tls_context())
+    else:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
     try:
         conn.request("GET", "/v2/")
         return conn.getresponse().status == 200
@@ -113,18 +136,64 @@ def _answers(port: int) -> bool:
         conn.close()
 
 
+def tls_parameters(registry: RunningRegistry) -> str:
+    """The TLS version and cipher suite a Python client with the default context (as our server and the Python
+    references use) negotiates with ``registry``, e.g. ``TLSv1.3, TLS_AES_256_GCM_SHA384``."""
+    with (
+        socket.create_connection(("127.0.0.1", registry.port), timeout=10) as raw,
+        unverified_tls_context().wrap_socket(raw, server_hostname="127.0.0.1") as sock,
+    ):
+        cipher = sock.cipher()
+        return f"{sock.version()}, {cipher[0] if cipher else 'unknown'}"
+
+
+def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
+    """A self-signed ECDSA P-256 certificate for IP 127.0.0.1, valid 2 days, made with the ``openssl`` CLI in
+    ``directory``. Returns (certificate, key), both PEM."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    argv = [
+        shutil.which("openssl") or "openssl",
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-addext",
+        "subjectAltName=IP:127.0.0.1",
+        "-keyout",
+        str(key),
+        "-out",
+        str(cert),
+    ]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed ({result.returncode}): {result.stderr.strip()}")
+    return cert, key
+
+
 @contextlib.contextmanager
-def docker_registry(workdir: Path) -> Iterator[RunningRegistry]:
-    """A plain-HTTP, no-auth docker-registry on 127.0.0.1 storing under ``workdir`` until the block ends."""
+def docker_registry(workdir: Path, tls: bool = False) -> Iterator[RunningRegistry]:
+    """A no-auth docker-registry on 127.0.0.1 storing under ``workdir`` until the block ends: plain HTTP, or with
+    ``tls`` HTTPS only, with a self-signed certificate made in ``workdir`` (see ``self_signed_certificate``)."""
     binary = shutil.which("docker-registry") or "/usr/bin/docker-registry"
     storage = workdir / "storage"
     storage.mkdir(parents=True)
     port = free_port()
+    http_config: dict[str, Any] = {"addr": f"127.0.0.1:{port}", "secret": "bench-secret-not-for-production"}
+    if tls:
+        cert, key = self_signed_certificate(workdir)
+        http_config["tls"] = {"certificate": str(cert), "key": str(key)}
     config = {
         "version": 0.1,
         "log": {"level": "warn", "accesslog": {"disabled": True}},
         "storage": {"filesystem": {"rootdirectory": str(storage)}},
-        "http": {"addr": f"127.0.0.1:{port}", "secret": "bench-secret-not-for-production"},
+        "http": http_config,
     }
     config_path = workdir / "config.yml"  # YAML is a superset of JSON
     config_path.write_text(json.dumps(config))
@@ -134,11 +203,11 @@ def docker_registry(workdir: Path) -> Iterator[RunningRegistry]:
         process = subprocess.Popen([binary, "serve", str(config_path)], stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
         deadline = time.monotonic() + 30
-        while not _answers(port):
+        while not _answers(port, tls):
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"docker-registry did not start:\n{log.read_text(errors='replace')[-2000:]}")
             time.sleep(0.05)
-        yield RunningRegistry(process, port, log)
+        yield RunningRegistry(process, port, log, tls)
     finally:
         stop_process(process)
 
@@ -687,6 +756,167 @@ def measure_get_blob(
         client.close()
 
 
+# ------------------------------------------------------------------------------------------- the blob cache
+
+
+def find_cached_blob(cache: Path, layer: Layer) -> Path | None:
+    """The finished cache entry of ``layer`` under ``cache``: a regular file (any depth) whose name contains the
+    layer's hex digest, does not end with ``.partial`` and whose size is the layer's. ``proxy/cache/store.py`` keeps
+    it as ``DIR/blobs/sha256/<hex>``; the search does not depend on that layout. None if there is none."""
+    hexpart = layer.digest.split(":", 1)[1]
+    for path in sorted(cache.rglob(f"*{hexpart}*")):
+        if path.is_symlink() or not path.is_file() or path.name.endswith(".partial"):
+            continue
+        if path.stat().st_size == layer.size:
+            return path
+    return None
+
+
+def describe_tree(root: Path) -> str:
+    """Every file under ``root`` with its size, one a line (for error messages)."""
+    lines = [
+        f"  {path.relative_to(root)}" + ("/" if path.is_dir() else f": {path.lstat().st_size:,} bytes")
+        for path in sorted(root.rglob("*"))
+    ]
+    return "\n".join(lines) or "  (empty)"
+
+
+# ------------------------------------------------------------------------------------------- references
+
+
+@dataclass
+class ReferenceRun:
+    """One run of a reference command: its wall time and its CPU (``wait4`` rusage), over ``bytes``."""
+
+    name: str
+    round: int
+    bytes: int
+    wall: float
+    cpu: float  # the command's user + system CPU (wait4 rusage)
+    output: str = ""  # its stdout
+
+    @property
+    def mb_s(self) -> float:
+        return self.bytes / MB / self.wall
+
+    @property
+    def cpu_s_gb(self) -> float:
+        return self.cpu / (self.bytes / GB)
+
+
+def run_reference(name: str, round_no: int, argv: Sequence[str], size: int) -> ReferenceRun:
+    """Run ``argv`` (a reference moving ``size`` bytes) to its end: wall time, CPU from ``wait4``, stdout kept.
+    Fails if it exits with a non-zero status."""
+    start = time.perf_counter()
+    process = subprocess.Popen(list(argv), stdout=subprocess.PIPE)
+    assert process.stdout is not None
+    with process.stdout:
+        output = process.stdout.read()  # small (a digest or one JSON line); EOF when the command exits
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - start
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} exited with {process.returncode}")
+    return ReferenceRun(name, round_no, size, wall, usage.ru_utime + usage.ru_stime, output.decode(errors="replace"))
+
+
+# The reference programs below are self-contained (they import what they use) so that ``reference_argv`` can run
+# each one as ``python -S -c SOURCE``: the interpreter starts without site-packages and without this module's
+# imports, and the command's CPU is the program's own.
+
+
+def ref_hashlib(path: str, digest: str = "") -> None:
+    """Reference: SHA-256 of a file read with ``readinto`` into one 1 MiB buffer (from the page cache once warm).
+    Prints the digest; exits non-zero if it is not ``digest`` (when given)."""
+    import hashlib
+    import sys
+
+    hasher = hashlib.sha256()
+    view = memoryview(bytearray(1 << 20))
+    with open(path, "rb", buffering=0) as file:
+        while n := file.readinto(view):
+            hasher.update(view[:n])
+    got = f"sha256:{hasher.hexdigest()}"
+    print(got)
+    if digest and got != digest:
+        sys.exit(f"{path}: {got}, expected {digest}")
+
+
+def ref_http_read(url: str, *options: str) -> None:
+    """Reference: a blocking ``GET`` of ``url`` on a raw socket (for ``https``, an ``ssl.SSLSocket`` of an
+    unverified context), the body read with ``recv_into`` into one 1 MiB buffer until Content-Length bytes have
+    come. With ``--hash``, SHA-256 of the body inline, checked against the digest that ends the URL. Prints one JSON
+    line (body bytes, TLS version and cipher); exits non-zero on anything but a 200 with a Content-Length."""
+    import hashlib
+    import json
+    import socket
+    import ssl
+    import sys
+    from urllib.parse import urlsplit
+
+    hash_body = "--hash" in options
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or (443 if parts.scheme == "https" else 80)
+    sock = socket.create_connection((host, port))
+    if parts.scheme == "https":
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        sock = context.wrap_socket(sock, server_hostname=host)
+    request = (
+        f"GET {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\nUser-Agent: bench-reference\r\n"
+        "Accept-Encoding: identity\r\nConnection: close\r\n\r\n"
+    )
+    sock.sendall(request.encode())
+    view = memoryview(bytearray(1 << 20))
+    head = bytearray()  # the response head, and whatever of the body came with it
+    while (end := head.find(b"\r\n\r\n")) < 0:
+        if len(head) > 1 << 16:
+            sys.exit(f"{url}: no end of the response head in {len(head)} bytes")
+        n = sock.recv_into(view)
+        if not n:
+            sys.exit(f"{url}: connection closed in the response head")
+        head += view[:n]
+    status_line, *header_lines = head[:end].decode("latin-1").split("\r\n")
+    headers = {}
+    for line in header_lines:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    if status_line.split()[1:2] != ["200"]:
+        sys.exit(f"{url}: {status_line} (Location: {headers.get('location')})")
+    if "transfer-encoding" in headers or "content-length" not in headers:
+        sys.exit(f"{url}: no Content-Length ({headers})")
+    length = int(headers["content-length"])
+    body = head[end + 4 :]
+    if len(body) > length:
+        sys.exit(f"{url}: {len(body)} body bytes with the head, more than Content-Length {length}")
+    hasher = hashlib.sha256(body if hash_body else b"")
+    got = len(body)
+    while got < length:
+        n = sock.recv_into(view, min(len(view), length - got))
+        if not n:
+            sys.exit(f"{url}: connection closed after {got} of {length} body bytes")
+        if hash_body:
+            hasher.update(view[:n])
+        got += n
+    version = sock.version() if isinstance(sock, ssl.SSLSocket) else None
+    cipher = sock.cipher()[0] if isinstance(sock, ssl.SSLSocket) and sock.cipher() else None
+    sock.close()
+    if hash_body and f"sha256:{hasher.hexdigest()}" != parts.path.rsplit("/", 1)[1]:
+        sys.exit(f"{url}: body is sha256:{hasher.hexdigest()}")
+    print(json.dumps({"bytes": got, "tls_version": version, "cipher": cipher}))
+
+
+REFERENCE_PROGRAMS: dict[str, Callable[..., None]] = {"ref-hashlib": ref_hashlib, "ref-http-read": ref_http_read}
+
+
+def reference_argv(program: Callable[..., None], *args: str) -> list[str]:
+    """The command line running one of the reference programs above in a fresh interpreter, ``python -S -c`` with
+    the function's source (the same code ``python bench/common.py ref-...`` runs)."""
+    source = f"{inspect.getsource(program)}\nimport sys\n{program.__name__}(*sys.argv[1:])\n"
+    return [sys.executable, "-S", "-c", source, *args]
+
+
 # ------------------------------------------------------------------------------------------- the start of a bench
 
 
@@ -778,3 +1008,9 @@ def write_report(out: Path, report: str, begin_mark: str, end_mark: str) -> None
     else:
         text = (text.rstrip("\n") + "\n\n" if text else "") + report
     out.write_text(text)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1] not in REFERENCE_PROGRAMS:
+        sys.exit(f"usage: {sys.argv[0]} {{{','.join(REFERENCE_PROGRAMS)}}} ARGS...")
+    REFERENCE_PROGRAMS[sys.argv[1]](*sys.argv[2:])
