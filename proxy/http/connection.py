@@ -19,6 +19,7 @@ import select
 import ssl
 from collections.abc import Awaitable, Callable
 from types import TracebackType
+from typing import TypeVar
 
 import h11
 import trio
@@ -36,6 +37,7 @@ from .errors import (
 from .headers import HeaderInput, Headers, has, header_pairs
 from .proxies import ProxyURL, open_tunnel
 from .timeouts import Timeouts
+from .tls_stream import TLSStream, open_tls
 from .url import Origin
 
 #: bytes asked from the socket per read
@@ -46,6 +48,8 @@ RAW_BODY_MIN = 1 << 20
 MAX_HEAD_SIZE = 256 * 1024
 
 _METHODS_WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
+
+T = TypeVar("T")
 
 
 class Connection:
@@ -258,15 +262,29 @@ class Connection:
         self._raw_remaining = self._expected - self._body_received
 
     async def _read_raw_body(self, max_bytes: int) -> bytes:
-        assert self._raw_remaining is not None and self._response is not None
-        if self._raw_remaining == 0:
-            self._response.complete = True
-            self._broken = True  # h11 did not see the body: this connection cannot carry another request
+        if self._raw_body_ended():
             return b""
-        data = b""
+        return await self._receive_raw(self._stream.receive_some, min(max_bytes, READ_SIZE), len)
+
+    async def _read_raw_body_into(self, buffer: memoryview) -> int:
+        if self._raw_body_ended():
+            return 0
+        return await self._receive_raw(lambda n: receive_into(self._stream, buffer[:n]), len(buffer), int)
+
+    def _raw_body_ended(self) -> bool:
+        assert self._raw_remaining is not None and self._response is not None
+        if self._raw_remaining:
+            return False
+        self._response.complete = True
+        self._broken = True  # h11 did not see the body: this connection cannot carry another request
+        return True
+
+    async def _receive_raw(self, receive: Callable[[int], Awaitable[T]], limit: int, count: Callable[[T], int]) -> T:
+        """One read of at most ``limit`` of the body bytes still to come, past h11, within the stall deadline."""
+        assert self._raw_remaining is not None
         with trio.move_on_after(self.timeouts.stall):
             try:
-                data = await self._stream.receive_some(min(max_bytes, self._raw_remaining, READ_SIZE))
+                result = await receive(min(limit, self._raw_remaining))
             except trio.BrokenResourceError as e:
                 raise ConnectionLost(
                     self.host,
@@ -276,16 +294,32 @@ class Connection:
                     received=self._body_received,
                     expected=self._expected,
                 ) from e
-            if not data:
+            got = count(result)
+            if not got:
                 raise ConnectionLost(
                     self.host, self.port, Phase.BODY, received=self._body_received, expected=self._expected
                 )
-        if not data:
-            raise StallError(self.host, self.port, self.timeouts.stall, self._body_received, self._expected)
-        self._raw_remaining -= len(data)
-        self._body_received += len(data)
-        self._received_in_cycle += len(data)
-        return data
+            self._raw_remaining -= got
+            self._body_received += got
+            self._received_in_cycle += got
+            return result
+        raise StallError(self.host, self.port, self.timeouts.stall, self._body_received, self._expected)
+
+    async def _read_body_into(self, buffer: memoryview) -> int:
+        """Body bytes into ``buffer`` (0 at the end): a long body straight from the socket (or the TLS stream's
+        decryption) into it, anything else through :meth:`_read_body`."""
+        if not self._pending and self._response is not None and not self._response.complete:
+            try:
+                if self._raw_remaining is None and self._wants_raw_body():
+                    self._enter_raw_body()
+                if self._raw_remaining is not None and not self._pending:
+                    return await self._read_raw_body_into(buffer)
+            except BaseException:
+                self._broken = True
+                raise
+        chunk = await self._read_body(len(buffer))
+        buffer[: len(chunk)] = chunk
+        return len(chunk)
 
     def _poll_body_end(self) -> bool:
         """Without any I/O: is the body complete? (HEAD, 204, Content-Length: 0, or all of it already read.)"""
@@ -415,6 +449,15 @@ class Response:
             raise RuntimeError("response already closed")
         return await self._connection._read_body(max_bytes)
 
+    async def read_into(self, buffer: memoryview) -> int:
+        """Body bytes into ``buffer``, as many as are there (at least one), without an intermediate copy for a
+        long body; 0 at the end of the body. The same deadline and errors as :meth:`read_some`."""
+        if not len(buffer):
+            raise ValueError("the buffer must not be empty")
+        if self._released:
+            raise RuntimeError("response already closed")
+        return await self._connection._read_body_into(buffer)
+
     async def read_all(self, limit: int) -> bytes:
         """The whole body, at most ``limit`` bytes (:class:`BodyTooLarge` beyond; the connection is then
         unusable and is closed when the response is)."""
@@ -464,8 +507,23 @@ class Response:
         return f"<Response {self.status} {self.reason!r} from {self.url or self._connection.authority}>"
 
 
+async def receive_into(stream: trio.abc.Stream, buffer: memoryview) -> int:
+    """``stream.receive_some`` into ``buffer`` (0 at the end of the stream): without a copy for our TLS stream
+    and for a plain socket; errors as ``receive_some`` raises them."""
+    if isinstance(stream, TLSStream):
+        return await stream.receive_into(buffer)
+    if isinstance(stream, trio.SocketStream):
+        try:
+            return await stream.socket.recv_into(buffer)
+        except OSError as e:
+            raise trio.BrokenResourceError(e) from e
+    data = await stream.receive_some(len(buffer))
+    buffer[: len(data)] = data
+    return len(data)
+
+
 def _raw_socket(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
-    while isinstance(stream, trio.SSLStream):
+    while isinstance(stream, (trio.SSLStream, TLSStream)):
         stream = stream.transport_stream
     return stream.socket if isinstance(stream, trio.SocketStream) else None
 
@@ -510,15 +568,13 @@ async def open_connection(
 
 async def _handshake(
     stream: trio.abc.Stream, origin: Origin, timeouts: Timeouts, ssl_context: ssl.SSLContext | None
-) -> trio.SSLStream[trio.abc.Stream]:
+) -> TLSStream:
     if ssl_context is None:
         ssl_context = ssl.create_default_context()
-    # https_compatible: like every browser, accept a missing close_notify (the framing says where bodies end)
-    tls = trio.SSLStream(stream, ssl_context, server_hostname=origin.host, https_compatible=True)
+    assert isinstance(stream, trio.SocketStream)
     with trio.move_on_after(timeouts.tls):
         try:
-            await tls.do_handshake()
+            return await open_tls(stream, ssl_context, origin.host)
         except trio.BrokenResourceError as e:
             raise TLSError(origin.host, origin.port, e.__cause__ or e) from e
-        return tls
     raise HTTPTimeoutError(origin.host, origin.port, Phase.TLS, timeouts.tls)
