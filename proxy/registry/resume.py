@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import attrs
 import trio
@@ -27,6 +28,8 @@ from proxy.http.ranges import parse_content_range
 from proxy.sources.base import Blob, SourceError
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: bytes read (and dropped) per read while skipping what a 200 answer repeats
 SKIP_CHUNK = 1 << 20
@@ -91,20 +94,27 @@ class ResumingBlob(Blob):
             raise SourceError(f"{self._what}: cannot continue at byte {offset}: {e}", ErrorCode.RETRYABLE) from None
 
     async def read(self, max_bytes: int) -> bytes:
+        return await self._resuming(lambda: self._response.read_some(max_bytes), len)
+
+    async def read_into(self, buffer: memoryview) -> int:
+        return await self._resuming(lambda: self._response.read_into(buffer), int)
+
+    async def _resuming(self, read: Callable[[], Awaitable[T]], count: Callable[[T], int]) -> T:
+        """One read of the body, resumed from the verified offset as long as its failures may pass."""
         while True:
             try:
-                chunk = await self._response.read_some(max_bytes)
+                result = await read()
             except HTTPError as e:
                 if not e.retryable:
                     raise SourceError(f"{self._what}: at byte {self._position()}: {e}") from None
                 await self._resume(e)
                 continue
-            if chunk:
-                self.offset += len(chunk)
+            if got := count(result):
+                self.offset += got
                 self._last_progress = trio.current_time()
             else:
                 self._log_done()
-            return chunk
+            return result
 
     def _position(self) -> str:
         return f"{self.offset} of {self.size}" if self.size >= 0 else str(self.offset)

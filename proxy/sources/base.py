@@ -66,6 +66,13 @@ class Blob(abc.ABC):
     async def read(self, max_bytes: int) -> bytes:
         """Up to ``max_bytes`` bytes; ``b""`` at the end of the blob."""
 
+    async def read_into(self, buffer: memoryview) -> int:
+        """Up to ``len(buffer)`` bytes into ``buffer``; 0 at the end of the blob. Blobs that can fill a buffer
+        without an intermediate copy (a registry body) do."""
+        chunk = await self.read(len(buffer))
+        buffer[: len(chunk)] = chunk
+        return len(chunk)
+
     def window(self) -> FileWindow | None:
         """Where the blob's unread bytes lie in a file, or None for a stream."""
         return None

@@ -78,6 +78,22 @@ class FileBlob(Blob):
     async def read(self, max_bytes: int) -> bytes:
         return await threads.run_sync(self.read_sync, max_bytes)
 
+    def read_into_sync(self, buffer: memoryview) -> int:
+        if self._fd is None:
+            raise ValueError("blob is closed")
+        n = min(len(buffer), self._end - self._pos)
+        if n <= 0:
+            return 0
+        count = os.preadv(self._fd, [buffer[:n]], self._pos)
+        self._pos += count
+        if not count:
+            self._end = self._pos  # the file shrank under us: end here, verification will tell
+        return count
+
+    async def read_into(self, buffer: memoryview) -> int:
+        # never abandoned: the thread writes into the caller's buffer
+        return await threads.run_sync(self.read_into_sync, buffer)
+
     def close_sync(self) -> None:
         if self._fd is not None:
             fd, self._fd = self._fd, None

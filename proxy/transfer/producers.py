@@ -11,6 +11,7 @@ cancellable.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 
 import trio
@@ -18,9 +19,10 @@ import trio
 from protocol.codec import encode_error_document
 from protocol.digests import DigestVerifier
 from protocol.errors import ProxyError, size_mismatch
-from proxy.common.pipes import CHUNK_SIZE, write_all
+from proxy.common.pipes import write_all
 from proxy.sources.base import Blob
 from proxy.transfer.pipe import Pipe, run_producer
+from proxy.transfer.pump import pump
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +33,7 @@ async def send_blob(blob: Blob, writer: trio.lowlevel.FdStream, digest: str) -> 
     if blob.verifies_digest:
         return await blob.send_to(writer), None
     verifier = DigestVerifier(digest)
-    while chunk := await blob.read(CHUNK_SIZE):
-        verifier.update(chunk)
-        await write_all(writer, chunk)
+    await pump(blob, verifier.update, deliver=functools.partial(write_all, writer))
     return verifier.size, verifier
 
 
