@@ -34,9 +34,11 @@ from proxy.cache.files import (
     unlink_if_same,
     write_stamp,
 )
+from proxy.cache.writeback import Writeback
 from proxy.common import threads
-from proxy.common.pipes import CHUNK_SIZE, splice_file
+from proxy.common.pipes import splice_file
 from proxy.sources.base import Blob
+from proxy.transfer.pump import pump
 
 if TYPE_CHECKING:
     from proxy.cache.store import BlobStore
@@ -193,20 +195,39 @@ class Download:
         """Append the source's bytes from ``written`` on; whether the file then matches the digest. A live
         transfer (from zero) is readable as it comes; resumed bytes only once verified."""
         blob = await open_from(self.written)
-        async with blob:
-            while chunk := await blob.read(CHUNK_SIZE):
-                if self.size_limit is not None and self.written + len(chunk) > self.size_limit:
-                    self._drop(f"grows past the {self.size_limit} bytes its manifest gives", unlink=True)
-                    raise StoreError(
-                        f"blob cache: {self.source or 'the source'} sent more than the {self.size_limit} bytes the "
-                        f"manifest gives {self.digest}"
-                    )
-                await threads.run_sync(pwrite_all, self.fd, chunk, self.written)
-                hasher.update(chunk)
-                self.written += len(chunk)
-                if live:
-                    self.readable = self.written
-                    self._notify()
+        position = self.written  # the next byte's offset in the file: the worker thread's
+        queued = self.written  # the same, counted as chunks are accepted (in trio)
+        writeback = Writeback(self.fd, position)
+
+        def accept(chunk: memoryview) -> None:
+            nonlocal queued
+            if self.size_limit is not None and queued + len(chunk) > self.size_limit:
+                raise _TooLong
+            queued += len(chunk)
+
+        def store(chunk: memoryview) -> None:  # in the worker thread, chunks in order
+            nonlocal position
+            pwrite_all(self.fd, chunk, position)
+            hasher.update(chunk)
+            position += len(chunk)
+            writeback.wrote(position)
+
+        def stored(chunk: memoryview) -> None:
+            self.written += len(chunk)
+            if live:
+                self.readable = self.written
+                self._notify()
+
+        try:
+            async with blob:
+                await pump(blob, store, accept=accept, on_done=stored)
+        except _TooLong:
+            # the worker has stopped: nothing writes to the file any more
+            self._drop(f"grows past the {self.size_limit} bytes its manifest gives", unlink=True)
+            raise StoreError(
+                f"blob cache: {self.source or 'the source'} sent more than the {self.size_limit} bytes the "
+                f"manifest gives {self.digest}"
+            ) from None
         return hasher.hexdigest() == self.hexpart
 
     def _drop(self, why: str, *, unlink: bool = False) -> None:
@@ -265,6 +286,10 @@ class Download:
                     break
                 unlink_if_same(self.dir_fd, final, st)
         raise StoreError(f"blob cache: cannot store {self.digest} under {self.directory / final}")
+
+
+class _TooLong(Exception):
+    """A source sent more than the size the verified manifest gives."""
 
 
 class FollowingBlob(Blob):
