@@ -1,5 +1,13 @@
 """Fixtures for the fault tests: the real registry (session-wide, from tests/conftest.py) holding one more image,
-``test/faults``, whose layers have the sizes the matrix needs, and a fault proxy in front of it per test."""
+``test/faults``, whose layers have the sizes the matrix needs, and a fault proxy in front of it per test.
+
+Every test under tests/faults that uses the ``fault`` fixture runs once per transport (test ids ``[plain-...]``
+and ``[tls-...]``): the fault proxy serves plain HTTP (the daemon's TLS attempt is refused, and it falls back), or
+HTTPS with a certificate for 127.0.0.1 from a trustme CA made once per session (the daemon runs with
+``--tls-verify=false``, so no CA needs to be handed to it), every fault then reaching the daemon inside TLS.
+A module can narrow that with a module-level ``TRANSPORTS`` tuple. (The parametrization is done here, on the
+``fault`` fixture itself, so that tests/daemon, which imports ``fault``, keeps one plain-HTTP proxy.)
+"""
 
 from __future__ import annotations
 
@@ -12,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.faults.proxy import FaultProxy, fault_proxy
+from tests.faults.transport import TRANSPORTS, tls_server_context
 from tests.support.images import (
     CREATED,
     OCI_CONFIG,
@@ -156,8 +165,21 @@ def fault_images(registry_images: PushedImages, tmp_path_factory: pytest.TempPat
     )
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Run every test here that uses ``fault`` over each transport (the module's ``TRANSPORTS`` if it has one)."""
+    if "fault" in metafunc.fixturenames:
+        transports = getattr(metafunc.module, "TRANSPORTS", TRANSPORTS)
+        metafunc.parametrize("fault", transports, indirect=True, ids=list(transports))
+
+
 @pytest.fixture
-async def fault(fault_images: FaultImages) -> AsyncIterator[FaultProxy]:
-    """A fault proxy in front of the session's registry, without rules."""
-    async with fault_proxy(fault_images.registry_port) as proxy:
+async def fault(fault_images: FaultImages, request: pytest.FixtureRequest) -> AsyncIterator[FaultProxy]:
+    """A fault proxy in front of the session's registry, without rules: plain HTTP, or TLS when
+    :func:`pytest_generate_tests` asks for it (tests/daemon, which imports this fixture, always gets plain)."""
+    transport = getattr(request, "param", "plain")
+    if transport not in TRANSPORTS:
+        raise ValueError(f"unknown transport {transport!r}")
+    tls = tls_server_context() if transport == "tls" else None
+    async with fault_proxy(fault_images.registry_port, tls=tls) as proxy:
+        assert proxy.transport == transport
         yield proxy

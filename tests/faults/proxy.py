@@ -26,6 +26,15 @@ Bounded: concurrent connections, records, request heads and bodies, delays; loop
 
 A connection whose first byte is not an HTTP method letter (the daemon tries TLS first: a ClientHello) is
 closed at once and counted in ``counters.protocol_errors``, as a plain-HTTP server makes a TLS client give up.
+
+**TLS mode** (``fault_proxy(port, tls=<server ssl.SSLContext>)``): the proxy terminates TLS from the client
+(``trio.SSLStream``, server side, ``https_compatible=True``) and still speaks plain HTTP to the registry, so every
+scripted fault reaches the client inside TLS. A completed handshake is counted in ``counters.tls_handshakes``
+(and its version kept in ``ConnectionRecord.tls_version``); a failed one (a plain-HTTP client, say) in
+``counters.tls_failures``, and the connection is closed. The faults keep their meaning on the wire: ``Reset`` is
+an RST of the TCP connection (SO_LINGER 0 on the socket under the TLS layer), ``Close`` a FIN **without**
+``close_notify`` (what a CDN cutting a connection looks like), and leaving the proxy closes connections without
+``close_notify`` too.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ import fcntl
 import json
 import re
 import socket
+import ssl
 import struct
 import termios
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -59,6 +69,8 @@ READ_SIZE = 64 << 10
 MAX_DELAY = 120.0
 #: how long a reset waits for the bytes already sent to leave our socket (SO_LINGER 0 would drop them)
 RESET_DRAIN_LIMIT = 2.0
+#: the longest a client may take over the TLS handshake (TLS mode)
+TLS_HANDSHAKE_LIMIT = 10.0
 LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 
 _METHOD_START = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ")
@@ -246,6 +258,8 @@ class ConnectionRecord:
     number: int
     peer_port: int
     requests: list[RequestRecord] = attrs.field(factory=list)
+    #: TLS mode: the protocol version once the handshake completed (None: plain HTTP, or no handshake)
+    tls_version: str | None = None
     upstream_opened: bool = False
     closed_by: Literal["client", "proxy", "upstream"] | None = None
     reason: str = ""
@@ -264,6 +278,9 @@ class Counters:
     connections_refused: int = 0
     upstream_connections: int = 0
     protocol_errors: int = 0
+    #: TLS mode: handshakes completed, and connections closed because the handshake failed or timed out
+    tls_handshakes: int = 0
+    tls_failures: int = 0
     requests: int = 0
     #: bytes written to the registry (request heads and bodies)
     bytes_to_upstream: int = 0
@@ -289,7 +306,10 @@ Disposition = Literal["keep", "close", "fin", "reset"]
 
 @attrs.define(eq=False)
 class _Link:
-    down: trio.SocketStream
+    #: what HTTP is spoken on: ``tcp`` itself, or the TLS stream over it
+    down: trio.abc.Stream
+    #: the client's TCP connection (for RST and FIN, under any TLS layer)
+    tcp: trio.SocketStream
     record: ConnectionRecord
     dconn: h11.Connection = attrs.field(factory=lambda: h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD))
     up: trio.SocketStream | None = None
@@ -301,11 +321,17 @@ class _Link:
 class FaultProxy:
     """Use :func:`fault_proxy` to run one."""
 
-    def __init__(self, upstream_port: int, upstream_host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, upstream_port: int, upstream_host: str = "127.0.0.1", *, tls: ssl.SSLContext | None = None
+    ) -> None:
         if upstream_host not in LOOPBACK:
             raise ValueError(f"the fault proxy only forwards to loopback, not {upstream_host}")
+        if tls is not None and not isinstance(tls, ssl.SSLContext):
+            raise TypeError("tls is a server ssl.SSLContext (or None for plain HTTP)")
         self.upstream_host = upstream_host
         self.upstream_port = upstream_port
+        #: the server context in TLS mode, None for plain HTTP
+        self.tls = tls
         self.port = 0
         self.rules: list[Rule] = []
         self.requests: list[RequestRecord] = []
@@ -329,6 +355,11 @@ class FaultProxy:
         rule = Rule(action, method, path, nth, ranged)
         self.rules.append(rule)
         return rule
+
+    @property
+    def transport(self) -> Literal["plain", "tls"]:
+        """What clients must speak to the proxy: ``"tls"`` (HTTP inside TLS) or ``"plain"`` HTTP."""
+        return "plain" if self.tls is None else "tls"
 
     def remove_rule(self, rule: Rule) -> None:
         self.rules.remove(rule)
@@ -376,17 +407,24 @@ class FaultProxy:
 
     # ---------------------------------------------------------------- connections
 
-    async def _handle(self, down: trio.SocketStream) -> None:
+    async def _handle(self, tcp: trio.SocketStream) -> None:
         if len(self.open_connections) >= MAX_CONNECTIONS or len(self.connections) >= MAX_RECORDS:
             self.counters.connections_refused += 1
-            await trio.aclose_forcefully(down)
+            await trio.aclose_forcefully(tcp)
             return
-        record = ConnectionRecord(len(self.connections) + 1, down.socket.getpeername()[1])
+        record = ConnectionRecord(len(self.connections) + 1, tcp.socket.getpeername()[1])
         self.connections.append(record)
         self.counters.connections_opened += 1
-        link = _Link(down, record)
+        down: trio.abc.Stream = tcp
+        if self.tls is not None:
+            # https_compatible: aclose never sends close_notify (a Close or the proxy stopping cuts the TCP
+            # connection under TLS), and a client leaving without close_notify is an EOF, not an error
+            down = trio.SSLStream(tcp, self.tls, server_side=True, https_compatible=True)
+        link = _Link(down, tcp, record)
         self._notify()
         try:
+            if isinstance(down, trio.SSLStream) and not await self._tls_handshake(down, record):
+                return
             await self._serve(link)
         except h11.ProtocolError as e:
             record.closed_by = record.closed_by or "proxy"
@@ -399,13 +437,30 @@ class FaultProxy:
         finally:
             if link.up is not None:
                 await trio.aclose_forcefully(link.up)
-            await trio.aclose_forcefully(down)
+            await trio.aclose_forcefully(link.down)
             if record.closed_by is None:
                 record.closed_by = "proxy"
             record.busy = False
             record.closed.set()
             self.counters.connections_closed += 1
             self._notify()
+
+    async def _tls_handshake(self, down: trio.SSLStream[trio.SocketStream], record: ConnectionRecord) -> bool:
+        """Complete the server side of the handshake (bounded); False, counted and recorded, if it failed."""
+        failure = f"no TLS handshake within {TLS_HANDSHAKE_LIMIT} s"
+        with trio.move_on_after(TLS_HANDSHAKE_LIMIT):
+            try:
+                await down.do_handshake()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+                failure = f"TLS handshake failed: {e.__cause__ or e!r}"
+            else:
+                record.tls_version = down.version()
+                self.counters.tls_handshakes += 1
+                self._notify()
+                return True
+        record.closed_by, record.reason = "proxy", failure
+        self.counters.tls_failures += 1
+        return False
 
     async def _serve(self, link: _Link) -> None:
         while True:
@@ -442,12 +497,14 @@ class FaultProxy:
             record.closed_by, record.reason = "client", "client closed mid-exchange"
         elif disposition == "reset":
             record.reason = "reset (fault)"
-            await _drain_send_queue(link.down)
-            link.down.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            await _drain_send_queue(link.tcp)
+            # closing the socket (the caller does, TLS layer or not) now sends an RST
+            link.tcp.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         elif disposition == "fin":
             record.reason = "closed (fault)"
+            # a FIN on the TCP connection itself: under TLS, no close_notify comes before it
             with suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                await link.down.send_eof()
+                await link.tcp.send_eof()
 
     def _record(self, link: _Link, head: h11.Request) -> RequestRecord:
         self.counters.requests += 1
@@ -737,10 +794,13 @@ async def _drain_send_queue(stream: trio.SocketStream) -> None:
 
 
 @asynccontextmanager
-async def fault_proxy(upstream_port: int, upstream_host: str = "127.0.0.1") -> AsyncIterator[FaultProxy]:
+async def fault_proxy(
+    upstream_port: int, upstream_host: str = "127.0.0.1", *, tls: ssl.SSLContext | None = None
+) -> AsyncIterator[FaultProxy]:
     """A :class:`FaultProxy` on 127.0.0.1 (an ephemeral port) in front of ``upstream_host:upstream_port``,
-    for the duration of the block. Leaving the block closes every connection, stalled ones included."""
-    proxy = FaultProxy(upstream_port, upstream_host)
+    for the duration of the block; with ``tls`` (a server context) clients must speak HTTPS to it. Leaving the
+    block closes every connection, stalled ones included."""
+    proxy = FaultProxy(upstream_port, upstream_host, tls=tls)
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(partial(trio.serve_tcp, proxy._handle, 0, host="127.0.0.1"))
         proxy.port = listeners[0].socket.getsockname()[1]

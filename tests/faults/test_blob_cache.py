@@ -1,5 +1,6 @@
 """The blob cache (--blob-cache) against the real registry behind the fault proxy, which counts what was
-downloaded: blobs are fetched once, partial downloads resume, bad files are never served."""
+downloaded: blobs are fetched once, partial downloads resume, bad files are never served. Every case runs over
+plain HTTP and over TLS (see conftest.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from protocol.errors import ProxyError
 from proxy.cache.files import STAMP_XATTR, verification_stamp
 from tests.faults.conftest import FaultImages, Layer
 from tests.faults.proxy import Answer, FaultProxy, Stall
+from tests.faults.transport import assert_transport_used
 
 HANG_GUARD = 60.0
 
@@ -36,9 +38,11 @@ def blob_gets(fault: FaultProxy, layer: Layer) -> list:
 
 
 async def pull(fault_images: FaultImages, fault: FaultProxy, cache: Path, layer: Layer, *extra: str) -> None:
+    """One daemon process: the blob's bytes, and the daemon spoke what the fault proxy serves (plain or TLS)."""
     async with ImageProxy.spawn(extra_args=cache_args(cache, *extra)) as proxy:
         img = await proxy.open_image(fault_images.ref(fault.port))
         assert await proxy.get_blob(img, layer.digest, layer.size) == layer.data
+    assert_transport_used(fault)
 
 
 async def test_a_cached_blob_is_served_without_the_network(fault_images, fault, tmp_path):
@@ -66,6 +70,7 @@ async def test_ten_concurrent_readers_share_one_download(fault_images, fault, tm
                     nursery.start_soon(read_blob)
     assert len(results) == 10 and all(r == layer.data for r in results)
     assert len(blob_gets(fault, layer)) == 1, "one upstream download"
+    assert_transport_used(fault)
 
 
 async def test_an_interrupted_download_resumes_from_the_partial_file(fault_images, fault, tmp_path):

@@ -9,6 +9,10 @@
 - ``--blob-cache-max`` eviction while a cached blob is being read: it is skipped while read, evicted by the
   next pass after the read ended.
 - A read-only cache (a read-only bind mount in a private mount namespace): served from, never written to.
+
+These run over plain HTTP only (``TRANSPORTS``; see conftest.py): what they test, the cache files under SIGKILL,
+eviction and a read-only mount, does not depend on the transport, and pulls and resumes through the cache over TLS
+are test_blob_cache.py's ``[tls-...]`` cases; over TLS as well they would add some 15 s to tests/faults.
 """
 
 from __future__ import annotations
@@ -35,7 +39,10 @@ from protocol.errors import ProxyError
 from proxy.common.pipes import CHUNK_SIZE, PIPE_SIZE
 from tests.faults.conftest import FaultImages, Layer
 from tests.faults.proxy import Drip, FaultProxy, RequestRecord
+from tests.faults.transport import assert_transport_used
 
+#: the fault proxy speaks plain HTTP only here (see the module docstring)
+TRANSPORTS = ("plain",)
 #: set it to a run's printed seed to replay that run's kill points
 SEED_ENV = "BLOB_CACHE_CRASH_SEED"
 #: SIGKILLs in the crash loop (then one more pull that must complete)
@@ -379,6 +386,7 @@ async def test_sigkill_at_random_points_never_corrupts_and_the_next_pull_resumes
         print(f"{layer.digest}: {layer.size} bytes, {sent} forwarded in {len(blob_gets(fault, layer))} requests")
         assert 0 <= waste <= bound, f"{tag} {layer.digest}: {waste} bytes downloaded twice (bound {bound})"
     assert kills >= 20
+    assert_transport_used(fault)
 
 
 # ------------------------------------------------------------------------------------------------ eviction
@@ -445,6 +453,7 @@ async def test_a_blob_being_read_is_not_evicted_until_its_read_ends(
         check_cache_files(cache, (long, seed, small), "after the third blob")
         total = sum(p.stat().st_size for p in (cache / "blobs" / "sha256").iterdir())
         assert total <= limit
+    assert_transport_used(fault)
 
 
 # ------------------------------------------------------------------------------------------------ read-only
@@ -500,3 +509,4 @@ async def test_a_read_only_cache_serves_what_it_holds_and_stores_nothing(
     assert list(target.iterdir()) == [], "the bind mount stayed in the daemon's namespace"
     said = re.findall(rf"blob cache {re.escape(str(target))} is read-only", log.text)
     assert len(said) == 1, log.text
+    assert_transport_used(fault)

@@ -2,11 +2,17 @@
 
 Timed checks are only where the behaviour is timed (drip, delayed headers) or where silence is the point (a
 stall holds the connection open: nothing arrives for a while). Everything else waits on events.
+
+Each test runs with the proxy in plain-HTTP and in TLS mode (see conftest.py). Over TLS the client is a strict
+one (``trio.SSLStream`` without ``https_compatible``), so what ends a connection is told apart: a TCP EOF without
+``close_notify`` (``"eof"``, what a ``Close`` must be), a ``close_notify`` (``"close-notify"``, which the proxy
+never sends), an RST (``"reset"``).
 """
 
 from __future__ import annotations
 
 import errno
+import ssl
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -31,6 +37,7 @@ from tests.faults.proxy import (
     WrongContentRange,
     fault_proxy,
 )
+from tests.faults.transport import tls_client_context, tls_server_context
 
 HANG_GUARD = 20.0
 #: how long a stalled connection must stay silent to count as held open
@@ -42,25 +49,45 @@ class Fetched:
     status: int | None = None
     headers: dict[str, str] = attrs.Factory(dict)
     body: bytearray = attrs.Factory(bytearray)
-    #: None: complete; "eof": closed before the end of the body; "reset": ECONNRESET
+    #: None: complete; "eof": closed before the end of the body (over TLS: without close_notify); "close-notify":
+    #: over TLS, a close_notify before the end of the body; "reset": ECONNRESET
     error: str | None = None
     elapsed: float = 0.0
 
 
 class Client:
-    """A minimal HTTP/1.1 client on one connection (keep-alive), independent of the code under test."""
+    """A minimal HTTP/1.1 client on one connection (keep-alive), independent of the code under test; over TLS
+    when the proxy is in TLS mode (verifying its certificate, and strict about close_notify)."""
 
-    def __init__(self, stream: trio.SocketStream) -> None:
+    def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
         self.conn = h11.Connection(h11.CLIENT)
         self.progress = trio.Event()
+        self.close_notify = False
+
+    @classmethod
+    async def open(cls, fault: FaultProxy) -> Client:
+        tcp = await trio.open_tcp_stream("127.0.0.1", fault.port)
+        if fault.tls is None:
+            return cls(tcp)
+        tls = trio.SSLStream(tcp, tls_client_context(), server_hostname="127.0.0.1")
+        try:
+            await tls.do_handshake()
+        except BaseException:
+            await trio.aclose_forcefully(tcp)
+            raise
+        return cls(tls)
 
     @classmethod
     @asynccontextmanager
-    async def connect(cls, port: int) -> AsyncIterator[Client]:
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
-        async with stream:
-            yield cls(stream)
+    async def connect(cls, fault: FaultProxy) -> AsyncIterator[Client]:
+        client = await cls.open(fault)
+        async with client.stream:
+            yield client
+
+    @property
+    def _eof(self) -> str:
+        return "close-notify" if self.close_notify else "eof"
 
     async def get(
         self, path: str, headers: Sequence[tuple[str, str]] = (), method: str = "GET", into: Fetched | None = None
@@ -75,7 +102,10 @@ class Client:
             while True:
                 event = self.conn.next_event()
                 if event is h11.NEED_DATA:
-                    self.conn.receive_data(await self.stream.receive_some(1 << 16))
+                    data = await self.stream.receive_some(1 << 16)
+                    # a strict SSLStream ends cleanly only on a close_notify (a bare TCP EOF is an SSLEOFError)
+                    self.close_notify = self.close_notify or (not data and isinstance(self.stream, trio.SSLStream))
+                    self.conn.receive_data(data)
                 elif isinstance(event, h11.Response):
                     result.status = event.status_code
                     result.headers = {k.decode().lower(): v.decode() for k, v in event.headers}
@@ -85,13 +115,17 @@ class Client:
                 elif isinstance(event, h11.EndOfMessage):
                     break
                 else:
-                    result.error = "eof"
+                    result.error = self._eof
                     break
         except h11.RemoteProtocolError:
-            result.error = "eof"
+            result.error = self._eof
         except trio.BrokenResourceError as e:
-            reset = isinstance(e.__cause__, OSError) and e.__cause__.errno == errno.ECONNRESET
-            result.error = "reset" if reset else f"broken: {e.__cause__!r}"
+            if isinstance(e.__cause__, ssl.SSLEOFError):  # TLS: the TCP connection ended without close_notify
+                result.error = "eof"
+            elif isinstance(e.__cause__, OSError) and e.__cause__.errno == errno.ECONNRESET:
+                result.error = "reset"
+            else:
+                result.error = f"broken: {e.__cause__!r}"
         result.elapsed = time.monotonic() - started
         self._changed()
         return result
@@ -116,8 +150,8 @@ def blob_path(layer: Layer) -> str:
     return f"/v2/test/faults/blobs/{layer.digest}"
 
 
-async def fetch(port: int, path: str, headers: Sequence[tuple[str, str]] = (), method: str = "GET") -> Fetched:
-    async with Client.connect(port) as client:
+async def fetch(fault: FaultProxy, path: str, headers: Sequence[tuple[str, str]] = (), method: str = "GET") -> Fetched:
+    async with Client.connect(fault) as client:
         return await client.get(path, headers, method)
 
 
@@ -127,7 +161,7 @@ async def fetch(port: int, path: str, headers: Sequence[tuple[str, str]] = (), m
 async def test_forwards_requests_and_counts(fault: FaultProxy, fault_images: FaultImages) -> None:
     layer = fault_images.small
     with trio.fail_after(HANG_GUARD):
-        async with Client.connect(fault.port) as client:
+        async with Client.connect(fault) as client:
             ping = await client.get("/v2/")
             got = await client.get(blob_path(layer))
             head = await client.get(blob_path(layer), method="HEAD")
@@ -143,6 +177,11 @@ async def test_forwards_requests_and_counts(fault: FaultProxy, fault_images: Fau
     assert counters.body_bytes_to_client == len(ping.body) + layer.size
     assert counters.bytes_to_client > counters.body_bytes_to_client
     assert counters.bytes_to_upstream > 0
+    assert counters.protocol_errors == counters.tls_failures == 0
+    if fault.transport == "tls":
+        assert counters.tls_handshakes == 1 and fault.connections[0].tls_version in ("TLSv1.2", "TLSv1.3")
+    else:
+        assert counters.tls_handshakes == 0 and fault.connections[0].tls_version is None
     assert [(r.method, r.path, r.connection, r.outcome) for r in fault.requests] == [
         ("GET", "/v2/", 1, "complete"),
         ("GET", blob_path(layer), 1, "complete"),
@@ -156,7 +195,7 @@ async def test_the_registry_answers_ranges(fault: FaultProxy, fault_images: Faul
     """What the resume relies on: the real registry answers a Range request with a 206."""
     layer = fault_images.small
     with trio.fail_after(HANG_GUARD):
-        got = await fetch(fault.port, blob_path(layer), [("Range", "bytes=1000-")])
+        got = await fetch(fault, blob_path(layer), [("Range", "bytes=1000-")])
     assert got.status == 206 and got.error is None
     assert got.headers["content-range"] == f"bytes 1000-{layer.size - 1}/{layer.size}"
     assert bytes(got.body) == layer.data[1000:]
@@ -171,7 +210,7 @@ async def test_stall_holds_the_connection_open_after_n_bytes(fault: FaultProxy, 
     rule = fault.add_rule(Stall(at=1000), path="/blobs/")
     fetched = Fetched()
     with trio.fail_after(HANG_GUARD):
-        async with Client.connect(fault.port) as client, trio.open_nursery() as nursery:
+        async with Client.connect(fault) as client, trio.open_nursery() as nursery:
             nursery.start_soon(client.get, blob_path(layer), (), "GET", fetched)
             record = await _first_request(fault)
             await record.fault_fired.wait()
@@ -187,13 +226,16 @@ async def test_stall_holds_the_connection_open_after_n_bytes(fault: FaultProxy, 
     assert record.outcome == "stalled"
 
 
-async def test_leaving_the_proxy_ends_a_stalled_connection(fault_images: FaultImages) -> None:
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+async def test_leaving_the_proxy_ends_a_stalled_connection(fault_images: FaultImages, tls: bool) -> None:
+    """Over TLS too, without close_notify."""
     layer = fault_images.small
     fetched = Fetched()
+    context = tls_server_context() if tls else None
     with trio.fail_after(HANG_GUARD):
-        async with trio.open_nursery() as nursery, fault_proxy(fault_images.registry_port) as fault:
+        async with trio.open_nursery() as nursery, fault_proxy(fault_images.registry_port, tls=context) as fault:
             fault.add_rule(Stall(at=10), path="/blobs/")
-            client = Client(await trio.open_tcp_stream("127.0.0.1", fault.port))
+            client = await Client.open(fault)
             nursery.start_soon(client.get, blob_path(layer), (), "GET", fetched)
             await (await _first_request(fault)).fault_fired.wait()
             # the block is left while the exchange is stalled: the client's read ends (the nursery waits for it)
@@ -205,7 +247,7 @@ async def test_reset_after_n_bytes(fault: FaultProxy, fault_images: FaultImages)
     layer = fault_images.seed
     fault.add_rule(Reset(at=5000), path="/blobs/")
     with trio.fail_after(HANG_GUARD):
-        got = await fetch(fault.port, blob_path(layer))
+        got = await fetch(fault, blob_path(layer))
         await fault.wait_until(lambda: not fault.open_connections)
     assert got.status == 200 and got.error == "reset"
     # a received RST may discard what the client had not read yet: never more than N, never wrong
@@ -219,7 +261,7 @@ async def test_close_after_n_bytes_is_a_short_body(fault: FaultProxy, fault_imag
     layer = fault_images.seed
     fault.add_rule(Close(at=5000), path="/blobs/")
     with trio.fail_after(HANG_GUARD):
-        got = await fetch(fault.port, blob_path(layer))
+        got = await fetch(fault, blob_path(layer))
     assert got.status == 200 and got.error == "eof"
     assert bytes(got.body) == layer.data[:5000]
     assert got.headers["content-length"] == str(layer.size)
@@ -234,7 +276,7 @@ async def test_a_fault_at_offset_zero_comes_right_after_the_head(
     fault.add_rule(action, path="/blobs/")
     fetched = Fetched()
     with trio.fail_after(HANG_GUARD):
-        async with Client.connect(fault.port) as client, trio.open_nursery() as nursery:
+        async with Client.connect(fault) as client, trio.open_nursery() as nursery:
             nursery.start_soon(client.get, blob_path(layer), (), "GET", fetched)
             record = await _first_request(fault)
             await record.fault_fired.wait()
@@ -251,7 +293,7 @@ async def test_a_fault_at_the_last_byte(fault: FaultProxy, fault_images: FaultIm
     layer = fault_images.small
     fault.add_rule(Close(at=layer.size - 1), path="/blobs/")
     with trio.fail_after(HANG_GUARD):
-        got = await fetch(fault.port, blob_path(layer))
+        got = await fetch(fault, blob_path(layer))
     assert got.error == "eof" and bytes(got.body) == layer.data[:-1]
 
 
@@ -259,7 +301,7 @@ async def test_drip_sends_bytes_one_at_a_time(fault: FaultProxy, fault_images: F
     layer = fault_images.small
     fault.add_rule(Drip(at=100, count=5, interval=0.05), path="/blobs/")
     with trio.fail_after(HANG_GUARD):
-        got = await fetch(fault.port, blob_path(layer))
+        got = await fetch(fault, blob_path(layer))
     assert got.error is None and bytes(got.body) == layer.data
     assert got.elapsed >= 5 * 0.05 * 0.9  # timer slack
     assert fault.requests[0].fault_fired.is_set()
@@ -269,7 +311,7 @@ async def test_delay_headers(fault: FaultProxy, fault_images: FaultImages) -> No
     layer = fault_images.small
     fault.add_rule(DelayHeaders(0.3), path="/blobs/")
     with trio.fail_after(HANG_GUARD):
-        got = await fetch(fault.port, blob_path(layer))
+        got = await fetch(fault, blob_path(layer))
     assert got.error is None and bytes(got.body) == layer.data
     assert got.elapsed >= 0.3 * 0.9
 
@@ -278,7 +320,7 @@ async def test_flip_one_byte(fault: FaultProxy, fault_images: FaultImages) -> No
     layer = fault_images.small
     fault.add_rule(Flip(at=777), path="/blobs/")
     with trio.fail_after(HANG_GUARD):
-        got = await fetch(fault.port, blob_path(layer))
+        got = await fetch(fault, blob_path(layer))
     assert got.error is None and len(got.body) == layer.size
     expected = bytearray(layer.data)
     expected[777] ^= 0xFF
@@ -295,7 +337,7 @@ async def test_answer_without_contacting_the_registry(
     layer = fault_images.small
     fault.add_rule(Answer(status, retry_after=retry_after), path="/blobs/", nth=1)
     with trio.fail_after(HANG_GUARD):
-        async with Client.connect(fault.port) as client:
+        async with Client.connect(fault) as client:
             answered = await client.get(blob_path(layer))
             assert fault.counters.upstream_connections == 0 and fault.counters.bytes_to_upstream == 0
             again = await client.get(blob_path(layer))  # same connection, forwarded
@@ -316,7 +358,7 @@ async def test_strip_range_gets_a_200_with_everything(fault: FaultProxy, fault_i
     layer = fault_images.small
     fault.add_rule(StripRange(), path="/blobs/", ranged=True)
     with trio.fail_after(HANG_GUARD):
-        got = await fetch(fault.port, blob_path(layer), [("Range", "bytes=1000-")])
+        got = await fetch(fault, blob_path(layer), [("Range", "bytes=1000-")])
     assert got.status == 200 and bytes(got.body) == layer.data
     record = fault.requests[0]
     assert record.range == "bytes=1000-"
@@ -339,7 +381,7 @@ async def test_wrong_content_range(
     layer = fault_images.small
     fault.add_rule(action, path="/blobs/")
     with trio.fail_after(HANG_GUARD):
-        got = await fetch(fault.port, blob_path(layer), [("Range", "bytes=1000-")])
+        got = await fetch(fault, blob_path(layer), [("Range", "bytes=1000-")])
     last = layer.size - 1
     assert got.status == 206
     assert got.headers["content-range"] == expected.format(
@@ -353,8 +395,8 @@ async def test_positions_are_resource_offsets(fault: FaultProxy, fault_images: F
     layer = fault_images.seed
     fault.add_rule(Close(at=1500), path="/blobs/")
     with trio.fail_after(HANG_GUARD):
-        resumed = await fetch(fault.port, blob_path(layer), [("Range", "bytes=1000-")])
-        beyond = await fetch(fault.port, blob_path(layer), [("Range", "bytes=2000-")])
+        resumed = await fetch(fault, blob_path(layer), [("Range", "bytes=1000-")])
+        beyond = await fetch(fault, blob_path(layer), [("Range", "bytes=2000-")])
     assert resumed.status == 206 and resumed.error == "eof" and bytes(resumed.body) == layer.data[1000:1500]
     # a range starting past the fault's offset meets it at once: a resource stuck there stays stuck
     assert beyond.status == 206 and beyond.error == "eof" and beyond.body == b""
@@ -370,7 +412,7 @@ async def test_rules_match_method_path_nth_and_range(fault: FaultProxy, fault_im
     head = fault.add_rule(Answer(429), method="HEAD", path="/blobs/")
     other = fault.add_rule(Answer(500), path="/manifests/")
     with trio.fail_after(HANG_GUARD):
-        async with Client.connect(fault.port) as client:
+        async with Client.connect(fault) as client:
             statuses = [
                 (await client.get(blob_path(layer))).status,
                 (await client.get(blob_path(layer), [("Range", "bytes=5-")])).status,  # 2nd blob GET: nth wins
@@ -388,14 +430,39 @@ async def test_rules_match_method_path_nth_and_range(fault: FaultProxy, fault_im
 
 
 async def test_a_connection_that_does_not_speak_http_is_closed(fault: FaultProxy) -> None:
+    """In TLS mode, inside TLS (the proxy closes without close_notify, as for a Close)."""
     client_hello = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(32)
     with trio.fail_after(HANG_GUARD):
-        stream = await trio.open_tcp_stream("127.0.0.1", fault.port)
-        async with stream:
-            await stream.send_all(client_hello)
-            assert await stream.receive_some(1) == b""
+        client = await Client.open(fault)
+        async with client.stream:
+            await client.stream.send_all(client_hello)
+            if fault.transport == "plain":
+                assert await client.stream.receive_some(1) == b""
+            else:
+                with pytest.raises(trio.BrokenResourceError) as caught:
+                    await client.stream.receive_some(1)
+                assert isinstance(caught.value.__cause__, ssl.SSLEOFError), caught.value.__cause__
         await fault.wait_until(lambda: fault.counters.protocol_errors == 1)
     assert fault.counters.upstream_connections == 0 and fault.requests == []
+    assert fault.counters.tls_handshakes == (1 if fault.transport == "tls" else 0)
+    assert fault.counters.tls_failures == 0
+
+
+async def test_plain_http_to_the_proxy_in_tls_mode_fails_the_handshake(fault_images: FaultImages) -> None:
+    with trio.fail_after(HANG_GUARD):
+        async with fault_proxy(fault_images.registry_port, tls=tls_server_context()) as fault:
+            stream = await trio.open_tcp_stream("127.0.0.1", fault.port)
+            async with stream:
+                await stream.send_all(b"GET /v2/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                while await stream.receive_some(1 << 10):  # perhaps an alert, then the end
+                    pass
+            await fault.wait_until(lambda: fault.counters.tls_failures == 1)
+            connection = fault.connections[0]
+            await fault.wait_until(lambda: not connection.is_open)
+    assert fault.counters.tls_handshakes == 0 and fault.counters.protocol_errors == 0
+    assert fault.counters.upstream_connections == 0 and fault.requests == []
+    assert connection.closed_by == "proxy" and connection.reason.startswith("TLS handshake failed")
+    assert connection.tls_version is None
 
 
 async def _first_request(fault: FaultProxy) -> RequestRecord:

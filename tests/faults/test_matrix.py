@@ -9,6 +9,11 @@ be held open by a producer (a leaked task stuck on a stalled connection would ke
 
 With ``--stall-timeout 1 --max-resumes 3`` the README's bound for a blob that stops for good is four stalls
 (the one that stopped it and three resumes that bring nothing) plus three re-requests: about 4 s here.
+
+Every case runs twice (see conftest.py): ``[plain-...]`` with the fault proxy speaking plain HTTP (the daemon's
+TLS attempt refused, then its fallback), ``[tls-...]`` with it terminating TLS, so each fault reaches the daemon
+inside TLS (a reset is still a TCP RST, a close a FIN without close_notify). Each case also checks that the
+daemon spoke exactly what the proxy serves (``assert_transport_used``): a silent fallback cannot pass.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from tests.faults.proxy import (
     StripRange,
     WrongContentRange,
 )
+from tests.faults.transport import assert_transport_used
 
 STALL = 1.0
 MAX_RESUMES = 3
@@ -59,6 +65,9 @@ GIVE_UP_BOUND = (1 + MAX_RESUMES) * STALL + 5.0
 SEED_OFFSET = 2_107_617
 #: how long waiting for the fault proxy and the daemon's fds to settle after a case may take
 SETTLE = 10.0
+#: a stalled read is given up one stall deadline after its last byte, plus at most this (a new connection, TLS
+#: handshake included, and the re-request; slack for a loaded machine)
+STALL_SLACK = 2.0
 
 
 # ----------------------------------------------------------------------------------------------- the daemon
@@ -175,6 +184,7 @@ async def daemon(fault: FaultProxy, flags: tuple[str, ...] = FLAGS) -> AsyncIter
             yield Daemon(proxy, process, fault)
         with trio.fail_after(EXIT_BOUND):
             await process.wait()
+        assert_transport_used(fault)
     finally:
         if process.returncode is None:
             process.kill()
@@ -277,14 +287,19 @@ async def test_seed_stall_forever_fails_finishpipe_within_the_bound_and_keeps_se
             stall = fault.add_rule(Stall(at=SEED_OFFSET), path=blob_path(layer))
             started = trio.current_time()
             delivered, error = await fetch_blob(d.proxy, image, layer)
-            elapsed = trio.current_time() - started
+            finished = trio.current_time()
             assert_gave_up(error, fault, SEED_OFFSET)
             assert delivered == layer.data[:SEED_OFFSET]  # every byte that came, exactly once
-            assert elapsed < GIVE_UP_BOUND
+            assert finished - started < GIVE_UP_BOUND
             attempts = requests_for(fault, layer)
             assert 2 <= len(attempts) <= 1 + MAX_RESUMES
             assert all(r.range == f"bytes={SEED_OFFSET}-" for r in attempts[1:])
             assert all(r.outcome == "stalled" for r in attempts)
+            # each resumed request stalls right after its head: it is given up (the next request, or the
+            # report) one stall deadline later, whether the blocked read was plain or inside TLS
+            ends = [r.received_at for r in attempts[2:]] + [finished]
+            waits = [end - r.received_at for r, end in zip(attempts[1:], ends, strict=True)]
+            assert all(STALL * 0.9 <= wait < STALL + STALL_SLACK for wait in waits), waits
             await d.assert_no_leaks()
 
             # still serving: OpenImage, GetManifest and a second blob (and the first one, once it flows again)
@@ -622,6 +637,7 @@ async def test_client_process_dies_mid_transfer(fault: FaultProxy, fault_images:
         with trio.fail_after(SETTLE):
             await fault.wait_until(lambda: not fault.open_connections)
         assert all(c.closed_by == "client" for c in fault.connections if c.requests)
+        assert_transport_used(fault)
     finally:
         for process in (server, client):
             if process.returncode is None:
@@ -660,6 +676,7 @@ async def test_shutdown_or_eof_while_a_producer_stalls_ends_the_daemon_at_once(
                     assert await process.wait() == 0
         with trio.fail_after(SETTLE):
             await fault.wait_until(lambda: not fault.open_connections)
+        assert_transport_used(fault)  # over TLS: the blocked read was inside TLS
     finally:
         if process.returncode is None:
             process.kill()
