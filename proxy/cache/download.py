@@ -34,7 +34,7 @@ from proxy.cache.files import (
     unlink_if_same,
     write_stamp,
 )
-from proxy.cache.writeback import Writeback
+from proxy.cache.writeback import WriteBehind
 from proxy.common import threads
 from proxy.common.pipes import splice_file
 from proxy.sources.base import Blob
@@ -78,6 +78,10 @@ class Download:
         self.done = False
         self.error: ProxyError | None = None
         self.readers = 0
+        #: the readers following this download, and the offset up to which every one of them has read (kept
+        #: in the trio thread; the writer's thread only reads the number, to drop what was read from the cache)
+        self.followers: set[FollowingBlob] = set()
+        self.consumed = 0
         self._changed = trio.Event()
         self.cancel_scope = trio.CancelScope()
 
@@ -197,7 +201,7 @@ class Download:
         blob = await open_from(self.written)
         position = self.written  # the next byte's offset in the file: the worker thread's
         queued = self.written  # the same, counted as chunks are accepted (in trio)
-        writeback = Writeback(self.fd, position)
+        write_behind = WriteBehind(self.fd, position, lambda: self.consumed)
 
         def accept(chunk: memoryview) -> None:
             nonlocal queued
@@ -210,10 +214,11 @@ class Download:
             pwrite_all(self.fd, chunk, position)
             hasher.update(chunk)
             position += len(chunk)
-            writeback.wrote(position)
+            write_behind.wrote(position)
 
         def stored(chunk: memoryview) -> None:
             self.written += len(chunk)
+            self.consumed = min((reader.position for reader in self.followers), default=0)
             if live:
                 self.readable = self.written
                 self._notify()
@@ -303,11 +308,13 @@ class FollowingBlob(Blob):
     def __init__(self, download: Download, expected_size: int | None, starter: bool) -> None:
         self._download = download
         self._fd: int | None = reopen(download.fd)
-        self._pos = 0
+        #: the next byte this reader gives out
+        self.position = 0
         self._epoch = download.epoch
         self._starter = starter
         self.size = expected_size if expected_size is not None else -1
         download.readers += 1
+        download.followers.add(self)
         download.store._reading[download.digest] += 1
 
     def _failure(self) -> ProxyError:
@@ -328,25 +335,25 @@ class FollowingBlob(Blob):
         got bytes of a dropped one: resumed bytes are given out only once verified, so this does not happen)."""
         download = self._download
         if download.epoch != self._epoch:
-            if self._pos:
+            if self.position:
                 raise StoreError(f"corrupted blob, expecting {download.digest}")
             self._epoch = download.epoch
 
     def _check_not_short(self) -> None:
         """After a read that got nothing: fine if the download dropped its file meanwhile (``readable`` went
         back), an error if the file is shorter than what the download says it wrote."""
-        if self._pos < self._download.readable:
+        if self.position < self._download.readable:
             raise StoreError(f"blob cache: {self._download.path} is shorter than what was written to it")
 
     async def read(self, max_bytes: int) -> bytes:
         download = self._download
         while True:
             self._check_epoch()
-            if self._pos < download.readable:
-                n = min(max_bytes, download.readable - self._pos)
-                data = await threads.run_sync(os.pread, self._fd, n, self._pos)
+            if self.position < download.readable:
+                n = min(max_bytes, download.readable - self.position)
+                data = await threads.run_sync(os.pread, self._fd, n, self.position)
                 if data:
-                    self._pos += len(data)
+                    self.position += len(data)
                     return data
                 # never an end: the download dropped the file meanwhile (then it says so), or the file is short
                 self._check_not_short()
@@ -355,7 +362,7 @@ class FollowingBlob(Blob):
                 if download.error is not None:
                     raise self._failure()
                 return b""
-            await download.wait_for_more(self._pos)
+            await download.wait_for_more(self.position)
 
     async def send_to(self, writer: trio.lowlevel.FdStream) -> int:
         """All of the blob into a pipe by sendfile, as it becomes readable; the bytes sent."""
@@ -363,17 +370,17 @@ class FollowingBlob(Blob):
         assert self._fd is not None
         while True:
             self._check_epoch()
-            if self._pos < download.readable:
-                reached = await splice_file(self._fd, download.readable, writer, start=self._pos)
-                if reached == self._pos:
+            if self.position < download.readable:
+                reached = await splice_file(self._fd, download.readable, writer, start=self.position)
+                if reached == self.position:
                     self._check_not_short()
-                self._pos = reached
+                self.position = reached
                 continue
             if download.done:
                 if download.error is not None:
                     raise self._failure()
-                return self._pos
-            await download.wait_for_more(self._pos)
+                return self.position
+            await download.wait_for_more(self.position)
 
     async def aclose(self) -> None:
         if self._fd is None:
@@ -382,6 +389,7 @@ class FollowingBlob(Blob):
         self._fd = None
         download = self._download
         download.readers -= 1
+        download.followers.discard(self)
         download.store._release(download.digest)
         if download.readers == 0 and not download.done:
             # nobody wants it any more: stop the transfer; the partial stays for the next pull

@@ -17,11 +17,13 @@ import trio.testing
 
 from protocol.errors import ErrorCode, ProxyError
 from proxy.cache import store as blobstore
+from proxy.cache import writeback
 from proxy.cache.directory import Refused
 from proxy.cache.files import SOURCE_XATTR, STAMP_XATTR, source_tag, verification_stamp
 from proxy.cache.store import BlobStore, CachedBlob, StoreError
 from proxy.common.pipes import CHUNK_SIZE
 from proxy.sources.base import Blob
+from tests.support.pagecache import resident_pages
 
 GUARD = 10.0
 DATA = bytes(range(256)) * 1000  # 256,000 bytes: several chunks
@@ -441,3 +443,38 @@ async def test_a_source_sending_more_than_the_manifest_says_is_cut_off_there(tmp
             await read_all(blob)
     assert not partial_of(store).exists()
     assert store.final_path(DIGEST).exists() is False
+
+
+# ------------------------------------------------------------------------------------- write-behind of a fill
+
+BIG = os.urandom(4 * writeback.STEP + 1000)
+BIG_DIGEST = "sha256:" + hashlib.sha256(BIG).hexdigest()
+
+
+async def test_a_fill_drops_from_the_page_cache_what_its_reader_has_read(tmp_path):
+    # the reader follows the download: what it has read (and is on disk) leaves the page cache as the fill goes,
+    # so a large pull does not take the machine's memory; the blob is whole and verified
+    store = BlobStore(tmp_path / "cache")
+    source = Source(data=BIG)
+    with trio.fail_after(GUARD):
+        async with spawner() as spawn:
+            blob = await store.fetch(BIG_DIGEST, len(BIG), source.open_from, spawn, source="registry.example")
+            assert await read_all(blob) == BIG
+    final = store.final_path(BIG_DIGEST)
+    first_step = writeback.STEP // os.sysconf("SC_PAGE_SIZE")
+    assert not any(resident_pages(final)[:first_step]), "the first step was read and written: dropped"
+    assert final.read_bytes() == BIG
+
+
+async def test_a_fill_keeps_in_the_page_cache_what_a_slow_reader_has_not_read(tmp_path):
+    store = BlobStore(tmp_path / "cache")
+    source = Source(data=BIG)
+    with trio.fail_after(GUARD):
+        async with spawner() as spawn:
+            fast = await store.fetch(BIG_DIGEST, len(BIG), source.open_from, spawn, source="registry.example")
+            slow = await store.fetch(BIG_DIGEST, len(BIG), source.open_from, spawn, source="registry.example")
+            assert await read_all(fast) == BIG  # the download is done: the slow reader has read nothing yet
+            final = store.final_path(BIG_DIGEST)
+            assert all(resident_pages(final)), "nothing the slow reader has not read was dropped"
+            assert await read_all(slow) == BIG
+    assert source.opened == [0]
