@@ -87,6 +87,7 @@ from proxy.sources.base import SourceError
 
 log = logging.getLogger(__name__)
 
+#: where a copy writes its bytes; the data is valid only until the call returns (a streamed span reuses its buffer)
 Write = Callable[[memoryview], Awaitable[None]]
 
 #: bytes asked per read of a streamed span
@@ -308,19 +309,22 @@ class RegistryRanges(RangeSource):
     # -- single ranges -------------------------------------------------------------------------------
 
     async def _stream_span(self, span: Span, write: Write) -> None:
+        """A span from its own ranged GET, its pieces written as they come: the body is read into one buffer
+        (with no copy from the socket or the TLS decryption, as GetBlob's), reused once ``write`` returned."""
         blob = await self._source.open_blob_from(self._digest, span.offset, span.end)
         cutter = SpanCutter(span)
+        buffer = memoryview(bytearray(min(READ_SIZE, span.length)))
         async with blob:
             remaining = span.length
             while remaining:
-                chunk = await blob.read(min(READ_SIZE, remaining))
-                if not chunk:
+                count = await blob.read_into(buffer[: min(len(buffer), remaining)])
+                if not count:
                     raise SourceError(
                         f"{self.what}: the answer for bytes {span.offset}-{span.end - 1} ended {remaining} bytes early",
                         ErrorCode.RETRYABLE,
                     )
-                remaining -= len(chunk)
-                for piece in cutter.feed(chunk):
+                remaining -= count
+                for piece in cutter.feed(buffer[:count]):
                     await write(piece)
 
     async def _fetch_single(self, span: Span) -> bytes:

@@ -9,6 +9,7 @@ import pytest
 
 from protocol.client import ImageProxy
 from protocol.errors import ErrorCode, ProxyError
+from proxy.partial.planner import SMALL_SPAN
 from tests.integration.test_differential import (
     assert_five_keys,
     assert_transcripts_agree,
@@ -138,6 +139,12 @@ def tls_registry(tmp_path_factory, built, skopeo):
             f"--dest-cert-dir={certs}",
             f"--dest-creds=bob:{BOB_PASSWORD}",
         )
+        skopeo_copy(
+            f"oci:{built.layout.path}:big",
+            f"docker://{registry.authority}/test/big:latest",
+            f"--dest-cert-dir={certs}",
+            f"--dest-creds=bob:{BOB_PASSWORD}",
+        )
         yield registry, certs
 
 
@@ -165,6 +172,19 @@ async def test_tls_registry_with_tls_verify_false(tls_registry, built):
     async with ImageProxy.spawn(extra_args=[*INSECURE, *BOB]) as proxy:
         img = await proxy.open_image(f"docker://{registry.authority}/test/single:latest")
         assert (await proxy.get_manifest(img))[0] == built.single.manifest_digest
+
+
+async def test_get_blob_at_and_get_raw_blob_over_tls_take_the_streaming_path(tls_registry, built):
+    # spans over 1 MiB are streamed from a ranged GET each, read into one buffer as GetBlob's body is
+    registry, _ = tls_registry
+    layer = built.big.layers[0]
+    data = built.big.blob(layer.digest)
+    assert layer.size > 2 * SMALL_SPAN, "the spans below must be streamed"
+    ranges = [(100, SMALL_SPAN + 5000), (SMALL_SPAN + 6000, layer.size - SMALL_SPAN - 6000), (0, 10)]
+    async with ImageProxy.spawn(extra_args=[*INSECURE, *BOB]) as proxy:
+        img = await proxy.open_image(f"docker://{registry.authority}/test/big:latest")
+        assert await proxy.get_blob_at(img, layer.digest, ranges) == b"".join(data[o : o + n] for o, n in ranges)
+        assert await proxy.get_raw_blob(img, layer.digest) == (layer.size, data)
 
 
 async def test_basic_auth_refusal_says_whether_credentials_were_sent(tls_registry):
