@@ -9,7 +9,11 @@ the ``openssl`` CLI), both on 127.0.0.1 and sharing nothing, as the paths need (
 
 Each round spawns servers over a ``SOCK_SEQPACKET`` socketpair (the socket on its stdin), for every path ours
 then skopeo's, and runs Initialize, OpenImage, GetBlob, FinishPipe with a small synchronous client: the pipe fd is
-drained by a thread (large reads, SHA-256 of every byte) while the main thread waits for the FinishPipe reply.
+drained by a thread into a 1 MiB buffer (its size checked; with ``--hash``, its SHA-256 too: that costs the client
+about 0.5 CPU s/GB on the two cores the servers and the registry share) while the main thread waits for the
+FinishPipe reply (whose success says the server verified the digest).
+With ``--before TREE`` (a checkout of an earlier commit, e.g. ``git worktree add /tmp/before <commit>``), that
+tree's server runs too on the uncached paths, so a change is measured against what it replaces in the same run.
 The cache paths run ours with ``--blob-cache`` of a new empty directory and check that the blob landed in it.
 See bench/README.md for what each number means.
 
@@ -23,6 +27,7 @@ import argparse
 import contextlib
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -59,6 +64,7 @@ from common import (
 
 OURS = "ours"
 SKOPEO = "skopeo"
+BEFORE = "before"
 
 BEGIN_MARK = "<!-- blob_throughput.py: begin -->"
 END_MARK = "<!-- blob_throughput.py: end -->"
@@ -108,7 +114,12 @@ PATHS: dict[str, BenchPath] = {
 CACHE_TARGETS = {"tls-cache": (0.9, 2.0)}
 
 
-def server_argv(name: str, cache: Path | None = None) -> list[str]:
+def server_argv(name: str, cache: Path | None = None, before: Path | None = None) -> list[str]:
+    if name == BEFORE:
+        # the earlier tree first on the path; -P: not the current directory's proxy package
+        assert before is not None
+        python = [sys.executable, "-P", "-m", "proxy", "experimental-image-proxy", "--tls-verify=false"]
+        return ["env", f"PYTHONPATH={before}", *python]
     if name == OURS:
         argv = [sys.executable, "-m", "proxy", "experimental-image-proxy", "--tls-verify=false"]
         return [*argv, "--blob-cache", str(cache)] if cache is not None else argv
@@ -156,7 +167,7 @@ class Bench:
         if cache is not None:
             cache.mkdir()
         try:
-            argv = server_argv(server, cache)
+            argv = server_argv(server, cache, self.args.before)
             transfer = measure_get_blob(
                 f"{path}, {server}",
                 round_no,
@@ -166,7 +177,7 @@ class Bench:
                 self.layer,
                 self.workdir,
                 self.args.read_size_kib * 1024,
-                not self.args.no_hash,
+                self.args.hash,
                 self.args.timeout,
             )
             entry = ""
@@ -284,8 +295,13 @@ def render(
     args: argparse.Namespace,
     machine: dict[str, str],
 ) -> str:
-    hashing = "off (--no-hash)" if args.no_hash else "on (SHA-256 of every byte, checked against the digest)"
+    hashing = (
+        "on (`--hash`: SHA-256 of every byte, checked against the digest)"
+        if args.hash
+        else "off (the size is checked; FinishPipe's success says the server verified the digest)"
+    )
     order = ", ".join(f"{r.path} {r.server}" for r in runs if r.transfer.round == 1)
+    before = any(r.server == BEFORE for r in runs)
     lines = [
         BEGIN_MARK,
         "# GetBlob throughput: image-proxy vs skopeo experimental-image-proxy",
@@ -303,7 +319,8 @@ def render(
             for tls, reg in sorted(registries.items())
         ),
         f"- servers: {OURS} `python -m proxy experimental-image-proxy --tls-verify=false` (cache paths: "
-        f"`--blob-cache DIR`), {SKOPEO} `skopeo experimental-image-proxy --tls-verify=false`",
+        f"`--blob-cache DIR`), {SKOPEO} `skopeo experimental-image-proxy --tls-verify=false`"
+        + (f", {BEFORE} the same command from {describe_before(args.before)}" if before else ""),
         f"- rounds: {args.rounds}, each in this order: {order}; client read size {args.read_size_kib} KiB; "
         f"client hashing {hashing}",
         "- paths:",
@@ -315,19 +332,31 @@ def render(
         "",
         "Medians over the rounds; ratio = ours / skopeo of the median throughputs (above 1: ours is faster).",
         "",
-        "| path | skopeo MB/s | ours MB/s | ratio | ours server CPU s/GB | ours peak RSS MiB |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| path | skopeo MB/s | ours MB/s | ratio | ours server CPU s/GB | ours peak RSS MiB |"
+        + (" before MB/s | before CPU s/GB | ours / before CPU |" if before else ""),
+        "|---|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if before else ""),
     ]
     for name in paths:
         spec = PATHS[name]
         ours = _values(runs, name, OURS, _mb_s)
         theirs = _values(runs, spec.skopeo_path, SKOPEO, _mb_s)
         label = f"{name} (skopeo: its {spec.base} run)" if spec.base else name
-        lines.append(
+        row = (
             f"| {label} | {statistics.median(theirs):.0f} | {statistics.median(ours):.0f} "
             f"| {ratio_of_medians(ours, theirs)} | {statistics.median(_values(runs, name, OURS, _cpu_s_gb)):.2f} "
             f"| {statistics.median(_values(runs, name, OURS, _hwm_mib)):.1f} |"
         )
+        if before:
+            was = _values(runs, name, BEFORE, _mb_s)
+            if was:
+                cpu, was_cpu = _values(runs, name, OURS, _cpu_s_gb), _values(runs, name, BEFORE, _cpu_s_gb)
+                row += (
+                    f" {statistics.median(was):.0f} | {statistics.median(was_cpu):.2f} "
+                    f"| {ratio_of_medians(cpu, was_cpu)} |"
+                )
+            else:
+                row += " | | |"
+        lines.append(row)
     for name in paths:
         spec = PATHS[name]
         if not spec.base:
@@ -385,6 +414,17 @@ def render(
     return "\n".join(lines)
 
 
+def describe_before(tree: Path) -> str:
+    """The earlier tree, and its commit when it is a git checkout."""
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(tree), "log", "-1", "--format=%h %s"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return f"`{tree}`"
+    return f"`{tree}` (commit {commit[:90]})"
+
+
 def _verdict(ratio: str, target: float | None) -> str:
     if target is None:
         return ""
@@ -397,6 +437,10 @@ def _path_table(runs: list[Run], name: str) -> list[str]:
     spec = PATHS[name]
     header = f"| metric | {OURS} | {SKOPEO} | ratio |"
     rule = "|---|---:|---:|---:|"
+    before = any(r.server == BEFORE and r.path == name for r in runs)
+    if before:
+        header += f" {BEFORE} | ours / {BEFORE} |"
+        rule += "---:|---:|"
     if spec.base:
         header += f" ours / ours `{spec.base}` |"
         rule += "---:|"
@@ -406,6 +450,9 @@ def _path_table(runs: list[Run], name: str) -> list[str]:
         theirs = _values(runs, spec.skopeo_path, SKOPEO, get)
         ratio = ratio_of_medians(ours, theirs)
         row = f"| {label} | {median_range(ours, fmt)} | {median_range(theirs, fmt)} | {ratio} |"
+        if before:
+            was = _values(runs, name, BEFORE, get)
+            row += f" {median_range(was, fmt)} | {ratio_of_medians(ours, was)} |"
         if spec.base:
             row += f" {ratio_of_medians(ours, _values(runs, spec.base, OURS, get))} |"
         lines.append(row)
@@ -440,7 +487,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--out", default=str(REPO_ROOT / "bench" / "RESULTS.md"), help="Markdown file whose section to write"
     )
     parser.add_argument("--read-size-kib", type=int, default=1024, help="client read size per read (default 1024)")
-    parser.add_argument("--no-hash", action="store_true", help="do not SHA-256 the bytes in the client")
+    parser.add_argument(
+        "--hash", action="store_true", help="SHA-256 the bytes in the client too (costs client CPU the servers share)"
+    )
+    parser.add_argument(
+        "--before",
+        type=lambda text: Path(text).resolve(),
+        help="a source tree of an earlier version (a git worktree): its server runs too, on the uncached paths",
+    )
     parser.add_argument("--no-references", action="store_true", help="skip the reference commands")
     parser.add_argument("--timeout", type=float, default=600.0, help="bound on every reply and on the drain, s")
     parser.add_argument("--workdir", help="where to put the layout and registry storage (default: a temp dir)")
@@ -466,6 +520,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if any(PATHS[name].tls for name in args.paths) and shutil.which("openssl") is None:
         print("openssl is required for the TLS paths (apt-get install openssl)", file=sys.stderr)
+        return 2
+    if args.before is not None and not (args.before / "proxy" / "__main__.py").is_file():
+        print(f"--before {args.before}: not a source tree of image-proxy (no proxy/__main__.py)", file=sys.stderr)
         return 2
     machine, workdir, progress = bench.machine, bench.workdir, bench.progress
     paths = measured_paths(args.paths)
@@ -496,6 +553,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     runs.append(runner.run_server(name, OURS, round_no))
                     if not PATHS[name].cache:
                         runs.append(runner.run_server(name, SKOPEO, round_no))
+                        if args.before is not None:
+                            runs.append(runner.run_server(name, BEFORE, round_no))
                 if not args.no_references:
                     refs += runner.references(round_no)
             if args.py_spy_out:
