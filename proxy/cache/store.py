@@ -110,7 +110,7 @@ class CachedBlob(Blob):
         """The unread bytes of the open, verified file: producers send it with sendfile, ranges are pread."""
         if self._fd is None:
             raise ValueError("blob is closed")
-        return FileWindow(self._fd, self._pos, self.size - self._pos)
+        return FileWindow(self._fd, self._pos, self.size - self._pos, read_once=True)
 
     async def read(self, max_bytes: int) -> bytes:
         data = await threads.run_sync(os.pread, self._fd, max_bytes, self._pos)

@@ -1,34 +1,32 @@
 """Writing a cache file behind the stream that fills it: on disk as it comes, and out of the page cache once read.
 
-A blob is usually read once, by the pull that fills the cache. Left to the kernel, a 1 GiB fill leaves 1 GiB of
-dirty page cache for the final fsync to write (0.4 s measured for 1 GiB), and every page of it is memory taken
-fresh from the free lists. On a virtual machine whose free memory goes back to the host (free page reporting,
-virtio-balloon: the machine this was measured on) a fresh page costs a fault in the host: copying 1 GiB into
-new page cache took up to 2.5 CPU s, more than the whole stream without a cache takes.
-
+Left to the kernel, a 1 GiB fill leaves 1 GiB of dirty page cache for the final fsync to write (0.4 s measured),
+and every page of it is memory taken fresh from the free lists, which on a virtual machine like the one the
+benches ran on can cost as much CPU as the stream itself (see :mod:`proxy.common.page_cache`).
 :class:`WriteBehind` therefore, every :data:`STEP` bytes appended:
 
 - starts the writeback of the new range (``sync_file_range(SYNC_FILE_RANGE_WRITE)``: no wait);
 - waits until the range before it is on disk (``WAIT_BEFORE | WRITE | WAIT_AFTER``): at most two steps are dirty,
   so the fsync that makes the blob durable at the end waits for the last few MiB only;
-- drops from the page cache (``POSIX_FADV_DONTNEED``) the bytes that are on disk **and** that every reader of the
-  download has read, so the next chunks reuse those pages instead of fresh ones. A reader that falls behind keeps
-  its bytes in the page cache (nothing it has not read is dropped); a reader that comes later reads the disk.
+- drops from the page cache the bytes that are on disk **and** that every reader of the download has read, so
+  the next chunks reuse those pages instead of fresh ones. A reader that falls behind keeps its bytes in the page
+  cache (nothing it has not read is dropped); a reader that comes later reads the disk.
 
 Measured (1 GiB in 1 MiB ``pwrite``, runs alternated): 0.22 to 0.26 CPU s, 0.45 to 0.49 s wall, fsync included;
 plain ``pwrite`` 0.19 to 2.13 CPU s plus a 0.4 s fsync; with only the writeback started (what this did before)
 0.81 to 2.53 CPU s. In bench/blob_throughput.py the TLS pull through an empty cache went from 0.62x to 0.90 to
-0.97x of the pull without a cache. None of this changes what is durable: the fsync at the end does
-that. Python's ``os`` has no binding for ``sync_file_range``: it is called through ``ctypes``, loaded on the first
-use (the cache's fill path only). Where it is missing (not Linux, no libc symbol) the file is only written, as
-before, and the drop finds the pages dirty and keeps them.
+0.97x of the pull without a cache. None of this changes what is durable: the fsync at the end does that.
+
+Python's ``os`` has no binding for ``sync_file_range``: it is called through ``ctypes``, loaded on the first use
+(the cache's fill path only). Where it is missing (not Linux, no libc symbol) the file is only written, as before,
+and the drop finds the pages dirty and keeps them.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 from collections.abc import Callable
+
+from proxy.common.page_cache import PAGE_SIZE, drop_cached
 
 #: bytes appended between two writeback steps
 STEP = 16 << 20
@@ -36,7 +34,6 @@ STEP = 16 << 20
 SYNC_FILE_RANGE_WAIT_BEFORE = 1
 SYNC_FILE_RANGE_WRITE = 2
 SYNC_FILE_RANGE_WAIT_AFTER = 4
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 _call: Callable[[int, int, int, int], int] | None = None
 _loaded = False
@@ -79,13 +76,6 @@ def wait_written(fd: int, offset: int, length: int) -> bool:
     )
 
 
-def drop_cached(fd: int, offset: int, length: int) -> None:
-    """Drop the clean pages of ``fd`` in the range from the page cache (best effort)."""
-    if length > 0 and hasattr(os, "posix_fadvise"):
-        with contextlib.suppress(OSError):  # only advice
-            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
-
-
 class WriteBehind:
     """The write-behind of a file being appended to (see the module): call :meth:`wrote` after each append,
     from the thread that writes. ``consumed()`` says up to which offset every reader has read (it is called
@@ -110,7 +100,7 @@ class WriteBehind:
                 self._on_disk = offset + length
         self._pending = (self._started, end - self._started)
         self._started = end
-        limit = min(self._on_disk, self._consumed()) // _PAGE * _PAGE
+        limit = min(self._on_disk, self._consumed()) // PAGE_SIZE * PAGE_SIZE
         if limit > self._dropped:
             drop_cached(self._fd, self._dropped, limit - self._dropped)
             self._dropped = limit

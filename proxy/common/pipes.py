@@ -11,6 +11,8 @@ import os
 import trio
 
 from protocol.errors import BROKEN_PIPE_TEXT, ErrorCode, ProxyError
+from proxy.common import threads
+from proxy.common.page_cache import DropBehind
 
 #: bytes moved per read from a source
 CHUNK_SIZE = 1 << 20
@@ -48,14 +50,25 @@ async def write_all(writer: trio.lowlevel.FdStream, data: bytes | memoryview) ->
         raise ProxyError("write to a pipe that was already closed", ErrorCode.OTHER) from None
 
 
-async def splice_file(fd: int, size: int, writer: trio.lowlevel.FdStream, start: int = 0) -> int:
+async def splice_file(
+    fd: int, size: int, writer: trio.lowlevel.FdStream, start: int = 0, *, read_once: bool = False
+) -> int:
     """Copy bytes ``start`` to ``size`` of a file into a pipe in the kernel (sendfile), waiting while the pipe is
-    full; the offset reached (``size``, or less if the file is shorter)."""
+    full; the offset reached (``size``, or less if the file is shorter).
+
+    ``read_once`` (a file streamed once, likely not in the page cache: a blob-cache file): each ``sendfile`` runs in
+    a worker thread, so that waiting for the disk never blocks the event loop (it cannot wait for the client: the
+    pipe does not block), and what was sent is dropped from the page cache a little behind (see
+    :mod:`proxy.common.page_cache`)."""
     out = writer.fileno()
     offset = start
+    behind = DropBehind(fd, start) if read_once else None
     while offset < size:
         try:
-            sent = os.sendfile(out, fd, offset, min(size - offset, PIPE_SIZE))
+            if behind is None:
+                sent = os.sendfile(out, fd, offset, min(size - offset, PIPE_SIZE))
+            else:
+                sent = await threads.run_sync(os.sendfile, out, fd, offset, min(size - offset, PIPE_SIZE))
         except BlockingIOError:
             await trio.lowlevel.wait_writable(out)
             continue
@@ -64,7 +77,10 @@ async def splice_file(fd: int, size: int, writer: trio.lowlevel.FdStream, start:
         if sent == 0:
             break  # the file shrank under us: the size check tells
         offset += sent
-        await trio.lowlevel.checkpoint()
+        if behind is not None:
+            behind.reached(offset)
+        else:
+            await trio.lowlevel.checkpoint()
     return offset
 
 

@@ -47,6 +47,8 @@ class FileWindow:
     fd: int
     offset: int
     length: int
+    #: the file is ours and its bytes are streamed once (a blob-cache file): dropped from the page cache behind
+    read_once: bool = False
 
 
 class Blob(abc.ABC):
@@ -82,7 +84,9 @@ class Blob(abc.ABC):
         checks these bytes on their way). By ``sendfile`` from its window when it has one, else read and write."""
         window = self.window()
         if window is not None:
-            end = await splice_file(window.fd, window.offset + window.length, writer, start=window.offset)
+            end = await splice_file(
+                window.fd, window.offset + window.length, writer, start=window.offset, read_once=window.read_once
+            )
             return end - window.offset
         sent = 0
         while chunk := await self.read(CHUNK_SIZE):
