@@ -299,15 +299,17 @@ def render(
     if runs:
         relayed = [r for r in runs if r.relayed_transfer is not None]
         setup = [r.relayed_setup or 0 for r in relayed]
+        stamp_text = "the verification stamp spares the lookup a re-hash" if stamped else "NOT stamped: re-hashed"
         lines += [
             "",
             f"## GetBlob of a cached blob next to the network ({args.rounds} rounds)",
             "",
             f"Each round runs {' then '.join(f'*{case}*' for case in CASES)}, each in a new server process. "
             "The cached case reads the cache file "
-            f"the empty-cache run of the same round wrote ({'warm in the page cache' if stamped else 'NOT stamped'}; "
-            f"{'the verification stamp spares the lookup a re-hash' if stamped else 'every lookup re-hashed it'}), "
-            "and sends it with sendfile. It reached the registry through a counting relay: "
+            "the empty-cache run of the same round wrote (which dropped it from the page cache as its reader read "
+            "it: the cached read comes from the disk; "
+            + stamp_text
+            + "), and sends it with sendfile from a worker thread. It reached the registry through a counting relay: "
             f"{max(r.relayed_transfer or 0 for r in relayed)} bytes came from the registry between GetBlob and the "
             f"end of the transfer in every round (before GetBlob, {min(setup)} to {max(setup)} bytes: the /v2/ "
             "ping and the manifest of OpenImage).",
