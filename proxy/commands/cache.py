@@ -37,6 +37,7 @@ from proxy.cache.directory import (
     Kind,
 )
 from proxy.cache.files import STAMP_XATTR, hash_fd, write_stamp
+from proxy.commands.units import format_size
 
 DEFAULT_STALE_AFTER = 24 * 3600.0
 
@@ -52,15 +53,6 @@ def parse_duration(text: str) -> float:
     if m is None:
         raise argparse.ArgumentTypeError(f"invalid duration {text!r} (try 7d, 12h, 30m or 90s)")
     return float(m.group(1)) * _DURATION_UNITS[m.group(2).lower()]
-
-
-def _human_bytes(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError  # pragma: no cover
 
 
 def _human_age(seconds: float) -> str:
@@ -110,7 +102,7 @@ class VerifyReport:
 
     def summary(self) -> str:
         text = (
-            f"{self.blobs} blobs, {self.blob_bytes} bytes ({_human_bytes(self.blob_bytes)}): "
+            f"{self.blobs} blobs, {self.blob_bytes} bytes ({format_size(self.blob_bytes, binary=True)}): "
             f"{self.count('corrupt')} corrupt, {self.count('unreadable')} unreadable; "
             f"{self.partials} partials: {self.in_progress} in progress, {self.idle} idle, "
             f"{self.count('stale-partial')} stale; {self.count('foreign')} foreign, {self.count('unsafe')} unsafe"
@@ -264,8 +256,8 @@ class PruneReport:
         done = [r for r in self.removals if r.outcome in ("removed", "would be removed")]
         verb = "would be removed, would free" if dry_run else "removed, freed"
         text = (
-            f"{len(done)} {verb} {self.freed_bytes} bytes ({_human_bytes(self.freed_bytes)}); "
-            f"{self.remaining_bytes} bytes ({_human_bytes(self.remaining_bytes)}) left"
+            f"{len(done)} {verb} {self.freed_bytes} bytes ({format_size(self.freed_bytes, binary=True)}); "
+            f"{self.remaining_bytes} bytes ({format_size(self.remaining_bytes, binary=True)}) left"
         )
         if self.in_progress:
             text += f", including {self.in_progress} downloads in progress"
@@ -351,8 +343,8 @@ def disk_usage(cache: CacheDir) -> dict[str, Any]:
 
 def _usage_line(label: str, c: dict[str, int]) -> str:
     return (
-        f"{label:<8} {c['blobs']:>6} blobs {c['blob_bytes']:>14} bytes ({_human_bytes(c['blob_bytes'])}), "
-        f"{c['partials']:>4} partials {c['partial_bytes']:>14} bytes ({_human_bytes(c['partial_bytes'])})"
+        f"{label:<8} {c['blobs']:>6} blobs {c['blob_bytes']:>14} bytes ({format_size(c['blob_bytes'], binary=True)}), "
+        f"{c['partials']:>4} partials {c['partial_bytes']:>14} bytes ({format_size(c['partial_bytes'], binary=True)})"
     )
 
 

@@ -23,10 +23,10 @@ from protocol.errors import ProxyError
 from proxy.commands.proxy_access import (
     add_proxy_flags,
     check_proxy_socket_flags,
-    format_size,
     open_proxy,
     report_error,
 )
+from proxy.commands.units import format_size
 
 
 @attrs.frozen

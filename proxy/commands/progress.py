@@ -33,7 +33,8 @@ from protocol.client.pull import (
     PullFinished,
     PullStarted,
 )
-from proxy.commands.proxy_access import format_size, short_digest
+from proxy.commands.proxy_access import short_digest
+from proxy.commands.units import format_size
 
 REDRAW_INTERVAL = 0.1
 JSON_PROGRESS_INTERVAL = 0.25

@@ -190,16 +190,6 @@ def report_error(
         out(f"  hint: {hint}")
 
 
-def format_size(n: int) -> str:
-    """Bytes for people, in decimal units as registries and skopeo show them (MB = 10^6 bytes)."""
-    value = float(n)
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if value < 1000 or unit == "TB":
-            return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    raise AssertionError  # pragma: no cover
-
-
 def short_digest(digest: str) -> str:
     algorithm, _, hexpart = digest.partition(":")
     return f"{algorithm}:{hexpart[:12]}"
@@ -212,7 +202,6 @@ def os_error_text(e: OSError) -> str:
 __all__ = [
     "add_proxy_flags",
     "check_proxy_socket_flags",
-    "format_size",
     "hints_for",
     "open_proxy",
     "os_error_text",
