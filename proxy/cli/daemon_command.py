@@ -13,6 +13,7 @@ import logging
 import os
 import resource
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import attrs
 import trio
@@ -23,11 +24,14 @@ from proxy.commands import arguments
 from proxy.config import ConfigError
 from proxy.config.daemon_conf import load_daemon_conf
 from proxy.server import logs
-from proxy.server.daemon import Daemon, DaemonError, DaemonSettings, activated_socket, bind_listener, is_listening
 from proxy.server.limits import DAEMON_LIMITS, DAEMON_WIDE_LIMITS
 from proxy.server.options import ProxyOptions
 from proxy.server.peer import AccessPolicy
 from proxy.server.session import serve_socket
+
+if TYPE_CHECKING:
+    # the daemon's machinery costs about 20 ms at start-up: every spawned proxy would pay it
+    from proxy.server.daemon import DaemonSettings
 
 log = logging.getLogger("image-proxy.server.daemon")
 
@@ -89,6 +93,8 @@ def add_daemon_flags(parser: argparse.ArgumentParser) -> None:
 def daemon_config(args: argparse.Namespace) -> tuple[ProxyOptions, DaemonSettings]:
     """The daemon's options and settings from flags, then the config file, then the defaults. Raises
     ConfigError; called again on SIGHUP."""
+    from proxy.server.daemon import DaemonSettings
+
     conf = load_daemon_conf(args.config)  # once per start or reload
     options = options_from_args(args, DAEMON_LIMITS, conf)
     if args.no_blob_cache or (conf.cache_enabled is False and not args.blob_cache):
@@ -124,6 +130,8 @@ def daemon_config(args: argparse.Namespace) -> tuple[ProxyOptions, DaemonSetting
 
 
 def run_daemon(args: argparse.Namespace) -> int:
+    from proxy.server.daemon import Daemon, DaemonError, activated_socket, bind_listener, is_listening
+
     logs.setup_logging(logging.DEBUG if args.debug else logging.INFO)
     raise_fd_limit()
     if args.insecure_policy and args.require_signed:

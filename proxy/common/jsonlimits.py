@@ -31,8 +31,6 @@ import tomllib
 from collections.abc import Callable
 from typing import Any
 
-import yaml
-
 #: the deepest nesting of arrays and objects (or YAML collections, TOML arrays and tables) accepted
 MAX_DEPTH = 64
 
@@ -118,6 +116,8 @@ def check_yaml_depth(data: str | bytes, limit: int = MAX_DEPTH) -> None:
     ``yaml.safe_load`` and costs one more parse; aliases are not followed. Syntax errors are ``yaml.YAMLError``.
     """
     depth = 0
+    import yaml  # about 8 ms at start-up otherwise: only registries.d files are YAML
+
     for event in yaml.parse(data, Loader=yaml.SafeLoader):
         if isinstance(event, yaml.CollectionStartEvent):
             depth += 1

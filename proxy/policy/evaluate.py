@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import attrs
 
@@ -36,9 +37,12 @@ from proxy.policy.requirements import (
 )
 from proxy.policy.scopes import ImageScope, image_scope
 from proxy.policy.signatures import SignatureFetchError, SignatureReader, SigstoreSignature, SimpleSignature
-from proxy.policy.sigstore import PublicKey, load_public_keys, verify_sigstore
 from proxy.registry.client import RegistryClient
 from proxy.sources.base import ImageSource
+
+if TYPE_CHECKING:
+    # cryptography costs about 12 ms at start-up: imported where a sigstoreSigned requirement is checked
+    from proxy.policy.sigstore import PublicKey
 
 log = logging.getLogger(__name__)
 
@@ -231,6 +235,8 @@ class _Checker:
     async def _sigstore_signed(self, requirement: SigstoreSigned, manifest: _Manifest) -> None:
         if requirement.unsupported is not None:
             raise _Refused(f"{requirement.unsupported} is not supported by image-proxy")
+        from proxy.policy.sigstore import verify_sigstore
+
         keys = await threads.run_sync(_sigstore_keys, requirement)
         signatures = await self._signatures(manifest)
         sigstore = [s for s in signatures if isinstance(s, SigstoreSignature)]
@@ -283,6 +289,8 @@ def _gpg_keyring(requirement: SignedBy) -> bytes:
 
 
 def _sigstore_keys(requirement: SigstoreSigned) -> list[PublicKey]:
+    from proxy.policy.sigstore import load_public_keys
+
     sources = [(path, _read_key_file(path)) for path in requirement.key_paths]
     sources += [(f"keyData[{i}]", data) for i, data in enumerate(requirement.key_datas)]
     keys: list[PublicKey] = []

@@ -16,7 +16,6 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import attrs
-import yaml
 
 from proxy.common import jsonlimits
 from proxy.image.reference import DockerReference
@@ -121,6 +120,8 @@ def load_registries_d(directory: str) -> RegistriesD:
         path = os.path.join(directory, name)
         if not name.endswith(".yaml") or not os.path.isfile(path):
             continue
+        import yaml  # about 8 ms: only where a registries.d file exists
+
         try:
             with open(path, "rb") as f:
                 data = f.read(MAX_FILE_SIZE + 1)
