@@ -43,3 +43,7 @@ if $with_tests; then
 else
     .venv/bin/python -m pip install -q --disable-pip-version-check -e .
 fi
+# Byte-compile the sources now: an editable install does not, and where PYTHONDONTWRITEBYTECODE is set (as on the
+# CI machine) or the tree is read-only, every spawned proxy compiled them again: 307 ms from spawn to the
+# Initialize reply without .pyc files, 207 ms with them (median of 15 alternated spawns).
+.venv/bin/python -m compileall -q -j 0 proxy protocol >/dev/null
