@@ -175,6 +175,11 @@ class ServerConnection:
 
     # ------------------------------------------------------------------ running and answering
 
+    def only_in_order(self) -> Queued | None:
+        """The in-order item, when it is the only one queued (it stays queued): a caller with nothing in progress
+        may answer it at once, and then takes it with :meth:`next_in_order`."""
+        return self._in_order[0] if len(self._in_order) == 1 else None
+
     def next_in_order(self) -> Queued | None:
         """The next in-order item, once the previous one is done (the caller runs them one at a time)."""
         return self._in_order.popleft() if self._in_order else None

@@ -32,11 +32,18 @@ def _system_pipe_max(path: str = "/proc/sys/fs/pipe-max-size") -> int:
 PIPE_SIZE = min(PIPE_SIZE_CAP, _system_pipe_max())
 
 
-def open_pipe() -> tuple[int, int]:
-    """A close-on-exec pipe with an enlarged buffer (fewer wake-ups per MiB; best effort): (read_fd, write_fd)."""
+#: what a new pipe holds without being enlarged (Linux: 16 pages); a write of up to this into an empty pipe
+#: takes it whole
+PIPE_DEFAULT_SIZE = 64 << 10
+
+
+def open_pipe(*, enlarge: bool = True) -> tuple[int, int]:
+    """A close-on-exec pipe: (read_fd, write_fd). ``enlarge``: with a larger buffer (fewer wake-ups per MiB; best
+    effort), for a stream; a reply of a few KiB has no use for it."""
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
-    with contextlib.suppress(OSError):
-        fcntl.fcntl(write_fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    if enlarge:
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(write_fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
     return read_fd, write_fd
 
 
@@ -84,4 +91,4 @@ async def splice_file(
     return offset
 
 
-__all__ = ["CHUNK_SIZE", "PIPE_SIZE", "PIPE_SIZE_CAP", "open_pipe", "splice_file", "write_all"]
+__all__ = ["CHUNK_SIZE", "PIPE_DEFAULT_SIZE", "PIPE_SIZE", "PIPE_SIZE_CAP", "open_pipe", "splice_file", "write_all"]

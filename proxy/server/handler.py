@@ -23,6 +23,7 @@ from protocol.extensions import SERVER_EXTENSIONS
 from protocol.messages import Reply, Request
 from protocol.methods import METHODS, parse_args
 from proxy.cache.source import CachingSource
+from proxy.common.pipes import PIPE_DEFAULT_SIZE
 from proxy.http.errors import HTTPError
 from proxy.image import gojson
 from proxy.image import manifest as mf
@@ -62,6 +63,10 @@ class OpenedImage:
     parsed: mf.ImageManifest
     #: (digest, bytes) of the OCI config a converted manifest names; the source does not store it
     converted_config: tuple[str, bytes] | None = None
+
+
+#: the methods :meth:`Handler.answer_now` may answer without waiting
+_ANSWERED_NOW = frozenset({"GetManifest", "FinishPipe"})
 
 
 class Handler:
@@ -119,6 +124,31 @@ class Handler:
             log.exception("%s: internal error", request.method)
             return Outcome(Reply.failure(f"internal error in {request.method}: {type(e).__name__}: {e}"))
 
+    def answer_now(self, request: Request | ProtocolViolation) -> Outcome | None:
+        """The outcome of a request that needs no waiting, computed at once: GetManifest of an image whose OCI
+        manifest is in memory, FinishPipe of a pipe whose producer is done. None for anything else, and for
+        anything that is not the plain case (an error, a limit): the session then runs it in its turn, and that
+        path answers it."""
+        if not isinstance(request, Request) or request.method not in _ANSWERED_NOW or not self._initialized:
+            return None
+        try:
+            spec, args = parse_args(request)
+            if spec.name == "GetManifest":
+                image = self._images.get(args[0])
+                if image is None or image.manifest_mime != mf.OCI_MANIFEST:
+                    return None
+                return self._reply_with_bytes(image.manifest_digest, image.manifest)
+            pipe = self._pipes.get(args[0])
+            if pipe is None or not pipe.done.is_set() or args[0] in self._finishing:
+                return None
+        except ProxyError:
+            return None
+        self._end_pipe(pipe)
+        if pipe.error is not None:
+            log.debug("%s failed: %s", request.method, pipe.error)
+            return Outcome(Reply.failure(pipe.error.message, pipe.error.code))
+        return Outcome(Reply.ok())
+
     # ----------------------------------------------------------------- helpers
 
     def _image(self, image_id: int) -> OpenedImage:
@@ -159,26 +189,35 @@ class Handler:
         return Outcome(Reply.ok(value(opened), pipeid=pipe.pipeid), (pipe.read_fd,))
 
     def _reply_with_bytes(self, value: Any, data: bytes) -> Outcome:
-        """Reply with a pipe carrying ``data`` (synchronous: nothing to open, nothing awaited before the reply)."""
+        """Reply with a pipe carrying ``data`` (synchronous: nothing to open, nothing awaited before the reply).
+
+        Data that fits in a new pipe (a manifest, a config: almost always) is written into it here and the pipe is
+        finished before the reply: no producer task and no enlarged buffer. Anything longer, or what the pipe did
+        not take, goes to a producer."""
+        small = len(data) <= PIPE_DEFAULT_SIZE
         self._account.take(Resource.PIPES)
         try:
-            pipe = Pipe.create()
+            pipe = Pipe.create(enlarge=not small)
         except BaseException:
             self._account.give(Resource.PIPES)
             raise
         self._pipes[pipe.pipeid] = pipe
-        self._spawn(lambda: produce_bytes(pipe, data))
+        written = pipe.write_now(data) if small else 0
+        if written == len(data):
+            pipe.finish(None)
+        else:
+            rest = data[written:]
+            self._spawn(lambda: produce_bytes(pipe, rest))
         return Outcome(Reply.ok(value, pipeid=pipe.pipeid), (pipe.read_fd,))
 
-    async def _end_pipe(self, pipe: Pipe) -> None:
+    def _end_pipe(self, pipe: Pipe) -> None:
         """A handed-out pipe is done with (finished, or the session ends): close our end, give back its count
         (once, whoever comes first)."""
         if self._pipes.pop(pipe.pipeid, None) is None:
             return
         self._account.give(Resource.PIPES)
         self._on_idle()
-        with trio.CancelScope(shield=True):
-            await pipe.aclose()
+        pipe.close()
 
     async def _read_config(self, image: OpenedImage) -> bytes:
         """The image's config blob, verified; refused for OCI artifacts (no image config)."""
@@ -455,7 +494,7 @@ class Handler:
         finally:
             self._finishing.discard(pipeid)
         # The pipe may have been finished meanwhile only by session teardown, which cancels us.
-        await self._end_pipe(pipe)
+        self._end_pipe(pipe)
         if pipe.error is not None:
             raise pipe.error
         return Outcome(Reply.ok())
@@ -466,7 +505,7 @@ class Handler:
         """Close every pipe and image; runs shielded at session end."""
         with trio.CancelScope(shield=True):
             for pipe in list(self._pipes.values()):
-                await self._end_pipe(pipe)
+                self._end_pipe(pipe)
             for image in list(self._images.values()):
                 self._account.give(Resource.IMAGES)
                 try:

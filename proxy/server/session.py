@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import socket
 from collections.abc import Callable
 
@@ -64,6 +65,10 @@ def identity_of(peer: PeerCredentials | None) -> Identity | None:
     return identity if needs_switch(identity) else None
 
 
+#: packets a session reads one after the other without a checkpoint (see Session._receive_packet)
+READS_BEFORE_CHECKPOINT = 16
+
+
 class Session:
     """Serves the protocol on one connected SOCK_SEQPACKET socket until EOF or Shutdown.
 
@@ -98,9 +103,16 @@ class Session:
             )
         )
         self._in_order_changed = trio.Event()
+        #: the dispatcher waits for an in-order request (nothing of the queue is in progress)
+        self._dispatcher_idle = False
         self._receiving = True
         self._id_slots = trio.CapacityLimiter(max(1, self._limits.concurrent_requests))
         self._outbox_send, self._outbox_recv = trio.open_memory_channel[_Encoded](math.inf)
+        self._read_at_once = 0  # packets read without waiting since the last checkpoint
+        #: replies queued for the sender and not sent yet (a reply is sent at once only when there are none)
+        self._outbox_pending = 0
+        #: the same socket, for the replies sent at once (non-blocking calls of our own, no trip through trio)
+        self._wire = socket.socket(fileno=os.dup(sock.fileno()))
         self._all_answered = trio.Event()
         self._handler: Handler | None = None
         self._debug = log.isEnabledFor(logging.DEBUG)
@@ -122,6 +134,7 @@ class Session:
         except Exception:
             log.exception("%s: internal error; closing this connection", self.name)
         finally:
+            self._wire.close()
             self._account.release()
 
     async def _run(self) -> None:
@@ -160,9 +173,7 @@ class Session:
         try:
             while True:
                 try:
-                    data, ancdata, flags, _ = await self._sock.recvmsg(
-                        MAX_MSG_SIZE + 1, _ANCILLARY_SPACE, socket.MSG_CMSG_CLOEXEC
-                    )
+                    data, ancdata, flags = await self._receive_packet()
                 except OSError as e:
                     log.warning("%s: socket: %s; ending session", self.name, e)
                     return False
@@ -205,6 +216,26 @@ class Session:
             self._receiving = False
             self._in_order_changed.set()
 
+    async def _receive_packet(self) -> tuple[bytes, list[tuple[int, int, bytes]], int]:
+        """One packet: read at once when one is there (a non-blocking ``recvmsg``: no trip through the scheduler),
+        else once the socket is readable. After :data:`READS_BEFORE_CHECKPOINT` packets read at once, a checkpoint:
+        a client that keeps sending cannot hold the event loop from the other tasks and clients."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while True:
+            try:
+                data, ancdata, flags, _ = self._wire.recvmsg(
+                    MAX_MSG_SIZE + 1, _ANCILLARY_SPACE, socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT
+                )
+            except BlockingIOError:
+                self._read_at_once = 0
+                await trio.lowlevel.wait_readable(self._wire)
+                continue
+            self._read_at_once += 1
+            if self._read_at_once >= READS_BEFORE_CHECKPOINT:
+                self._read_at_once = 0
+                await trio.lowlevel.checkpoint()
+            return data, ancdata, flags
+
     def _log_refusal(self, limit: str, why: str) -> None:
         """A refused request: a warning the first time this connection hits ``limit``, debug lines after (a flood
         of refused requests must not become a flood of log lines)."""
@@ -222,8 +253,27 @@ class Session:
             nursery.start_soon(self._handle_with_id, handler, decision)
         elif isinstance(decision, AnswerNow):
             self._send_soon(Outcome(decision.reply), decision.size)
-        else:
+        elif not self._answer_now(handler):
             self._in_order_changed.set()
+
+    def _answer_now(self, handler: Handler) -> bool:
+        """Answer the in-order request just queued here, without a trip through the dispatcher, when nothing is
+        ahead of it and it needs no waiting (``Handler.answer_now``): whether it was answered. The order of
+        replies is kept: the dispatcher is idle and this request is the only one queued."""
+        if not self._dispatcher_idle:
+            return False
+        queued = self._conn.only_in_order()
+        if queued is None or not isinstance(queued.item, Request):
+            return False
+        outcome = handler.answer_now(queued.item)
+        if outcome is None:
+            return False
+        taken = self._conn.next_in_order()
+        assert taken is queued
+        if self._debug:
+            log.debug("request %s %s", shown(queued.item.method, 100), shown(queued.item.args))
+        self._send_soon(outcome, queued.size)
+        return True
 
     # ------------------------------------------------------------------ handling
 
@@ -234,7 +284,11 @@ class Session:
                 if not self._receiving:
                     return
                 self._in_order_changed = trio.Event()
-                await self._in_order_changed.wait()
+                self._dispatcher_idle = True
+                try:
+                    await self._in_order_changed.wait()
+                finally:
+                    self._dispatcher_idle = False
                 queued = self._conn.next_in_order()
             if isinstance(queued.item, Reply):
                 self._send_soon(Outcome(queued.item), queued.size)
@@ -258,12 +312,38 @@ class Session:
             self._conn.done(run.request_id)
 
     def _send_soon(self, outcome: Outcome, request_size: int) -> None:
-        """Encode a reply now (once) and queue it for the sender; it holds its own size in queued bytes instead of
-        its request's."""
+        """Encode a reply now (once) and send it at once if nothing is queued before it and the socket takes it
+        without waiting; else queue it for the sender. It holds its own size in queued bytes instead of its
+        request's until it is sent."""
         data = self._encode(outcome.reply) if outcome.reply is not None else None
         size = len(data) if data is not None else 0
         self._account.requeue(request_size, size)
-        self._outbox_send.send_nowait(_Encoded(data, outcome.fds, size))
+        encoded = _Encoded(data, outcome.fds, size)
+        if self._outbox_pending == 0 and self._send_now(encoded):
+            return
+        self._outbox_pending += 1
+        self._outbox_send.send_nowait(encoded)
+
+    def _send_now(self, encoded: _Encoded) -> bool:
+        """Send a reply without waiting (a non-blocking ``sendmsg``): whether it was sent. A full socket buffer, or
+        any error, leaves it to the sender, which waits, or reports the error and ends the session."""
+        if encoded.data is not None:
+            ancillary = fds_to_ancillary(encoded.fds) if encoded.fds else []
+            try:
+                self._wire.sendmsg([encoded.data], ancillary, socket.MSG_DONTWAIT)
+            except OSError:
+                return False
+            if self._debug:
+                log.debug("reply %s", encoded.data[:300])
+        close_fds(encoded.fds)  # our copies of the read ends: the client has its own now
+        self._replied(encoded)
+        return True
+
+    def _replied(self, encoded: _Encoded) -> None:
+        self._account.unqueue(encoded.size)
+        if self._conn.sent():
+            self._all_answered.set()
+            self._on_idle()
 
     def _encode(self, reply: Reply) -> bytes:
         try:
@@ -281,14 +361,13 @@ class Session:
             try:
                 await self._send(encoded)
             except OSError as e:
+                self._account.unqueue(encoded.size)
                 log.warning("%s: cannot send reply: %s; ending session", self.name, e)
                 session_scope.cancel()
                 return
             finally:
-                self._account.unqueue(encoded.size)
-            if self._conn.sent():
-                self._all_answered.set()
-                self._on_idle()
+                self._outbox_pending -= 1
+            self._replied(encoded)
 
     async def _send(self, encoded: _Encoded) -> None:
         try:

@@ -33,10 +33,11 @@ class Pipe:
     error: ProxyError | None = None
 
     @classmethod
-    def create(cls) -> Pipe:
-        """A new pipe; ProxyError (retryable) when the process has no fd left for it."""
+    def create(cls, *, enlarge: bool = True) -> Pipe:
+        """A new pipe (``enlarge``: with a large buffer, for a stream); ProxyError (retryable) when the process
+        has no fd left for it."""
         try:
-            read_fd, write_fd = open_pipe()
+            read_fd, write_fd = open_pipe(enlarge=enlarge)
         except OSError as e:
             log.error("cannot create a pipe: %s", e.strerror)
             raise ProxyError(f"cannot create a pipe: {e.strerror}", ErrorCode.RETRYABLE) from None
@@ -47,12 +48,20 @@ class Pipe:
         os.close(self.read_fd)
         self.writer.close()
 
+    def write_now(self, data: bytes) -> int:
+        """Write what the pipe takes of ``data`` without waiting: the bytes written."""
+        try:
+            return os.write(self.pipeid, data)
+        except BlockingIOError:
+            return 0
+
     def finish(self, error: ProxyError | None) -> None:
         self.error = error
         self.done.set()
 
-    async def aclose(self) -> None:
-        await self.writer.aclose()
+    def close(self) -> None:
+        """Close the write end (never waits: the client sees the end of the data once it has read it)."""
+        self.writer.close()
 
 
 def from_http(error: HTTPError) -> ProxyError:

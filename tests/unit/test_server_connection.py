@@ -40,6 +40,19 @@ def test_requests_without_ids_wait_their_turn_one_at_a_time() -> None:
     assert conn.unanswered == 2 and not conn.sent() and conn.sent()
 
 
+def test_only_a_lone_in_order_request_is_offered_for_an_answer_at_once() -> None:
+    conn = ServerConnection()
+    assert conn.only_in_order() is None
+    arrive(conn, packet("GetManifest", 1))
+    alone = conn.only_in_order()
+    assert isinstance(alone, Queued) and alone.item.method == "GetManifest"
+    assert conn.only_in_order() is alone, "offering does not take it"
+    arrive(conn, packet("GetConfig", 1))
+    assert conn.only_in_order() is None, "with another behind it, it waits its turn"
+    assert conn.next_in_order() is alone
+    assert conn.only_in_order().item.method == "GetConfig"
+
+
 def test_requests_with_ids_run_at_once_and_an_id_in_flight_is_refused_at_once() -> None:
     conn = ServerConnection()
     run = arrive(conn, packet("FinishPipe", 5, request_id=7))
