@@ -111,8 +111,9 @@ class Session:
         self._read_at_once = 0  # packets read without waiting since the last checkpoint
         #: replies queued for the sender and not sent yet (a reply is sent at once only when there are none)
         self._outbox_pending = 0
-        #: the same socket, for the replies sent at once (non-blocking calls of our own, no trip through trio)
-        self._wire = socket.socket(fileno=os.dup(sock.fileno()))
+        #: the same socket, read and written by non-blocking calls of our own (no trip through trio's scheduler);
+        #: None when no descriptor was left for it (EMFILE): then everything goes through trio's socket
+        self._wire: socket.socket | None = _duplicate(sock)
         self._all_answered = trio.Event()
         self._handler: Handler | None = None
         self._debug = log.isEnabledFor(logging.DEBUG)
@@ -134,7 +135,8 @@ class Session:
         except Exception:
             log.exception("%s: internal error; closing this connection", self.name)
         finally:
-            self._wire.close()
+            if self._wire is not None:
+                self._wire.close()
             self._account.release()
 
     async def _run(self) -> None:
@@ -220,6 +222,11 @@ class Session:
         """One packet: read at once when one is there (a non-blocking ``recvmsg``: no trip through the scheduler),
         else once the socket is readable. After :data:`READS_BEFORE_CHECKPOINT` packets read at once, a checkpoint:
         a client that keeps sending cannot hold the event loop from the other tasks and clients."""
+        if self._wire is None:
+            data, ancdata, flags, _ = await self._sock.recvmsg(
+                MAX_MSG_SIZE + 1, _ANCILLARY_SPACE, socket.MSG_CMSG_CLOEXEC
+            )
+            return data, ancdata, flags
         await trio.lowlevel.checkpoint_if_cancelled()
         while True:
             try:
@@ -327,6 +334,8 @@ class Session:
     def _send_now(self, encoded: _Encoded) -> bool:
         """Send a reply without waiting (a non-blocking ``sendmsg``): whether it was sent. A full socket buffer, or
         any error, leaves it to the sender, which waits, or reports the error and ends the session."""
+        if self._wire is None:
+            return False
         if encoded.data is not None:
             ancillary = fds_to_ancillary(encoded.fds) if encoded.fds else []
             try:
@@ -382,6 +391,16 @@ class Session:
         finally:
             # Our copies of the read ends: the client has its own now (or never will).
             close_fds(encoded.fds)
+
+
+def _duplicate(sock: trio.socket.SocketType) -> socket.socket | None:
+    """A stdlib socket object on a duplicate of ``sock``'s descriptor (close-on-exec, non-blocking like it), or None
+    when the process has no descriptor left."""
+    try:
+        return socket.socket(fileno=os.dup(sock.fileno()))
+    except OSError as e:
+        log.warning("cannot duplicate a connection's socket (%s): serving it through trio's socket only", e.strerror)
+        return None
 
 
 async def serve_socket(sock: socket.socket, options: ProxyOptions) -> None:
