@@ -25,12 +25,16 @@ _REPLY_KEYS = ("success", "value", "pipeid", "error_code", "error")
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+#: one encoder for every reply (``json.dumps`` with options builds a new one per call)
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def encode_json(obj: Any) -> bytes:
     """Compact UTF-8 JSON of ``obj``, for anything that reaches the wire (replies, the GetRawBlob error document).
 
     Total: strings that came from a client may hold lone surrogates (``"\\udcff"`` is valid JSON, and Python
     decodes it to a string UTF-8 cannot encode); each becomes U+FFFD, as Go's encoder writes invalid UTF-8."""
-    text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    text = _ENCODER.encode(obj)
     try:
         return text.encode("utf-8")
     except UnicodeEncodeError:
