@@ -74,49 +74,61 @@ async def test_a_manifest_of_any_size_arrives_whole(tmp_path: Path, annotation_s
             assert got == manifest and got_digest == digest(manifest)
 
 
+class RawServer:
+    """Our server spawned on a socketpair, spoken to packet by packet (requests may be sent before replies are
+    read); the fds that came with replies are closed at the end."""
+
+    def __init__(self, *flags: str) -> None:
+        self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        argv = [sys.executable, "-m", "proxy", "experimental-image-proxy", "--insecure-policy", *flags]
+        self.process = subprocess.Popen(argv, stdin=theirs)
+        theirs.close()
+        self.sock.settimeout(60)
+        self.fds: list[int] = []
+
+    def send(self, method: str, *args: object) -> None:
+        self.sock.send(json.dumps({"method": method, "args": list(args)}).encode())
+
+    def receive(self) -> dict:
+        data, ancdata, _, _ = self.sock.recvmsg(1 << 20, socket.CMSG_SPACE(16))
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                self.fds.extend(array.array("i", payload[: len(payload) - len(payload) % 4]))
+        return json.loads(data)
+
+    def open(self, ref: str) -> int:
+        self.send("Initialize")
+        assert self.receive()["success"]
+        self.send("OpenImage", ref)
+        opened = self.receive()
+        assert opened["success"], opened
+        return opened["value"]
+
+    def close(self) -> None:
+        self.sock.close()
+        for fd in self.fds:
+            os.close(fd)
+        self.process.wait(timeout=60)
+
+
 def test_pipelined_in_order_requests_are_answered_in_order(tmp_path: Path) -> None:
     # sent together, before any reply is read: GetManifest twice (answerable at once), GetConfig (read from the
     # layout in a worker thread: the dispatcher's), GetManifest again (must wait behind GetConfig)
     ref, manifest = write_layout(tmp_path / "layout", 100)
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "proxy", "experimental-image-proxy", "--insecure-policy"], stdin=theirs
-    )
-    theirs.close()
-    fds: list[int] = []
+    server = RawServer()
     try:
-        ours.settimeout(30)
-
-        def receive() -> dict:
-            data, ancdata, _, _ = ours.recvmsg(1 << 20, socket.CMSG_SPACE(16))
-            for level, kind, payload in ancdata:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fds.extend(array.array("i", payload[: len(payload) - len(payload) % 4]))
-            return json.loads(data)
-
-        def send(method: str, *args: object) -> None:
-            ours.send(json.dumps({"method": method, "args": list(args)}).encode())
-
-        send("Initialize")
-        send("OpenImage", ref)
-        assert receive()["success"]
-        opened = receive()
-        assert opened["success"], opened
-        image = opened["value"]
+        image = server.open(ref)
         for method in ("GetManifest", "GetManifest", "GetConfig", "GetManifest"):
-            send(method, image)
-        replies = [receive() for _ in range(4)]
+            server.send(method, image)
+        replies = [server.receive() for _ in range(4)]
         assert all(r["success"] for r in replies), replies
         assert [r["value"] for r in replies] == [digest(manifest), digest(manifest), None, digest(manifest)]
         assert len({r["pipeid"] for r in replies}) == 4
         for reply in replies:
-            send("FinishPipe", reply["pipeid"])
-        assert [receive()["success"] for _ in replies] == [True] * 4
+            server.send("FinishPipe", reply["pipeid"])
+        assert [server.receive()["success"] for _ in replies] == [True] * 4
     finally:
-        ours.close()
-        for fd in fds:
-            os.close(fd)
-        process.wait(timeout=30)
+        server.close()
 
 
 def test_a_request_is_never_answered_before_an_earlier_one_still_running(tmp_path: Path) -> None:
@@ -125,42 +137,19 @@ def test_a_request_is_never_answered_before_an_earlier_one_still_running(tmp_pat
     # still wait for OpenImage's reply
     ref, manifest = write_layout(tmp_path / "layout", 100)
     listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(60)
     port = listener.getsockname()[1]
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    argv = [sys.executable, "-m", "proxy", "experimental-image-proxy", "--insecure-policy", "--tls-verify=false"]
-    process = subprocess.Popen(argv, stdin=theirs)
-    theirs.close()
-    fds: list[int] = []
+    server = RawServer("--tls-verify=false")
     try:
-        ours.settimeout(60)
-        listener.settimeout(60)
-
-        def receive() -> dict:
-            data, ancdata, _, _ = ours.recvmsg(1 << 20, socket.CMSG_SPACE(16))
-            for level, kind, payload in ancdata:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fds.extend(array.array("i", payload[: len(payload) - len(payload) % 4]))
-            return json.loads(data)
-
-        def send(method: str, *args: object) -> None:
-            ours.send(json.dumps({"method": method, "args": list(args)}).encode())
-
-        send("Initialize")
-        assert receive()["success"]
-        send("OpenImage", ref)
-        opened = receive()
-        assert opened["success"], opened
-        send("OpenImage", f"docker://127.0.0.1:{port}/silent/image:latest")
+        image = server.open(ref)
+        server.send("OpenImage", f"docker://127.0.0.1:{port}/silent/image:latest")
         connection, _ = listener.accept()  # the proxy is inside that OpenImage now
-        send("GetManifest", opened["value"])
+        server.send("GetManifest", image)
         connection.close()
         listener.close()
-        first, second = receive(), receive()
+        first, second = server.receive(), server.receive()
         assert not first["success"] and "127.0.0.1" in first["error"], first
         assert second["success"] and second["value"] == digest(manifest), second
     finally:
-        ours.close()
         listener.close()
-        for fd in fds:
-            os.close(fd)
-        process.wait(timeout=60)
+        server.close()
