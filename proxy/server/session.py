@@ -136,6 +136,7 @@ class Session:
             log.exception("%s: internal error; closing this connection", self.name)
         finally:
             if self._wire is not None:
+                trio.lowlevel.notify_closing(self._wire)
                 self._wire.close()
             self._account.release()
 
@@ -367,15 +368,18 @@ class Session:
 
     async def _sender(self, session_scope: trio.CancelScope) -> None:
         async for encoded in self._outbox_recv:
+            sent = False
             try:
                 await self._send(encoded)
+                sent = True
             except OSError as e:
-                self._account.unqueue(encoded.size)
                 log.warning("%s: cannot send reply: %s; ending session", self.name, e)
                 session_scope.cancel()
                 return
             finally:
                 self._outbox_pending -= 1
+                if not sent:
+                    self._account.unqueue(encoded.size)
             self._replied(encoded)
 
     async def _send(self, encoded: _Encoded) -> None:
