@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from proxy.common.page_cache import PAGE_SIZE, drop_cached
+from proxy.common.page_cache import DropBehind
 
 #: bytes appended between two writeback steps
 STEP = 16 << 20
@@ -87,7 +87,7 @@ class WriteBehind:
         self._started = start  # writeback started for the bytes before this
         self._pending: tuple[int, int] | None = None  # the range started but not yet waited for
         self._on_disk = start  # the bytes of this fill before this are on disk
-        self._dropped = start  # ... and out of the page cache
+        self._behind = DropBehind(fd, start)  # what of them is out of the page cache
 
     def wrote(self, end: int) -> None:
         """The file now holds bytes up to ``end``."""
@@ -100,10 +100,7 @@ class WriteBehind:
                 self._on_disk = offset + length
         self._pending = (self._started, end - self._started)
         self._started = end
-        limit = min(self._on_disk, self._consumed()) // PAGE_SIZE * PAGE_SIZE
-        if limit > self._dropped:
-            drop_cached(self._fd, self._dropped, limit - self._dropped)
-            self._dropped = limit
+        self._behind.drop_to(min(self._on_disk, self._consumed()))
 
 
-__all__ = ["STEP", "WriteBehind", "drop_cached", "start_writeback", "sync_range", "wait_written"]
+__all__ = ["STEP", "WriteBehind", "start_writeback", "sync_range", "wait_written"]

@@ -27,8 +27,9 @@ def drop_cached(fd: int, offset: int, length: int) -> None:
 
 
 class DropBehind:
-    """For a reader streaming a file once: :meth:`reached` after each read drops what lies :data:`DROP_LAG`
-    behind, in steps of :data:`DROP_LAG`."""
+    """What of a file streamed once from ``start`` on was dropped from the page cache. A reader calls
+    :meth:`reached` after each read: what lies :data:`DROP_LAG` behind is dropped, in steps of :data:`DROP_LAG`;
+    a writer calls :meth:`drop_to` with what may go (see ``proxy.cache.writeback``)."""
 
     def __init__(self, fd: int, start: int) -> None:
         self._fd = fd
@@ -37,6 +38,12 @@ class DropBehind:
     def reached(self, offset: int) -> None:
         limit = (offset - DROP_LAG) // PAGE_SIZE * PAGE_SIZE
         if limit - self._dropped >= DROP_LAG:
+            self.drop_to(limit)
+
+    def drop_to(self, offset: int) -> None:
+        """Drop the whole pages from where the last drop ended up to ``offset``."""
+        limit = offset // PAGE_SIZE * PAGE_SIZE
+        if limit > self._dropped:
             drop_cached(self._fd, self._dropped, limit - self._dropped)
             self._dropped = limit
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from proxy.cache import writeback
+from proxy.common import page_cache
 from tests.support.pagecache import resident_pages
 
 STEP = writeback.STEP
@@ -20,7 +21,7 @@ class Recorder:
         self.calls: list[tuple[str, int, int]] = []
         monkeypatch.setattr(writeback, "start_writeback", lambda fd, offset, length: self._add("start", offset, length))
         monkeypatch.setattr(writeback, "wait_written", lambda fd, offset, length: self._add("wait", offset, length))
-        monkeypatch.setattr(writeback, "drop_cached", lambda fd, offset, length: self._add("drop", offset, length))
+        monkeypatch.setattr(page_cache, "drop_cached", lambda fd, offset, length: self._add("drop", offset, length))
 
     def _add(self, what: str, offset: int, length: int) -> bool:
         self.calls.append((what, offset, length))
@@ -105,7 +106,7 @@ def test_sync_file_range_is_found_and_accepts_a_dirty_file(tmp_path: Path) -> No
         writeback.start_writeback(fd, 0, MiB)  # best effort: must not raise
         assert writeback.wait_written(fd, 0, MiB)
         assert not writeback.wait_written(-1, 0, MiB)  # EBADF: not done, not raised
-        writeback.drop_cached(-1, 0, MiB)  # an error is only advice lost
+        page_cache.drop_cached(-1, 0, MiB)  # an error is only advice lost
     finally:
         os.close(fd)
     assert path.stat().st_size == MiB
