@@ -65,6 +65,12 @@ class OpenedImage:
     converted_config: tuple[str, bytes] | None = None
 
 
+def _failure(request: Request, error: ProxyError) -> Outcome:
+    """The error reply for a request that failed with ``error``."""
+    log.debug("%s failed: %s", request.method, error)
+    return Outcome(Reply.failure(error.message, error.code))
+
+
 #: the methods :meth:`Handler.answer_now` may answer without waiting
 _ANSWERED_NOW = frozenset({"GetManifest", "FinishPipe"})
 
@@ -114,12 +120,9 @@ class Handler:
                 raise ProxyError("client error: must invoke Initialize")
             return await self._methods[spec.name](*args)
         except ProxyError as e:
-            log.debug("%s failed: %s", request.method, e)
-            return Outcome(Reply.failure(e.message, e.code))
+            return _failure(request, e)
         except HTTPError as e:
-            error = from_http(e)
-            log.debug("%s failed: %s", request.method, error)
-            return Outcome(Reply.failure(error.message, error.code))
+            return _failure(request, from_http(e))
         except Exception as e:
             log.exception("%s: internal error", request.method)
             return Outcome(Reply.failure(f"internal error in {request.method}: {type(e).__name__}: {e}"))
@@ -135,19 +138,16 @@ class Handler:
             spec, args = parse_args(request)
             if spec.name == "GetManifest":
                 image = self._images.get(args[0])
-                if image is None or image.manifest_mime != mf.OCI_MANIFEST:
-                    return None
-                return self._reply_with_bytes(image.manifest_digest, image.manifest)
+                return self._stored_manifest(image) if image is not None else None
             pipe = self._pipes.get(args[0])
             if pipe is None or not pipe.done.is_set() or args[0] in self._finishing:
                 return None
         except ProxyError:
             return None
-        self._end_pipe(pipe)
-        if pipe.error is not None:
-            log.debug("%s failed: %s", request.method, pipe.error)
-            return Outcome(Reply.failure(pipe.error.message, pipe.error.code))
-        return Outcome(Reply.ok())
+        try:
+            return self._finished(pipe)
+        except ProxyError as e:
+            return _failure(request, e)
 
     # ----------------------------------------------------------------- helpers
 
@@ -333,10 +333,17 @@ class Handler:
             await image.source.aclose()
         return Outcome(Reply.ok())
 
+    def _stored_manifest(self, image: OpenedImage) -> Outcome | None:
+        """GetManifest's reply when the image's manifest is OCI already (served as stored), else None."""
+        if image.manifest_mime != mf.OCI_MANIFEST:
+            return None
+        return self._reply_with_bytes(image.manifest_digest, image.manifest)
+
     async def get_manifest(self, image_id: int) -> Outcome:
         image = self._image(image_id)
-        if image.manifest_mime == mf.OCI_MANIFEST:
-            return self._reply_with_bytes(image.manifest_digest, image.manifest)
+        stored = self._stored_manifest(image)
+        if stored is not None:
+            return stored
         # Converting to OCI re-serializes the config too: the converted manifest names that config,
         # so remember it and serve it to GetBlob (skopeo fails there: the source does not have it).
         original = await self._read_config(image)
@@ -494,6 +501,10 @@ class Handler:
         finally:
             self._finishing.discard(pipeid)
         # The pipe may have been finished meanwhile only by session teardown, which cancels us.
+        return self._finished(pipe)
+
+    def _finished(self, pipe: Pipe) -> Outcome:
+        """FinishPipe's reply for a pipe whose producer is done: the pipe is ended; its error is raised."""
         self._end_pipe(pipe)
         if pipe.error is not None:
             raise pipe.error
