@@ -77,7 +77,6 @@ class Download:
         self.epoch = 0  # how many times the file was dropped: a reader past byte 0 of an earlier one must fail
         self.done = False
         self.error: ProxyError | None = None
-        self.readers = 0
         #: the readers following this download, and the offset up to which every one of them has read (kept
         #: in the trio thread; the writer's thread only reads the number, to drop what was read from the cache)
         self.followers: set[FollowingBlob] = set()
@@ -313,7 +312,6 @@ class FollowingBlob(Blob):
         self._epoch = download.epoch
         self._starter = starter
         self.size = expected_size if expected_size is not None else -1
-        download.readers += 1
         download.followers.add(self)
         download.store._reading[download.digest] += 1
 
@@ -388,9 +386,8 @@ class FollowingBlob(Blob):
         os.close(self._fd)
         self._fd = None
         download = self._download
-        download.readers -= 1
         download.followers.discard(self)
         download.store._release(download.digest)
-        if download.readers == 0 and not download.done:
+        if not download.followers and not download.done:
             # nobody wants it any more: stop the transfer; the partial stays for the next pull
             download.cancel_scope.cancel()
