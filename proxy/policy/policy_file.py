@@ -18,6 +18,11 @@ from proxy.policy.scopes import ImageScope, scope_problem
 SYSTEM_POLICY_PATH = "/etc/containers/policy.json"
 USER_POLICY_FILE = ".config/containers/policy.json"
 MAX_POLICY_SIZE = 4 << 20
+#: what to do when no policy exists: like skopeo we fail closed (nothing is accepted without a policy), but say how
+NO_POLICY_HINT = (
+    "pass --policy FILE, or write a containers-policy.json(5) to one of them; the containers-common package "
+    "installs /etc/containers/policy.json"
+)
 
 
 @attrs.frozen
@@ -52,6 +57,7 @@ def default_policy_path(environ: Mapping[str, str] | None = None) -> str:
         return SYSTEM_POLICY_PATH
     raise PolicyFileError(
         f"no policy.json file found at any of the following: {go_quote(user)}, {go_quote(SYSTEM_POLICY_PATH)}"
+        f" ({NO_POLICY_HINT})"
     )
 
 

@@ -194,7 +194,8 @@ def test_default_policy_path(tmp_path, monkeypatch):
         pf.default_policy_path({"HOME": str(home)})
     assert str(caught.value) == (
         f'no policy.json file found at any of the following: "{home}/.config/containers/policy.json", '
-        f'"{tmp_path}/etc-policy.json"'
+        f'"{tmp_path}/etc-policy.json" (pass --policy FILE, or write a containers-policy.json(5) to one of them; '
+        "the containers-common package installs /etc/containers/policy.json)"
     )
     (tmp_path / "etc-policy.json").write_text("{}")
     assert pf.default_policy_path({"HOME": str(home)}) == str(tmp_path / "etc-policy.json")
