@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import errno
 import json
 import os
 import socket
@@ -49,6 +50,8 @@ _READ_SIZE = 1 << 20
 REQUEST_IDS = "request-ids"
 
 Sink = Callable[[bytes], Awaitable[None] | None]
+#: told each count of bytes ``copy_blob_into`` wrote
+Counter = Callable[[int], Awaitable[None] | None]
 
 
 class ProxyClosed(ProxyError):
@@ -358,6 +361,50 @@ class ImageProxy:
         Returns the size the source reported (-1 if unknown).
         """
         return await self._piped("GetBlob", [image_id, digest, size], sink)
+
+    async def copy_blob_into(self, image_id: int, digest: str, size: int, fd: int, moved: Counter) -> int:
+        """Stream a blob into the file ``fd`` with splice(2): the bytes go from the pipe into the file inside the
+        kernel and never through Python. ``moved`` is told each count of bytes written (the caller checks the
+        total); the server verifies size and digest before FinishPipe succeeds. Where the file system cannot
+        splice the bytes are read and written instead.
+
+        Returns the size the source reported (-1 if unknown)."""
+        value, pipeid, (pipe,) = await self._call_fds("GetBlob", [image_id, digest, size], 1)
+        await run_concurrently(lambda: self._splice_into(pipe, fd, moved), lambda: self.finish_pipe(pipeid))
+        return value
+
+    async def _splice_into(self, pipe: int, fd: int, moved: Counter) -> None:
+        owned = True  # until the read-and-write fallback hands the pipe to an FdStream
+        try:
+            os.set_blocking(pipe, False)
+            while True:
+                try:
+                    n = os.splice(pipe, fd, _READ_SIZE, flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(pipe)
+                    continue
+                except OSError as e:
+                    if e.errno != errno.EINVAL:
+                        raise
+                    owned = False  # this file system cannot splice: read and write below, from where we are
+                    break
+                if not n:
+                    return
+                result = moved(n)
+                if result is not None:
+                    await result
+                await trio.lowlevel.checkpoint()  # data may keep coming: let the other tasks run between moves
+        finally:
+            if owned:
+                os.close(pipe)
+
+        def write(chunk: bytes) -> Awaitable[None] | None:
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view) :]
+            return moved(len(chunk))
+
+        await self._drain(pipe, write)
 
     async def get_blob(self, image_id: int, digest: str, size: int) -> bytes:
         parts: list[bytes] = []

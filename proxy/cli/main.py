@@ -9,6 +9,7 @@ under ``--debug``.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import socket
@@ -23,9 +24,11 @@ from proxy.commands import arguments
 from proxy.commands.cache import add_cache_parser, run_cache
 from proxy.commands.copy import add_copy_parser
 from proxy.commands.inspect import add_inspect_parser, add_layers_parser
+from proxy.commands.proxy_access import ServeOne, proxy_arguments
 from proxy.config import ConfigError
 from proxy.config.daemon_conf import DEFAULT_PATH as DEFAULT_DAEMON_CONF
 from proxy.server import logs
+from proxy.server.options import ProxyOptions
 from proxy.server.session import serve_socket
 
 log = logging.getLogger("image-proxy")
@@ -162,17 +165,21 @@ def _connected_socket(fd: int) -> socket.socket:
     return sock
 
 
-def run_serve(args: argparse.Namespace) -> int:
+def _serve_options(args: argparse.Namespace) -> ProxyOptions:
+    """The options of a serving command's flags (raises ConfigError)."""
     if args.insecure_policy and args.require_signed:
-        print("image-proxy: --insecure-policy and --require-signed cannot be used together", file=sys.stderr)
-        return 2
-    setup_logging(args.debug)
+        raise ConfigError("--insecure-policy and --require-signed cannot be used together")
     for name, what in _NOT_YET_EFFECTIVE.items():
         value = getattr(args, name, None)
         if value not in (None, False):
             log.debug("--%s accepted; it has no effect yet (%s)", name.replace("_", "-"), what)
+    return options_from_args(args)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    setup_logging(args.debug)
     try:
-        options = options_from_args(args)
+        options = _serve_options(args)
     except ConfigError as e:
         print(f"image-proxy: {e}", file=sys.stderr)
         return 2
@@ -181,12 +188,26 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_proxy(args: argparse.Namespace) -> ServeOne:
+    """The proxy a client command (``copy``, ``inspect``, ``layers``) starts: exactly what ``image-proxy
+    experimental-image-proxy`` would serve with the flags the command passes on (``proxy_arguments``), run in
+    this process by ``open_proxy`` (raises ConfigError)."""
+    serve_args = build_parser().parse_args(["experimental-image-proxy", *proxy_arguments(args)])
+    return functools.partial(serve_socket, options=_serve_options(serve_args))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in SERVE_COMMANDS:
         return run_serve(args)
     if args.command in CLIENT_COMMANDS:
         setup_logging(args.debug)
+        if not args.proxy_socket:
+            try:
+                args.serve = command_proxy(args)
+            except ConfigError as e:
+                print(f"image-proxy {args.command}: {e}", file=sys.stderr)
+                return 2
         return args.run(args)
     if args.command == "cache":
         return run_cache(args)

@@ -1,8 +1,9 @@
 """``image-proxy copy REF oci:DIR[:TAG] | dir:DIR``: pull an image through the proxy into a layout other tools read.
 
-The command is a client of the proxy (``protocol.client.pull`` over ``protocol.client``): it starts
-``image-proxy experimental-image-proxy`` with the registry flags given here (or uses the daemon at
-``--proxy-socket``), fetches the config and the layers concurrently (``--jobs``), verifies each, and writes the
+The command is a client of the proxy (``protocol.client.pull`` over ``protocol.client``): it talks to the proxy
+``image-proxy experimental-image-proxy`` would be with the registry flags given here, served in this process
+(``proxy_access.open_proxy``), or to the daemon at ``--proxy-socket``; fetches the config and the layers
+concurrently (``--jobs``), each spliced into its file and committed once the proxy verified it, and writes the
 layout described in ``proxy.commands.destination``. Progress goes to stderr: bars on a terminal, lines otherwise,
 JSON events on stdout with ``--json``, nothing with ``--quiet``.
 """
@@ -80,6 +81,7 @@ async def _copy(args: argparse.Namespace, progress: Progress) -> PulledImage:
                     concurrency=args.jobs,
                     on_event=progress,
                     retries=args.retries,
+                    verify=False,  # the proxy verified size and digest before FinishPipe succeeded
                 )
             finally:
                 nursery.cancel_scope.cancel()

@@ -116,6 +116,11 @@ class BlobFile:
         self.tmp = final.with_name(f".{final.name}.partial-{secrets.token_hex(4)}")
         self._fd: int | None = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
 
+    def fileno(self) -> int:
+        """The temporary file's fd, for splice(2) (``protocol.client.pull``)."""
+        assert self._fd is not None
+        return self._fd
+
     def write(self, chunk: bytes) -> None:
         assert self._fd is not None
         view = memoryview(chunk)

@@ -10,13 +10,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import re
-from collections.abc import AsyncIterator, Callable
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import trio
+
 from protocol.client import ImageProxy
+from protocol.client.tasks import failing_fast
 from protocol.errors import ErrorCode, ProxyError
 
-#: flags handed unchanged to the spawned ``image-proxy experimental-image-proxy``: (flag, takes a value)
+#: flags handed unchanged to the command's proxy (its experimental-image-proxy flags): (flag, takes a value)
 _PASSED_FLAGS: tuple[tuple[str, bool], ...] = (
     ("--authfile", True),
     ("--creds", True),
@@ -89,7 +93,7 @@ def add_proxy_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def proxy_arguments(args: argparse.Namespace) -> list[str]:
-    """The flags for the spawned proxy, from the parsed command line (what was given, nothing else)."""
+    """The flags for the command's proxy, from the parsed command line (what was given, nothing else)."""
     argv: list[str] = []
     for flag in _GLOBAL_FLAGS:
         value = getattr(args, _dest(flag), None)
@@ -127,16 +131,37 @@ def check_proxy_socket_flags(args: argparse.Namespace) -> str | None:
     return None
 
 
+#: serves one client on a connected SOCK_SEQPACKET socket until it closes (the proxy the command starts)
+ServeOne = Callable[[socket.socket], Awaitable[None]]
+#: how long the command's own proxy may take to end once the command closed its socket, before it is cancelled
+SERVER_GRACE = 1.0
+
+
 @contextlib.asynccontextmanager
 async def open_proxy(args: argparse.Namespace, **options: Any) -> AsyncIterator[ImageProxy]:
-    """A proxy for the command: the daemon at ``--proxy-socket``, else ``python -m proxy experimental-image-proxy``
-    with the command's flags."""
+    """A proxy for the command: the daemon at ``--proxy-socket``; else the command's own proxy, ``args.serve``
+    (what ``image-proxy experimental-image-proxy`` with the command's flags runs), served in this process on one
+    end of a socketpair while the client bindings speak the protocol on the other. The bytes cross the same
+    socket and pipes as with a spawned proxy; what is saved is a second interpreter's start-up and imports
+    (about 0.2 s a command)."""
     if getattr(args, "proxy_socket", None):
         async with ImageProxy.connect(args.proxy_socket, **options) as proxy:
             yield proxy
-    else:
-        async with ImageProxy.spawn(extra_args=proxy_arguments(args), **options) as proxy:
-            yield proxy
+        return
+    serve: ServeOne = args.serve
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    async with failing_fast() as nursery:  # a failure is raised as itself, not in an ExceptionGroup
+        try:
+            nursery.start_soon(serve, theirs)
+        except BaseException:
+            theirs.close()
+            ours.close()
+            raise
+        try:
+            async with ImageProxy.connect(ours, **options) as proxy:  # closes ours: the server sees EOF and ends
+                yield proxy
+        finally:
+            nursery.cancel_scope.deadline = trio.current_time() + SERVER_GRACE
 
 
 _AUTHORITY = re.compile(r"registry (\S+) refused access")
@@ -200,6 +225,7 @@ def os_error_text(e: OSError) -> str:
 
 
 __all__ = [
+    "ServeOne",
     "add_proxy_flags",
     "check_proxy_socket_flags",
     "hints_for",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,38 @@ def test_copy_refuses_a_directory_that_is_not_a_layout(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
     bad = image_proxy("copy", f"oci:{ROOT / 'examples/hello'}:latest", "docker://somewhere/else")
     assert bad.returncode == 2 and "cannot copy to the docker: transport" in bad.stderr
+
+
+def test_copy_commits_no_blob_the_proxy_did_not_verify(tmp_path):
+    """copy splices the bytes into the destination unread: the proxy's digest check (FinishPipe) is what decides.
+    A layer damaged in the source (same size, one byte flipped) fails the copy, naming the digest, and leaves
+    nothing under that digest's name in the destination, not even a temporary file."""
+    source = tmp_path / "source"
+    shutil.copytree(ROOT / "examples/hello", source)
+    index = json.loads((source / "index.json").read_bytes())
+    manifest = json.loads((source / "blobs/sha256" / index["manifests"][0]["digest"].split(":")[1]).read_bytes())
+    layer = manifest["layers"][0]["digest"]
+    blob = source / "blobs/sha256" / layer.split(":")[1]
+    damaged = bytearray(blob.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    blob.write_bytes(bytes(damaged))
+    result = image_proxy("copy", f"oci:{source}:latest", f"oci:{tmp_path / 'out'}:latest")
+    assert result.returncode == 1, result.stderr
+    assert layer in result.stderr
+    left = [p.name for p in (tmp_path / "out/blobs/sha256").iterdir()]
+    assert not [name for name in left if layer.split(":")[1] in name], left
+
+
+def test_settings_the_commands_proxy_cannot_use_are_reported_before_anything_is_written(tmp_path):
+    """The proxy a command starts is built from the flags it passes on before anything is fetched: a broken
+    --config or contradicting flags end the command with status 2 and the reason, as the proxy itself does."""
+    config = tmp_path / "bad.toml"
+    config.write_text("bad = [")
+    out = tmp_path / "out"
+    result = image_proxy("copy", "--config", str(config), f"oci:{ROOT / 'examples/hello'}:latest", f"oci:{out}")
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"image-proxy copy: {config}: not valid TOML")
+    assert not out.exists()
+    both = image_proxy("inspect", "--insecure-policy", "--require-signed", f"oci:{ROOT / 'examples/hello'}:latest")
+    assert both.returncode == 2
+    assert both.stderr == "image-proxy inspect: --insecure-policy and --require-signed cannot be used together\n"

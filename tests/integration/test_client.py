@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 import socket
 import subprocess
 
@@ -236,3 +238,48 @@ def test_sync_pull_for_scripts(single, tmp_path):
         assert proxy.uses_request_ids
         again = proxy.pull(single.ref, lambda blob: None)  # the destination has everything: nothing fetched
         assert again.fetched_bytes == 0 and again.layers == image.layers
+
+
+@pytest.mark.parametrize("server", ["ours", "skopeo"])
+@pytest.mark.parametrize("append", [False, True], ids=["splice", "append-mode-falls-back-to-read-write"])
+async def test_copy_blob_into_a_file_moves_every_byte_and_counts_them(
+    big, server, append, our_proxy_argv, skopeo_proxy_argv, tmp_path
+):
+    """copy_blob_into: the blob lands in the file at its offset, unread by Python (splice), or read and written
+    where splice cannot write (a file in append mode: EINVAL); the counts reported add up to the size."""
+    layer = max(big.layers, key=lambda layer: layer.size)
+    assert layer.size > 1 << 20  # more than one pipe's worth, so several moves
+    target = tmp_path / "blob"
+    target.write_bytes(b"head")
+    flags = os.O_WRONLY | (os.O_APPEND if append else 0)
+    fd = os.open(target, flags)
+    os.lseek(fd, 4, os.SEEK_SET)
+    counts: list[int] = []
+    try:
+        async with ImageProxy.spawn(our_proxy_argv if server == "ours" else skopeo_proxy_argv) as proxy:
+            img = await proxy.open_image(big.ref)
+            await proxy.copy_blob_into(img, layer.digest, layer.size, fd, counts.append)
+    finally:
+        os.close(fd)
+    data = target.read_bytes()
+    assert data[:4] == b"head" and sha256(data[4:]) == layer.digest
+    assert sum(counts) == layer.size and all(n > 0 for n in counts)
+
+
+async def test_copy_blob_into_raises_the_servers_digest_check(single, our_proxy_argv, tmp_path):
+    """The client does not hash what it splices: a blob that does not match its digest fails through FinishPipe."""
+    layout = tmp_path / "layout"
+    shutil.copytree(single.path, layout)
+    layer = single.layers[0]
+    blob = layout / "blobs" / "sha256" / layer.digest.split(":", 1)[1]
+    damaged = bytearray(blob.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    blob.write_bytes(bytes(damaged))
+    fd = os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        async with ImageProxy.spawn(our_proxy_argv) as proxy:
+            img = await proxy.open_image(f"oci:{layout}:{single.tag}")
+            with pytest.raises(ProxyError, match=layer.digest):
+                await proxy.copy_blob_into(img, layer.digest, layer.size, fd, lambda n: None)
+    finally:
+        os.close(fd)
