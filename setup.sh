@@ -23,6 +23,8 @@ if $with_tests; then
     command -v gpg >/dev/null || missing+=(gpg)
     command -v gpg-agent >/dev/null || missing+=(gpg-agent)
     command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx)
+    # tests/fleet: hosts are network namespaces joined by veth pairs (ip netns, ip link)
+    command -v ip >/dev/null || [ -x /usr/sbin/ip ] || missing+=(iproute2)
     # daemon mode: systemd-analyze verify on contrib/systemd/, systemd-socket-activate --seqpacket
     { command -v systemd-analyze && command -v systemd-socket-activate; } >/dev/null || missing+=(systemd)
     if [ ${#missing[@]} -gt 0 ]; then
