@@ -4,13 +4,15 @@ A pull source is a mirror or the primary location (registries.conf); the manifes
 source that has it, and **each blob chooses its source anew**: a mirror that answers 404, 5xx, 429 or
 fails for a blob is passed over for the next one. A 404 is final only from the primary registry, with
 a distribution "unknown" code, and for a blob the manifest names only after a second try later than a
-pull-through proxy's negative cache (Kraken answers 404 for "backend unavailable"). Nothing negative is
-remembered across requests.
+pull-through proxy's negative cache (Kraken answers 404 for "backend unavailable"). A blob whose body
+breaks off (a stall, a reset) resumes from the other sources first, the one that failed last. Nothing negative
+is remembered across requests.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -239,7 +241,7 @@ class RegistrySource(ImageSource):
                     what=f"{self.reference}: blob {digest}",
                     response=response,
                     host=source.reference.domain,
-                    reopen=lambda at: self._reopen_blob(digest, at, end),
+                    reopen=self._reopener(digest, end, source.reference.domain),
                     policy=self._client.settings.resume,
                 )
                 await blob.start_at(offset)
@@ -311,11 +313,26 @@ class RegistrySource(ImageSource):
             retry=ONE_TRY if source.is_mirror else None,
         )
 
-    async def _reopen_blob(self, digest: str, offset: int, end: int | None = None) -> tuple[Response, str]:
+    def _reopener(self, digest: str, end: int | None, host: str) -> Callable[[int], Awaitable[tuple[Response, str]]]:
+        """What a ResumingBlob calls to reopen the blob: each time, the source its body last came from (``host``
+        at first) is asked last."""
+        serving = host
+
+        async def reopen(at: int) -> tuple[Response, str]:
+            nonlocal serving
+            response, serving = await self._reopen_blob(digest, at, end, failed=serving)
+            return response, serving
+
+        return reopen
+
+    async def _reopen_blob(
+        self, digest: str, offset: int, end: int | None = None, failed: str | None = None
+    ) -> tuple[Response, str]:
         """The blob again from ``offset`` (to ``end``, if given; a fresh request: new redirect, new token),
-        from any source."""
+        from any source; the host ``failed`` (whose body just broke off) is asked after the others, so that a
+        mirror that stalls costs one stall deadline per blob, not one per resume until the blob fails."""
         failures: list[str] = []
-        for source in self._sources:
+        for source in sorted(self._sources, key=lambda s: s.reference.domain == failed):
             try:
                 response = await self._request_blob(source, digest, offset, end)
             except RegistryError as e:

@@ -14,8 +14,10 @@ from collections.abc import Iterator, Sequence
 import pytest
 import trio
 
+from tests.faults.proxy import Stall
 from tests.fleet.clients import NodePull, failures, pull_everywhere
 from tests.fleet.conftest import Fleet
+from tests.fleet.faults import fault_proxy_on
 from tests.fleet.hosts import (
     REGISTRY_PORT,
     CacheHost,
@@ -207,3 +209,35 @@ async def test_kraken_404_and_503_from_the_cache_fall_back_and_are_not_remembere
             assert per_digest(mine) == dict.fromkeys(fleet.blobs, 1), node.host.role
             assert {e.status for e in mine} == {200}, node.host.role
         assert not [e for e in fleet.upstream.access.entries(up_mark) if e.client in node_addresses]
+
+
+# ----------------------------------------------------------------------------------------------------------- stall
+
+
+async def test_a_stalling_cache_costs_each_node_at_most_its_stall_deadline_per_blob(fleet: Fleet) -> None:
+    """The cache host stalls every layer after 1 MiB and holds the connection open (a fault proxy between its nginx
+    and its registry). Each node waits its stall deadline once per layer, then gets the rest of that layer from the
+    upstream: no layer costs more than the deadline plus its transfer, and the pull never fails."""
+    name = "stall"
+    at = 1 << 20
+    with fault_proxy_on(fleet.cache_host, REGISTRY_PORT) as fault:
+        fault.add_rule(Stall(at=at), path=r"/blobs/sha256:")
+        with (
+            cache_host(fleet, name, backend_port=fault.port) as cache,
+            fleet_nodes(fleet, name, [(fleet.cache_host.address, False)], [cache.authority], flags=DEADLINES) as nodes,
+        ):
+            mark = fleet.upstream.access.mark()
+            states = await pull_everywhere(nodes, fleet.upstream.reference(), concurrency=1)
+            assert_all_verified(fleet, states)
+            stalled = [r for r in fault.requests if r.outcome == "stalled"]
+            assert len(stalled) == len(nodes) * len(fleet.image.layers), "every layer stalled once on every node"
+            transfer = 3.0  # the rest of an 8 MiB layer from the upstream, and the next request, on a busy machine
+            for state in states:
+                for layer in fleet.image.layers:
+                    took = state.blob_seconds(layer.digest)
+                    assert STALL_TIMEOUT <= took <= STALL_TIMEOUT + transfer, (state.node.host.role, layer.digest, took)
+            direct = fleet.upstream.access.blob_gets(mark)
+            for node in nodes:
+                resumed = [e for e in direct if e.client == node.address]
+                assert per_digest(resumed) == {layer.digest: 1 for layer in fleet.image.layers}, node.host.role
+                assert sum(e.bytes for e in resumed) <= fleet.image_bytes - len(fleet.image.layers) * at + (1 << 20)
