@@ -32,11 +32,11 @@ from typing import Any
 import attrs
 import trio
 
-from protocol.client.fds import ancillary_space, close_fds, fds_from_ancillary
 from protocol.client.tasks import failing_fast, run_concurrently
 from protocol.client_connection import Broken, ClientConnection
 from protocol.codec import MAX_MSG_SIZE, decode_error_document, encode_request
 from protocol.errors import ErrorCode, ProtocolViolation, ProxyError
+from protocol.fds import ancillary_space, close_fds, fds_from_ancillary
 from protocol.messages import Reply, Request
 
 #: the oldest server version these bindings talk to (as the Rust client: ^0.2.3)

@@ -27,8 +27,8 @@ from collections.abc import Callable
 import attrs
 import trio
 
-from protocol.client.fds import ancillary_space, close_fds, fds_from_ancillary, fds_to_ancillary
 from protocol.codec import MAX_MSG_SIZE, encode_reply, shown
+from protocol.fds import ancillary_space, close_fds, fds_from_ancillary, fds_to_ancillary
 from protocol.messages import Reply, Request
 from protocol.server_connection import AnswerNow, ConnectionLimits, Decision, InTurn, Refusal, Run, ServerConnection
 from proxy.common import threads
