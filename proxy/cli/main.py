@@ -15,21 +15,21 @@ import os
 import socket
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import trio
 
 from proxy.cli.daemon_command import add_daemon_flags, run_daemon
 from proxy.cli.settings import options_from_args
 from proxy.commands import arguments
-from proxy.commands.cache import add_cache_parser, run_cache
-from proxy.commands.copy import add_copy_parser
-from proxy.commands.inspect import add_inspect_parser, add_layers_parser
-from proxy.commands.proxy_access import ServeOne, proxy_arguments
 from proxy.config import ConfigError
 from proxy.config.daemon_conf import DEFAULT_PATH as DEFAULT_DAEMON_CONF
 from proxy.server import logs
 from proxy.server.options import ProxyOptions
 from proxy.server.session import serve_socket
+
+if TYPE_CHECKING:
+    from proxy.commands.proxy_access import ServeOne
 
 log = logging.getLogger("image-proxy")
 
@@ -127,7 +127,9 @@ def _add_serve_flags(parser: argparse.ArgumentParser, connected: bool = True) ->
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(serving_only: bool = False) -> argparse.ArgumentParser:
+    """The command line; ``serving_only``: only the serving commands, whose start-up every spawned proxy pays (the
+    client commands' modules, about 10 ms of imports, are then not loaded)."""
     parser = argparse.ArgumentParser(
         prog="image-proxy",
         description="A stall-proof, verifying drop-in for skopeo experimental-image-proxy.",
@@ -139,6 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help="serve one client on a connected SOCK_SEQPACKET socket")
         _add_global_flags(p, suppress=True)
         _add_serve_flags(p)
+    if serving_only:
+        return parser
+    from proxy.commands.cache import add_cache_parser
+    from proxy.commands.copy import add_copy_parser
+    from proxy.commands.inspect import add_inspect_parser, add_layers_parser
+
     p = sub.add_parser("daemon", help="serve many clients on a listening socket (a system service)")
     _add_global_flags(p, suppress=True)
     _add_serve_flags(p, connected=False)
@@ -148,6 +156,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_copy_parser(sub, _add_global_flags)
     add_cache_parser(sub, arguments.byte_size)
     return parser
+
+
+def _command_named(argv: Sequence[str]) -> str | None:
+    """The subcommand of ``argv`` (the first word that is not a global flag or its value), None if there is none
+    or a word is ambiguous (``--help``, an abbreviated flag): then the whole parser decides."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    _add_global_flags(parser, suppress=False)
+    takes_value = {o for a in parser._actions if a.nargs != 0 for o in a.option_strings}
+    switches = {o for a in parser._actions if a.nargs == 0 for o in a.option_strings}
+    words = iter(argv)
+    for word in words:
+        if not word.startswith("-"):
+            return word
+        flag = word.split("=", 1)[0]
+        if flag in takes_value and "=" not in word:
+            next(words, None)
+        elif flag not in takes_value and flag not in switches:
+            return None
+    return None
 
 
 def setup_logging(debug: bool) -> None:
@@ -192,12 +219,15 @@ def command_proxy(args: argparse.Namespace) -> ServeOne:
     """The proxy a client command (``copy``, ``inspect``, ``layers``) starts: exactly what ``image-proxy
     experimental-image-proxy`` would serve with the flags the command passes on (``proxy_arguments``), run in
     this process by ``open_proxy`` (raises ConfigError)."""
+    from proxy.commands.proxy_access import proxy_arguments
+
     serve_args = build_parser().parse_args(["experimental-image-proxy", *proxy_arguments(args)])
     return functools.partial(serve_socket, options=_serve_options(serve_args))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(serving_only=_command_named(argv) in SERVE_COMMANDS).parse_args(argv)
     if args.command in SERVE_COMMANDS:
         return run_serve(args)
     if args.command in CLIENT_COMMANDS:
@@ -210,6 +240,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 2
         return args.run(args)
     if args.command == "cache":
+        from proxy.commands.cache import run_cache
+
         return run_cache(args)
     if args.command == "daemon":
         return run_daemon(args)

@@ -13,8 +13,7 @@ from proxy.config import ConfigError, CredentialSource, RegistriesConf, load_reg
 from proxy.config.daemon_conf import DaemonConfig, load_daemon_conf
 from proxy.http.timeouts import Timeouts
 from proxy.policy import ImagePolicy
-from proxy.registry.client import RegistrySettings
-from proxy.registry.resume import ResumePolicy
+from proxy.registry.settings import RegistrySettings, ResumePolicy
 from proxy.server.limits import SessionLimits
 from proxy.server.options import ProxyOptions
 from proxy.sources.base import SourceOptions

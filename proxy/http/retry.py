@@ -3,7 +3,6 @@ honours ``Retry-After`` (seconds or an HTTP date, capped), and counts toward an 
 
 from __future__ import annotations
 
-import email.utils
 import random
 import time
 from collections.abc import Callable
@@ -41,6 +40,8 @@ def parse_retry_after(value: str | None, now: Callable[[], float] = time.time) -
     if value.isdigit():
         return float(value)
     try:
+        import email.utils  # rarely needed (an HTTP-date Retry-After): 2 ms of start-up otherwise
+
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None

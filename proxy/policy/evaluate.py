@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 import attrs
@@ -36,13 +36,13 @@ from proxy.policy.requirements import (
     SigstoreSigned,
 )
 from proxy.policy.scopes import ImageScope, image_scope
-from proxy.policy.signatures import SignatureFetchError, SignatureReader, SigstoreSignature, SimpleSignature
-from proxy.registry.client import RegistryClient
-from proxy.sources.base import ImageSource
 
 if TYPE_CHECKING:
     # cryptography costs about 12 ms at start-up: imported where a sigstoreSigned requirement is checked
+    from proxy.policy.signatures import Signature, SignatureReader
     from proxy.policy.sigstore import PublicKey
+    from proxy.registry.client import RegistryClient
+    from proxy.sources.base import ImageSource
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,14 @@ class ImagePolicy:
             raise PolicyRejected(self.error or "no signature policy")
         scope = image_scope(reference, source.local_path)
         scope_name, requirements = self.policy.requirements_for(scope)
-        reader = SignatureReader(source, scope.docker_reference, registry, self.registries_d, self.registries_d_error)
+
+        def reader() -> SignatureReader:
+            # imported when a requirement needs signatures: the reader brings the registry and HTTP stack, 20 ms
+            # of every spawned proxy's start-up otherwise (-X importtime), for images no signature is asked of
+            from proxy.policy.signatures import SignatureReader
+
+            return SignatureReader(source, scope.docker_reference, registry, self.registries_d, self.registries_d_error)
+
         checker = _Checker(scope, requirements, reader, self.require_signed)
         where = f"{reference}: rejected by signature policy {self.policy.path}, scope {scope_name}"
         if source.local_path is not None and source.local_path not in reference:
@@ -150,11 +157,16 @@ class ImagePolicy:
 
 class _Checker:
     def __init__(
-        self, scope: ImageScope, requirements: tuple[Requirement, ...], reader: SignatureReader, require_signed: bool
+        self,
+        scope: ImageScope,
+        requirements: tuple[Requirement, ...],
+        reader: Callable[[], SignatureReader],
+        require_signed: bool,
     ) -> None:
         self.scope = scope
         self.requirements = requirements
-        self.reader = reader
+        self._make_reader = reader
+        self._reader: SignatureReader | None = None
         self.require_signed = require_signed
 
     async def allows(self, manifest: _Manifest) -> None:
@@ -178,9 +190,13 @@ class _Checker:
             return
         raise _Refused(f"unsupported policy requirement {requirement.type!r}")  # pragma: no cover
 
-    async def _signatures(self, manifest: _Manifest):
+    async def _signatures(self, manifest: _Manifest) -> list[Signature]:
+        from proxy.policy.signatures import SignatureFetchError
+
         try:
-            return await self.reader.signatures(manifest.digest, manifest.is_instance)
+            if self._reader is None:
+                self._reader = self._make_reader()
+            return await self._reader.signatures(manifest.digest, manifest.is_instance)
         except SignatureFetchError as e:
             raise _Refused(f"reading signatures: {e}") from None
 
@@ -212,6 +228,8 @@ class _Checker:
             raise _Refused(f"signedBy with keyType {requirement.key_type!r} is not supported")
         keyring = await threads.run_sync(_gpg_keyring, requirement)
         signatures = await self._signatures(manifest)
+        from proxy.policy.signatures import SimpleSignature  # loaded by _signatures
+
         simple = [s for s in signatures if isinstance(s, SimpleSignature)]
         if not simple:
             raise _Refused(_none_found(len(signatures)))
@@ -235,6 +253,7 @@ class _Checker:
     async def _sigstore_signed(self, requirement: SigstoreSigned, manifest: _Manifest) -> None:
         if requirement.unsupported is not None:
             raise _Refused(f"{requirement.unsupported} is not supported by image-proxy")
+        from proxy.policy.signatures import SigstoreSignature
         from proxy.policy.sigstore import verify_sigstore
 
         keys = await threads.run_sync(_sigstore_keys, requirement)

@@ -188,6 +188,8 @@ class SignatureReader:
     # ------------------------------------------------------------------ docker://
 
     async def _registry_signatures(self, source: RegistrySource, digest: str) -> list[Signature]:
+        if self._registry is None:
+            self._registry = source.client  # the session's client: its pool, never its credentials
         if self._registries_d_error is not None:
             raise SignatureFetchError(self._registries_d_error)
         ref = self._docker_reference

@@ -14,28 +14,25 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import ssl
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
 import attrs
 import trio
 
 from protocol.errors import ErrorCode, ProxyError
 from proxy.common import jsonlimits, threads
-from proxy.config import Credentials, CredentialSource, RegistriesConf, RegistryToken, cert_dirs_for
+from proxy.config import Credentials, CredentialSource, RegistryToken
 from proxy.http.connection import Response
 from proxy.http.errors import HTTPError
 from proxy.http.pool import ConnectionPool
 from proxy.http.redirects import request_following_redirects
 from proxy.http.retry import ONE_TRY, RETRYABLE_STATUSES, RetryPolicy, parse_retry_after
-from proxy.http.timeouts import Timeouts
 from proxy.http.tls import create_ssl_context
 from proxy.http.url import URL
 from proxy.registry.auth import RegistryAuth, UnauthorizedElsewhere, answered_elsewhere, send_authorized
 from proxy.registry.challenges import Challenge, pull
-from proxy.registry.resume import ResumePolicy
+from proxy.registry.settings import RegistrySettings
 
 log = logging.getLogger(__name__)
 
@@ -61,41 +58,6 @@ class RegistryError(ProxyError):
     def not_found(self) -> bool:
         """An authoritative "does not exist": 404 with a distribution not-found code."""
         return self.status == 404 and any(code in NOT_FOUND_CODES for code in self.codes)
-
-
-@attrs.frozen
-class RegistrySettings:
-    """How to reach registries: from the command line and registries.conf (later the daemon config)."""
-
-    #: False: plain HTTP and unverified TLS allowed for every registry (``--tls-verify=false``)
-    tls_verify: bool = True
-    #: registries.conf; its ``insecure`` endpoints may use plain HTTP / unverified TLS
-    registries: RegistriesConf = attrs.field(factory=RegistriesConf)
-    #: why registries.conf could not be read: every docker:// open then fails with this text
-    registries_error: str | None = None
-    #: ``--cert-dir``: the one certs.d-style directory for every host
-    cert_dir: str | None = None
-    user_agent: str = "image-proxy/0.1"
-    timeouts: Timeouts = attrs.field(factory=Timeouts)
-    retry: RetryPolicy = attrs.field(factory=RetryPolicy)
-    resume: ResumePolicy = attrs.field(factory=ResumePolicy)
-    environ: Mapping[str, str] = attrs.field(factory=lambda: dict(os.environ), repr=False)
-    insecure_hosts: frozenset[str] = attrs.field(init=False)
-
-    @insecure_hosts.default
-    def _insecure_hosts(self) -> frozenset[str]:
-        hosts = set()
-        for registry in self.registries.registries:
-            for endpoint in (registry.endpoint, *registry.mirrors):
-                if endpoint.insecure and endpoint.location:
-                    hosts.add(endpoint.location.split("/", 1)[0])
-        return frozenset(hosts)
-
-    def insecure(self, authority: str) -> bool:
-        return not self.tls_verify or authority in self.insecure_hosts
-
-    def cert_dirs(self, authority: str) -> list[Path]:
-        return cert_dirs_for(authority, self.cert_dir, environ=self.environ)
 
 
 @attrs.define

@@ -18,13 +18,13 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-import attrs
 import trio
 
 from protocol.errors import ErrorCode
 from proxy.http.connection import Response
 from proxy.http.errors import HTTPError
 from proxy.http.ranges import parse_content_range
+from proxy.registry.settings import ResumePolicy
 from proxy.sources.base import Blob, SourceError
 
 log = logging.getLogger(__name__)
@@ -33,14 +33,6 @@ T = TypeVar("T")
 
 #: bytes read (and dropped) per read while skipping what a 200 answer repeats
 SKIP_CHUNK = 1 << 20
-
-
-@attrs.frozen
-class ResumePolicy:
-    max_resumes: int = 10
-    max_unproductive: int = 2
-    progress_bytes: int = 1 << 20
-    progress_seconds: float = 60.0
 
 
 class ResumeRefused(Exception):

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import re
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 import trio
@@ -27,8 +27,6 @@ from proxy.common.pipes import PIPE_DEFAULT_SIZE
 from proxy.http.errors import HTTPError
 from proxy.image import gojson
 from proxy.image import manifest as mf
-from proxy.partial import service as partial
-from proxy.partial.planner import ByteRange
 from proxy.server.limits import Account, Ledger, Resource
 from proxy.server.options import ProxyOptions
 from proxy.server.resources import SharedResources
@@ -36,6 +34,10 @@ from proxy.server.transports import open_source
 from proxy.sources.base import Blob, BytesBlob, ImageNotFound, ImageSource
 from proxy.transfer.pipe import Pipe, from_http
 from proxy.transfer.producers import produce_blob, produce_bytes, produce_raw_blob
+
+if TYPE_CHECKING:
+    from proxy.partial import service as partial
+    from proxy.registry.client import RegistryClient
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +94,6 @@ class Handler:
         shutdown waits for the last one)."""
         self.config = config
         self._resources = resources
-        self._registry = resources.registry if resources is not None else None
         self._store = resources.store if resources is not None else None
         self._spawn = spawn
         self._initialized = False
@@ -276,13 +277,17 @@ class Handler:
         log.debug("opened %s as image %d (manifest %s)", reference, image_id, image.manifest_digest)
         return Outcome(Reply.ok(image_id))
 
+    def _registry(self) -> RegistryClient | None:
+        """The shared registry client (made when a docker:// image is first opened), None without resources."""
+        return self._resources.registry if self._resources is not None else None
+
     async def _open_image(self, reference: str) -> OpenedImage:
         source = await open_source(reference, self.config.source_options, self._registry)
         try:
             if not source.stores_signatures:
                 # nothing signed to read: the policy decides now, before any manifest or blob of it is read (an
                 # archive's content is not touched for an image the policy refuses)
-                await self.config.policy.check(reference, source, b"{}", None, self._registry)
+                await self.config.policy.check(reference, source, b"{}", None)
             image = await self._resolve(reference, source)
         except BaseException:
             await _close_quietly(source)
@@ -306,7 +311,7 @@ class Handler:
                     raise ProxyError(f"manifest {instance} chosen from the list does not match its digest")
                 chosen = (instance, raw)
             # signature policy (protocol 0.2.6): the list or the chosen instance must be accepted
-            await self.config.policy.check(reference, source, top, chosen, self._registry)
+            await self.config.policy.check(reference, source, top, chosen)
             parsed = mf.parse_image_manifest(raw, mime)
         except mf.ManifestError as e:
             raise ProxyError(f"{reference}: {e}") from None
@@ -416,6 +421,9 @@ class Handler:
     # -- partial access (docs/PROTOCOL.md: blob-ranges, layer-toc) -----------------------------------
 
     async def get_blob_at(self, image_id: int, digest: str, ranges: list[tuple[int, int]]) -> Outcome:
+        from proxy.partial import service as partial  # the partial-access stack: imported when first asked for
+        from proxy.partial.planner import ByteRange
+
         image = self._image(image_id)
         what = f"{image.reference}: blob {digest}"
         wanted = [ByteRange(offset, length) for offset, length in ranges]
@@ -428,6 +436,8 @@ class Handler:
         )
 
     def _layer(self, image: OpenedImage, digest: str) -> partial.Layer:
+        from proxy.partial import service as partial  # the partial-access stack: imported when first asked for
+
         desc = partial.find_layer(image.parsed, digest, image.reference)
         what = f"{image.reference}: layer {digest}"
         return partial.Layer(
@@ -439,11 +449,15 @@ class Handler:
         )
 
     async def get_layer_toc(self, image_id: int, digest: str) -> Outcome:
+        from proxy.partial import service as partial  # the partial-access stack: imported when first asked for
+
         image = self._image(image_id)
         toc = await partial.layer_toc(self._layer(image, digest))
         return self._reply_with_bytes(toc.format.value, toc.data)
 
     async def get_layer_tar_split(self, image_id: int, digest: str) -> Outcome:
+        from proxy.partial import service as partial  # the partial-access stack: imported when first asked for
+
         image = self._image(image_id)
         layer = self._layer(image, digest)
         toc = await partial.layer_toc(layer, with_tar_split=True)

@@ -7,7 +7,7 @@ import attrs
 from proxy.config import CredentialSource
 from proxy.image import manifest as mf
 from proxy.policy import ImagePolicy
-from proxy.registry.client import RegistrySettings
+from proxy.registry.settings import RegistrySettings
 from proxy.server.limits import SessionLimits
 from proxy.sources.base import SourceOptions
 
