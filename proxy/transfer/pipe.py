@@ -8,6 +8,7 @@ anything else.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -24,13 +25,16 @@ log = logging.getLogger(__name__)
 
 @attrs.define(eq=False)
 class Pipe:
-    """A pipe whose write end the server owns; ``pipeid`` is the write fd number, as in Go."""
+    """A pipe whose write end the server owns; ``pipeid`` is the write fd number, as in Go. The write end is
+    non-blocking; the trio stream over it (``writer``) is made when a producer first needs it: a small reply
+    written at once (``write_now``) never needs one."""
 
     read_fd: int
-    writer: trio.lowlevel.FdStream
     pipeid: int
     done: trio.Event = attrs.field(factory=trio.Event)
     error: ProxyError | None = None
+    _writer: trio.lowlevel.FdStream | None = None
+    _closed: bool = False
 
     @classmethod
     def create(cls, *, enlarge: bool = True) -> Pipe:
@@ -41,15 +45,33 @@ class Pipe:
         except OSError as e:
             log.error("cannot create a pipe: %s", e.strerror)
             raise ProxyError(f"cannot create a pipe: {e.strerror}", ErrorCode.RETRYABLE) from None
-        return cls(read_fd=read_fd, writer=trio.lowlevel.FdStream(write_fd), pipeid=write_fd)
+        try:
+            # only the write end: the read end goes to the client, which expects a blocking pipe. A fresh pipe's
+            # other status flags are all clear, so one F_SETFL does it.
+            fcntl.fcntl(write_fd, fcntl.F_SETFL, os.O_NONBLOCK)
+        except BaseException:
+            os.close(read_fd)
+            os.close(write_fd)
+            raise
+        return cls(read_fd=read_fd, pipeid=write_fd)
+
+    @property
+    def writer(self) -> trio.lowlevel.FdStream:
+        """The write end as a trio stream (made on first use; it owns the fd from then on)."""
+        if self._writer is None:
+            if self._closed:  # the fd number may belong to something else by now: never wrap it
+                raise ProxyError("write to a pipe that was already closed", ErrorCode.OTHER)
+            self._writer = trio.lowlevel.FdStream(self.pipeid)
+        return self._writer
 
     def close_now(self) -> None:
         """Close both ends of a pipe that was never handed out (synchronous)."""
         os.close(self.read_fd)
-        self.writer.close()
+        self.close()
 
     def write_now(self, data: bytes) -> int:
-        """Write what the pipe takes of ``data`` without waiting: the bytes written."""
+        """Write what the pipe takes of ``data`` without waiting: the bytes written (before any producer runs)."""
+        assert self._writer is None and not self._closed
         try:
             return os.write(self.pipeid, data)
         except BlockingIOError:
@@ -61,7 +83,13 @@ class Pipe:
 
     def close(self) -> None:
         """Close the write end (never waits: the client sees the end of the data once it has read it)."""
-        self.writer.close()
+        if self._closed:
+            return
+        self._closed = True
+        if self._writer is not None:
+            self._writer.close()  # tells trio first, in case a task waits on the fd
+        else:
+            os.close(self.pipeid)
 
 
 def from_http(error: HTTPError) -> ProxyError:

@@ -86,8 +86,11 @@ class RawServer:
         self.sock.settimeout(60)
         self.fds: list[int] = []
 
-    def send(self, method: str, *args: object) -> None:
-        self.sock.send(json.dumps({"method": method, "args": list(args)}).encode())
+    def send(self, method: str, *args: object, request_id: int | None = None) -> None:
+        request: dict[str, object] = {"method": method, "args": list(args)}
+        if request_id is not None:
+            request["id"] = request_id
+        self.sock.send(json.dumps(request).encode())
 
     def receive(self) -> dict:
         data, ancdata, _, _ = self.sock.recvmsg(1 << 20, socket.CMSG_SPACE(16))
@@ -150,6 +153,35 @@ def test_a_request_is_never_answered_before_an_earlier_one_still_running(tmp_pat
         first, second = server.receive(), server.receive()
         assert not first["success"] and "127.0.0.1" in first["error"], first
         assert second["success"] and second["value"] == digest(manifest), second
+    finally:
+        listener.close()
+        server.close()
+
+
+def test_a_request_with_an_id_that_needs_no_waiting_needs_no_free_slot(tmp_path: Path) -> None:
+    # one slot for requests with ids ([limits] concurrent-requests = 1), held by an OpenImage of a registry that
+    # accepted the connection and says nothing: GetManifest of an open image, with an id, is answered at once
+    # anyway (it neither waits nor takes a slot); the OpenImage is answered once the registry hangs up
+    ref, manifest = write_layout(tmp_path / "layout", 100)
+    config = tmp_path / "config.toml"
+    config.write_text("[limits]\nconcurrent-requests = 1\n")
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(60)
+    port = listener.getsockname()[1]
+    server = RawServer("--tls-verify=false", "--config", str(config))
+    try:
+        image = server.open(ref)
+        server.send("OpenImage", f"docker://127.0.0.1:{port}/silent/image:latest", request_id=1)
+        connection, _ = listener.accept()  # the one slot is taken now
+        server.send("GetManifest", image, request_id=2)
+        server.sock.settimeout(10)  # far more than an answer at once takes; a wait for the slot never ends
+        answered = server.receive()
+        assert answered["id"] == 2 and answered["success"] and answered["value"] == digest(manifest), answered
+        connection.close()
+        listener.close()
+        server.sock.settimeout(60)
+        opened = server.receive()
+        assert opened["id"] == 1 and not opened["success"], opened
     finally:
         listener.close()
         server.close()
