@@ -340,7 +340,7 @@ def build_layers_layout(layout: Path, content_sizes: Sequence[int], created_by: 
     return [layer for layer, _ in written]
 
 
-def push(layout: Path, registry: RunningRegistry, timeout: float) -> None:
+def push(layout: Path, registry: RunningRegistry, timeout: float, repository: str = REPOSITORY) -> None:
     argv = [
         "skopeo",
         "--insecure-policy",
@@ -348,11 +348,102 @@ def push(layout: Path, registry: RunningRegistry, timeout: float) -> None:
         "--quiet",
         "--dest-tls-verify=false",
         f"oci:{layout}:{TAG}",
-        f"docker://{registry.authority}/{REPOSITORY}:{TAG}",
+        f"docker://{registry.authority}/{repository}:{TAG}",
     ]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed ({result.returncode}): {result.stderr.strip()}")
+
+
+# ------------------------------------------------------------------------------------------- the daemon
+
+
+def daemon_argv(listen: Path, cache: Path, config: Path, extra: Sequence[str] = ()) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "proxy",
+        "daemon",
+        "--listen",
+        str(listen),
+        "--blob-cache",
+        str(cache),
+        "--config",
+        str(config),
+        "--tls-verify=false",
+        *extra,
+    ]
+
+
+# ------------------------------------------------------------------------------------------- the daemon
+
+
+@dataclass
+class RunningDaemon:
+    process: subprocess.Popen[bytes]
+    listen: Path
+    log: Path
+
+    def log_tail(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-2000:]
+        except OSError:
+            return ""
+
+
+@contextlib.contextmanager
+def image_proxy_daemon(workdir: Path, timeout: float, extra: Sequence[str] = ()) -> Iterator[RunningDaemon]:
+    """``image-proxy daemon`` with a fresh empty blob cache under ``workdir``, yielded once it has sent READY=1 on
+    the notify socket; stopped with SIGTERM at the end of the block, which must make it exit 0."""
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    listen, notify_path, config, log = (workdir / name for name in ("proxy.sock", "notify.sock", "config.toml", "log"))
+    config.write_text("")  # an empty settings file: no /etc/image-proxy/config.toml of this machine applies
+    env = {key: value for key, value in os.environ.items() if not key.startswith("LISTEN_")}
+    env["NOTIFY_SOCKET"] = str(notify_path)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(str(notify_path))
+        with log.open("wb") as out:
+            process = subprocess.Popen(
+                daemon_argv(listen, workdir / "cache", config, extra), stdout=out, stderr=out, cwd=REPO_ROOT, env=env
+            )
+        daemon = RunningDaemon(process, listen, log)
+        try:
+            _wait_ready(notify, daemon, timeout)
+        except BaseException:
+            process.kill()
+            process.wait()
+            raise
+    try:
+        yield daemon
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+        try:
+            status = process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            raise RuntimeError(f"the daemon did not exit within {timeout} s of SIGTERM\n{daemon.log_tail()}") from None
+    if status != 0:
+        raise RuntimeError(f"the daemon exited {status} after SIGTERM\n{daemon.log_tail()}")
+
+
+def _wait_ready(notify: socket.socket, daemon: RunningDaemon, timeout: float) -> None:
+    """Read notify datagrams until one says READY=1; fail if the daemon exits or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    notify.settimeout(0.5)  # only to look at the process between datagrams; READY=1 ends the wait when it comes
+    while True:
+        try:
+            message = notify.recv(4096).decode(errors="replace")
+        except TimeoutError:
+            message = ""
+        if "READY=1" in message.splitlines():
+            return
+        if daemon.process.poll() is not None:
+            raise RuntimeError(f"the daemon exited {daemon.process.returncode} before READY=1\n{daemon.log_tail()}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no READY=1 from the daemon within {timeout} s\n{daemon.log_tail()}")
 
 
 # ------------------------------------------------------------------------------------------- client
@@ -376,6 +467,8 @@ class SocketClient:
         self.sock = sock
         self.log = log
         self.sock.settimeout(timeout)
+        #: the id the next request carries (extension request-ids, docs/PROTOCOL.md); None: requests carry none
+        self.next_id: int | None = None
 
     @classmethod
     def connect(cls, path: str | Path, timeout: float, log: Path | None = None) -> SocketClient:
@@ -390,7 +483,11 @@ class SocketClient:
         return cls(sock, timeout, log)
 
     def call(self, method: str, *args: Any) -> Reply:
-        self.sock.send(json.dumps({"method": method, "args": list(args)}).encode())
+        request: dict[str, Any] = {"method": method, "args": list(args)}
+        if self.next_id is not None:
+            request["id"] = self.next_id
+            self.next_id += 1
+        self.sock.send(json.dumps(request).encode())
         try:
             data, ancdata, flags, _ = self.sock.recvmsg(MAX_MSG_SIZE, FD_SPACE)
         except TimeoutError:
@@ -404,6 +501,8 @@ class SocketClient:
         if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
             raise ProtocolError(f"{method}: truncated reply (flags {flags:#x})")
         reply = json.loads(data)
+        if "id" in request and reply.get("id") != request["id"]:
+            raise ProtocolError(f"{method}: the reply carries id {reply.get('id')!r}, the request {request['id']}")
         if not reply.get("success"):
             for fd in fds:
                 os.close(fd)

@@ -26,18 +26,14 @@ Run from anywhere: ``python bench/daemon_clients.py [--clients 1,10,50] [--layer
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +54,7 @@ from common import (
     build_layers_layout,
     counting_relay,
     docker_registry,
+    image_proxy_daemon,
     median_range,
     proc_cpu,
     proc_hwm_bytes,
@@ -87,93 +84,6 @@ def spawned_argv(mode: str) -> list[str]:
     if mode == SKOPEO:
         return ["skopeo", "experimental-image-proxy", "--tls-verify=false"]
     return [sys.executable, "-m", "proxy", "experimental-image-proxy", "--tls-verify=false"]
-
-
-def daemon_argv(listen: Path, cache: Path, config: Path) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "proxy",
-        "daemon",
-        "--listen",
-        str(listen),
-        "--blob-cache",
-        str(cache),
-        "--config",
-        str(config),
-        "--tls-verify=false",
-    ]
-
-
-# ------------------------------------------------------------------------------------------- the daemon
-
-
-@dataclass
-class RunningDaemon:
-    process: subprocess.Popen[bytes]
-    listen: Path
-    log: Path
-
-    def log_tail(self) -> str:
-        try:
-            return self.log.read_text(errors="replace")[-2000:]
-        except OSError:
-            return ""
-
-
-@contextlib.contextmanager
-def image_proxy_daemon(workdir: Path, timeout: float) -> Iterator[RunningDaemon]:
-    """``image-proxy daemon`` with a fresh empty blob cache under ``workdir``, yielded once it has sent READY=1 on
-    the notify socket; stopped with SIGTERM at the end of the block, which must make it exit 0."""
-    shutil.rmtree(workdir, ignore_errors=True)
-    workdir.mkdir(parents=True)
-    listen, notify_path, config, log = (workdir / name for name in ("proxy.sock", "notify.sock", "config.toml", "log"))
-    config.write_text("")  # an empty settings file: no /etc/image-proxy/config.toml of this machine applies
-    env = {key: value for key, value in os.environ.items() if not key.startswith("LISTEN_")}
-    env["NOTIFY_SOCKET"] = str(notify_path)
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
-        notify.bind(str(notify_path))
-        with log.open("wb") as out:
-            process = subprocess.Popen(
-                daemon_argv(listen, workdir / "cache", config), stdout=out, stderr=out, cwd=REPO_ROOT, env=env
-            )
-        daemon = RunningDaemon(process, listen, log)
-        try:
-            _wait_ready(notify, daemon, timeout)
-        except BaseException:
-            process.kill()
-            process.wait()
-            raise
-    try:
-        yield daemon
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-        try:
-            status = process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-            raise RuntimeError(f"the daemon did not exit within {timeout} s of SIGTERM\n{daemon.log_tail()}") from None
-    if status != 0:
-        raise RuntimeError(f"the daemon exited {status} after SIGTERM\n{daemon.log_tail()}")
-
-
-def _wait_ready(notify: socket.socket, daemon: RunningDaemon, timeout: float) -> None:
-    """Read notify datagrams until one says READY=1; fail if the daemon exits or the deadline passes."""
-    deadline = time.monotonic() + timeout
-    notify.settimeout(0.5)  # only to look at the process between datagrams; READY=1 ends the wait when it comes
-    while True:
-        try:
-            message = notify.recv(4096).decode(errors="replace")
-        except TimeoutError:
-            message = ""
-        if "READY=1" in message.splitlines():
-            return
-        if daemon.process.poll() is not None:
-            raise RuntimeError(f"the daemon exited {daemon.process.returncode} before READY=1\n{daemon.log_tail()}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"no READY=1 from the daemon within {timeout} s\n{daemon.log_tail()}")
 
 
 # ------------------------------------------------------------------------------------------- one client

@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Latency of small operations: our proxy against skopeo's. Start-up (spawn to the Initialize reply, and to the
 OpenImage reply of a local ``oci:`` image), sequential GetManifest round trips on one connection to a registry on
-loopback, and the wall time of the ``inspect docker://...`` command line.
+loopback, the wall time of the ``inspect docker://...`` command line, and of ``copy`` (``--copy-layers`` layers of
+``--copy-layer-mb`` MB and one layer of ``--copy-big-mb`` MB from the registry into a new ``oci:`` layout, and the
+big one from its ``oci:`` layout into a new one).
 
 Set-up: an OCI layout holding one small image (``--layers`` layers of ``--layer-kib`` KiB of random bytes each, a
 tar in gzip level 0), pushed with ``skopeo copy`` to a plain-HTTP docker-registry on 127.0.0.1. The same layout is
@@ -40,8 +42,10 @@ from common import (
     ProtocolError,
     ProxyClient,
     RunningRegistry,
+    SocketClient,
     build_layers_layout,
     docker_registry,
+    image_proxy_daemon,
     median_range,
     push,
     ratio_of_medians,
@@ -70,6 +74,13 @@ def server_argv(server: str, policy: Path) -> list[str]:
     return ["skopeo", "--policy", str(policy), "experimental-image-proxy", "--tls-verify=false"]
 
 
+def copy_argv(server: str, policy: Path, reference: str, destination: str) -> list[str]:
+    if server == OURS:
+        argv = [sys.executable, "-m", "proxy", "copy", "-q", "--tls-verify=false", "--policy", str(policy)]
+        return [*argv, reference, destination]
+    return ["skopeo", "--policy", str(policy), "copy", "-q", "--src-tls-verify=false", reference, destination]
+
+
 def inspect_argv(server: str, policy: Path, reference: str) -> list[str]:
     if server == OURS:
         return [sys.executable, "-m", "proxy", "inspect", "--tls-verify=false", "--policy", str(policy), reference]
@@ -89,7 +100,12 @@ class Run:
     initialize_ms: float | None = None  # Popen -> Initialize reply
     open_oci_ms: float | None = None  # Popen -> OpenImage reply (oci: layout), same process
     round_trips_s: float | None = None  # GetManifest + FinishPipe + pipe read, per second
+    round_trips_ids_s: float | None = None  # ours only: the same, every call with a request id
+    round_trips_daemon_s: float | None = None  # ours only: the same, in order, on a connection to a daemon
     inspect_s: float | None = None  # inspect docker://... wall time
+    copy_layers_s: float | None = None  # copy docker://... (the --copy-layers image) oci:NEW
+    copy_big_s: float | None = None  # copy docker://... (the one-layer --copy-big-mb image) oci:NEW
+    copy_oci_s: float | None = None  # copy oci:... (the same big image) oci:NEW
     import_ms: float | None = None  # ours only: cumulative import time of IMPORTED_MODULE
     python_start_ms: float | None = None  # ours only: `python -c pass` wall time
 
@@ -127,9 +143,12 @@ class Bench:
         self.docker_reference = f"docker://{registry.authority}/{REPOSITORY}:{TAG}"
         self.manifest_digest = manifest_digest
         self.policy = policy
+        self.workdir = workdir
         self.logs = workdir / "logs"
         self.logs.mkdir(exist_ok=True)
         self.args = args
+        #: Run field -> (reference, its source layout) of each copy measurement; None: no copies measured
+        self.copy_sources: dict[str, tuple[str, Path]] | None = None
 
     def _client(self, what: str, server: str, round_no: int) -> ProxyClient:
         return ProxyClient(
@@ -161,8 +180,22 @@ class Bench:
         """One fresh server: Initialize and OpenImage of the registry's image (not timed), then ``--round-trips``
         times GetManifest, FinishPipe, the pipe read to EOF (the manifest is far smaller than a pipe's buffer, so
         the server can finish writing it before anything reads it). Every manifest is checked against the digest
-        in its reply and the pushed manifest's."""
+        in its reply and the pushed manifest's. Ours also: the same with request ids on every call, and through
+        a daemon (a connection to ``image-proxy daemon``, in-order calls)."""
         client = self._client("round-trips", run.server, run.round)
+        run.round_trips_s = self._round_trip_rate(client, run, "round trips")
+        if run.server != OURS:
+            return
+        client = self._client("round-trips-ids", run.server, run.round)
+        client.next_id = 1
+        run.round_trips_ids_s = self._round_trip_rate(client, run, "round trips with ids")
+        with image_proxy_daemon(
+            self.workdir / f"daemon-{run.round}", self.args.timeout, ["--policy", str(self.policy)]
+        ) as daemon:
+            client = SocketClient.connect(daemon.listen, self.args.timeout, daemon.log)
+            run.round_trips_daemon_s = self._round_trip_rate(client, run, "round trips through the daemon")
+
+    def _round_trip_rate(self, client: SocketClient, run: Run, what: str) -> float:
         try:
             client.call("Initialize")
             image = client.call("OpenImage", self.docker_reference).value
@@ -185,13 +218,11 @@ class Bench:
                     )
             elapsed = time.perf_counter() - start
         except BaseException:
-            print(
-                f"round trips, {run.server} round {run.round} failed; log tail:\n{client.log_tail()}", file=sys.stderr
-            )
+            print(f"{what}, {run.server} round {run.round} failed; log tail:\n{client.log_tail()}", file=sys.stderr)
             raise
         finally:
             client.close()
-        run.round_trips_s = count / elapsed
+        return count / elapsed
 
     def inspect(self, run: Run) -> None:
         """``inspect docker://...`` as a fresh process, to its exit; its output must name the manifest digest."""
@@ -210,12 +241,45 @@ class Bench:
             )
         run.inspect_s = wall
 
+    def copies(self, run: Run) -> None:
+        """``copy`` as a fresh process, to its exit, into a new ``oci:`` layout each time (removed after); the
+        layout's blobs are checked against the source's names (file name = digest, size) before it is removed."""
+        if self.copy_sources is None:
+            return
+        for field, (reference, source_layout) in self.copy_sources.items():
+            destination = self.workdir / f"copy-{run.server}-{run.round}"
+            argv = copy_argv(run.server, self.policy, reference, f"oci:{destination}:{TAG}")
+            start = time.perf_counter()
+            result = subprocess.run(
+                argv, capture_output=True, text=True, cwd=REPO_ROOT, timeout=self.args.timeout, check=False
+            )
+            wall = time.perf_counter() - start
+            try:
+                if result.returncode != 0:
+                    raise RuntimeError(f"{' '.join(argv)} exited with {result.returncode}:\n{result.stderr[-2000:]}")
+                check_copied_layers(source_layout, destination)
+            finally:
+                shutil.rmtree(destination, ignore_errors=True)
+            setattr(run, field, wall)
+
     def python_info(self, run: Run) -> None:
         """Ours only: the bare interpreter's start-up, and the cumulative import time of our CLI."""
         start = time.perf_counter()
         subprocess.run([sys.executable, "-c", "pass"], cwd=REPO_ROOT, timeout=self.args.timeout, check=True)
         run.python_start_ms = (time.perf_counter() - start) * 1000
         run.import_ms = import_time_ms(self.args.timeout)
+
+
+def check_copied_layers(source: Path, destination: Path) -> None:
+    """Every layer blob of the source layout is in the destination under the same name with the same size (the
+    proxies verified the digests; this checks that the copy wrote the blobs the bench pushed)."""
+    blobs = source / "blobs" / "sha256"
+    manifest = json.loads((blobs / manifest_of(source).split(":", 1)[1]).read_bytes())
+    for layer in manifest["layers"]:
+        name = layer["digest"].split(":", 1)[1]
+        copied = destination / "blobs" / "sha256" / name
+        if not copied.is_file() or copied.stat().st_size != layer["size"]:
+            raise RuntimeError(f"copy into {destination}: layer {layer['digest']} missing or of the wrong size")
 
 
 def import_time_ms(timeout: float) -> float:
@@ -242,7 +306,20 @@ METRICS: list[tuple[str, str, Callable[[Run], float | None]]] = [
     ("spawn → Initialize reply, ms", ".1f", lambda r: r.initialize_ms),
     ("spawn → OpenImage reply (`oci:` layout), ms", ".1f", lambda r: r.open_oci_ms),
     ("GetManifest round trips per second (higher is better)", ".0f", lambda r: r.round_trips_s),
+    (
+        "the same, ours with request ids (skopeo: in order, it has no ids)",
+        ".0f",
+        lambda r: r.round_trips_ids_s if r.server == OURS else r.round_trips_s,
+    ),
+    (
+        "the same, ours through a daemon (skopeo: spawned)",
+        ".0f",
+        lambda r: r.round_trips_daemon_s if r.server == OURS else r.round_trips_s,
+    ),
     ("`inspect docker://…` wall time, s", ".3f", lambda r: r.inspect_s),
+    ("`copy docker://… oci:…`, layers image (see above), s", ".3f", lambda r: r.copy_layers_s),
+    ("`copy docker://… oci:…`, one big layer, s", ".3f", lambda r: r.copy_big_s),
+    ("`copy oci:… oci:…`, one big layer, s", ".3f", lambda r: r.copy_oci_s),
 ]
 #: ours-only rows: label, format, value
 INFO_METRICS: list[tuple[str, str, Callable[[Run], float | None]]] = [
@@ -281,8 +358,20 @@ def render(
         f"{', '.join(protocols[OURS])}), {SKOPEO} `skopeo --policy FILE experimental-image-proxy --tls-verify=false` "
         f"(protocol {', '.join(protocols[SKOPEO])}); FILE accepts anything (`insecureAcceptAnything`)",
         f"- inspect: {OURS} `python -m proxy inspect --tls-verify=false --policy FILE REF`, {SKOPEO} "
-        "`skopeo --policy FILE inspect --tls-verify=false REF`; ours starts our proxy as a second process and talks to "
-        "it through the client bindings, skopeo is one process and also lists the repository's tags",
+        "`skopeo --policy FILE inspect --tls-verify=false REF`; ours serves its proxy in the same process and talks "
+        "to it through the client bindings over a socketpair, skopeo is one process and also lists the repository's "
+        "tags",
+        *(
+            [
+                f"- copy: {OURS} `python -m proxy copy -q --tls-verify=false --policy FILE REF oci:NEW:latest` (its "
+                f"proxy served in the same process), {SKOPEO} `skopeo --policy FILE copy -q --src-tls-verify=false REF "
+                f"oci:NEW:latest`; images: {args.copy_layers} layers of {args.copy_layer_mb} MB, and one layer of "
+                f"{args.copy_big_mb} MB (random bytes, tar, gzip level 0), pushed to the same registry; the big one "
+                "is also copied from its `oci:` layout; every copy into a new directory, removed after"
+            ]
+            if not args.no_copy
+            else []
+        ),
         f"- rounds: {args.rounds} after one unmeasured warm-up, each with fresh processes, ours then skopeo for each "
         "measurement: start-up (one process: the Initialize and OpenImage times both from Popen), round trips (one "
         f"process: {args.round_trips} times GetManifest + FinishPipe + pipe read to EOF after an untimed "
@@ -300,6 +389,8 @@ def render(
     ]
     for label, fmt, get in METRICS:
         ours, theirs = _values(runs, OURS, get), _values(runs, SKOPEO, get)
+        if not ours or not theirs:
+            continue  # not measured in this run (--no-copy)
         lines.append(
             f"| {label} | {median_range(theirs, fmt)} | {median_range(ours, fmt)} | {ratio_of_medians(ours, theirs)} |"
         )
@@ -311,14 +402,16 @@ def render(
         "",
         "## Every round",
         "",
-        "| round | server | Initialize ms | OpenImage `oci:` ms | round trips/s | inspect s | `python -c pass` ms "
-        "| import ms |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| round | server | Initialize ms | OpenImage `oci:` ms | round trips/s | with ids | via daemon | inspect s "
+        "| copy layers s | copy big s | copy oci s | `python -c pass` ms | import ms |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in runs:
         lines.append(
             f"| {r.round} | {r.server} | {_fmt(r.initialize_ms, '.1f')} | {_fmt(r.open_oci_ms, '.1f')} "
-            f"| {_fmt(r.round_trips_s, '.0f')} | {_fmt(r.inspect_s, '.3f')} | {_fmt(r.python_start_ms, '.1f')} "
+            f"| {_fmt(r.round_trips_s, '.0f')} | {_fmt(r.round_trips_ids_s, '.0f')} "
+            f"| {_fmt(r.round_trips_daemon_s, '.0f')} | {_fmt(r.inspect_s, '.3f')} | {_fmt(r.copy_layers_s, '.3f')} "
+            f"| {_fmt(r.copy_big_s, '.3f')} | {_fmt(r.copy_oci_s, '.3f')} | {_fmt(r.python_start_ms, '.1f')} "
             f"| {_fmt(r.import_ms, '.1f')} |"
         )
     lines += ["", "Produced by `python bench/latency.py`; see bench/README.md.", END_MARK, ""]
@@ -339,6 +432,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--out", default=str(REPO_ROOT / "bench" / "RESULTS.md"), help="Markdown file whose section to write"
     )
+    parser.add_argument("--copy-layers", type=int, default=4, help="layers of the copy image (default 4)")
+    parser.add_argument("--copy-layer-mb", type=int, default=50, help="each of its layers in MB (default 50)")
+    parser.add_argument("--copy-big-mb", type=int, default=200, help="the one-layer copy image in MB (default 200)")
+    parser.add_argument("--no-copy", action="store_true", help="skip the copy measurements")
     parser.add_argument("--timeout", type=float, default=60.0, help="bound on every reply and command, s")
     parser.add_argument("--no-info", action="store_true", help="skip ours' interpreter start-up and import rows")
     parser.add_argument("--workdir", help="where to put the layout and registry storage (default: a temp dir)")
@@ -373,10 +470,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             push(layout, registry, args.timeout)
             progress(f"image {manifest_digest} ({len(layers)} layers) pushed to {registry.authority}")
             runner = Bench(registry, layout, manifest_digest, policy, workdir, args)
+            if not args.no_copy:
+                runner.copy_sources = {}
+                for field, name, sizes in (
+                    ("copy_layers_s", "copy-layers", [args.copy_layer_mb * 1000 * 1000] * args.copy_layers),
+                    ("copy_big_s", "copy-big", [args.copy_big_mb * 1000 * 1000]),
+                ):
+                    source = workdir / name
+                    build_layers_layout(source, sizes, "bench/latency.py")
+                    push(source, registry, args.timeout, repository=f"bench/{name}")
+                    runner.copy_sources[field] = (f"docker://{registry.authority}/bench/{name}:{TAG}", source)
+                runner.copy_sources["copy_oci_s"] = (f"oci:{workdir / 'copy-big'}:{TAG}", workdir / "copy-big")
+                progress("copy images built and pushed")
             runs: list[Run] = []
             for round_no in range(args.rounds + 1):  # round 0: the warm-up, not reported
                 measured = [Run(server, round_no) for server in SERVERS]
-                for measure in (runner.start_up, runner.round_trips, runner.inspect):
+                for measure in (runner.start_up, runner.round_trips, runner.inspect, runner.copies):
                     for run in measured:
                         measure(run)
                 if not args.no_info:
@@ -387,7 +496,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     progress(
                         f"  {'warm-up' if not round_no else f'round {round_no}'} {r.server}: Initialize "
                         f"{_fmt(r.initialize_ms, '.1f')} ms, OpenImage oci {_fmt(r.open_oci_ms, '.1f')} ms, "
-                        f"{_fmt(r.round_trips_s, '.0f')} round trips/s, inspect {_fmt(r.inspect_s, '.3f')} s"
+                        f"{_fmt(r.round_trips_s, '.0f')} round trips/s, inspect {_fmt(r.inspect_s, '.3f')} s, copy "
+                        f"{_fmt(r.copy_layers_s, '.3f')} / {_fmt(r.copy_big_s, '.3f')} / {_fmt(r.copy_oci_s, '.3f')} s"
                     )
         report = render(runs, layers, manifest_digest, registry, args, machine)
         write_report(Path(args.out), report, BEGIN_MARK, END_MARK)
