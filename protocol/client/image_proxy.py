@@ -188,17 +188,34 @@ class ImageProxy:
     # --------------------------------------------------------------- plumbing
 
     async def _sender(self) -> None:
-        async for data, waiter in self._outbox_recv:
-            if self._closed is not None:
-                self._fail(waiter, self._closed)
-                continue
-            self._conn.expect(waiter, waiter.method, waiter.id)
-            try:
-                await self._sock.send(data)
-            except OSError as e:
-                self._broken(ProxyClosed(f"cannot send {waiter.method} to the proxy: {e.strerror or e}"))
+        try:
+            async for data, waiter in self._outbox_recv:
+                if self._closed is not None:
+                    self._fail(waiter, self._closed)
+                    continue
+                self._conn.expect(waiter, waiter.method, waiter.id)
+                try:
+                    await self._sock.send(data)
+                except OSError as e:
+                    self._broken(ProxyClosed(f"cannot send {waiter.method} to the proxy: {e.strerror or e}"))
+        finally:
+            # stopped (cancelled with the code using the bindings): later calls fail at once instead of waiting
+            # for a sender (a shielded clean-up call such as CloseImage would otherwise wait for its deadline)
+            self._outbox_recv.close()
+            self._ended()
 
     async def _receiver(self) -> None:
+        try:
+            await self._receive_replies()
+        finally:
+            self._ended()
+
+    def _ended(self) -> None:
+        """The sender or the receiver stopped: calls still waiting for a reply fail with ProxyClosed (the first
+        reason the connection ended, if one was given) instead of waiting for a reply that cannot come."""
+        self._broken(ProxyClosed("the connection to the proxy is closed"))
+
+    async def _receive_replies(self) -> None:
         space = ancillary_space(4)
         while True:
             try:
@@ -249,7 +266,10 @@ class ImageProxy:
             request_id = self._conn.next_id()
         waiter = _Waiter(method, request_id)
         try:
-            await self._outbox_send.send((self._conn.packet(method, args, request_id), waiter))
+            try:
+                await self._outbox_send.send((self._conn.packet(method, args, request_id), waiter))
+            except trio.BrokenResourceError:  # the sender has stopped: the connection is closed
+                raise self._closed or ProxyClosed("the connection to the proxy is closed") from None
             await waiter.event.wait()
         except BaseException:
             waiter.abandoned = True

@@ -12,6 +12,7 @@ import argparse
 import functools
 import logging
 import os
+import signal
 import socket
 import sys
 from collections.abc import Sequence
@@ -225,20 +226,42 @@ def command_proxy(args: argparse.Namespace) -> ServeOne:
     return functools.partial(serve_socket, options=_serve_options(serve_args))
 
 
+def run_client_command(args: argparse.Namespace) -> int:
+    """``inspect``, ``layers``, ``copy``: Ctrl-C or SIGTERM ends them with one line and status 130/143 (the work
+    cancelled and cleaned up, see proxy/commands/interrupts.py); a closed stdout (``| head``) ends them quietly
+    with 141, the status of a Unix tool killed by SIGPIPE."""
+    from proxy.commands.interrupts import Interrupted
+
+    command = args.command
+    try:
+        setup_logging(args.debug)
+        if not args.proxy_socket:
+            try:
+                args.serve = command_proxy(args)
+            except ConfigError as e:
+                print(f"image-proxy {command}: {e}", file=sys.stderr)
+                return 2
+        return args.run(args)
+    except Interrupted as e:
+        print(f"image-proxy {command}: interrupted", file=sys.stderr)
+        return e.exit_status
+    except KeyboardInterrupt:  # before the command's work started
+        print(f"image-proxy {command}: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)  # nothing more reaches the reader, not even at exit's flush
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + signal.SIGPIPE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(serving_only=_command_named(argv) in SERVE_COMMANDS).parse_args(argv)
     if args.command in SERVE_COMMANDS:
         return run_serve(args)
     if args.command in CLIENT_COMMANDS:
-        setup_logging(args.debug)
-        if not args.proxy_socket:
-            try:
-                args.serve = command_proxy(args)
-            except ConfigError as e:
-                print(f"image-proxy {args.command}: {e}", file=sys.stderr)
-                return 2
-        return args.run(args)
+        return run_client_command(args)
     if args.command == "cache":
         from proxy.commands.cache import run_cache
 

@@ -11,7 +11,6 @@ JSON events on stdout with ``--json``, nothing with ``--quiet``.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable
 
@@ -22,6 +21,7 @@ from protocol.client.tasks import failing_fast
 from protocol.errors import ProxyError
 from proxy.commands import arguments
 from proxy.commands.destination import DestinationError, parse_destination
+from proxy.commands.interrupts import Interrupted, run_interruptible
 from proxy.commands.progress import JsonProgress, Progress, TerminalProgress, progress_for
 from proxy.commands.proxy_access import add_proxy_flags, check_proxy_socket_flags, open_proxy, report_error
 
@@ -90,17 +90,6 @@ async def _copy(args: argparse.Namespace, progress: Progress) -> PulledImage:
 
 
 def run_copy(args: argparse.Namespace) -> int:
-    try:
-        return _run_copy(args)
-    except BrokenPipeError:
-        # stdout was closed early (``image-proxy copy --json ... | head``): stop quietly, as other tools do
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-        return 1
-
-
-def _run_copy(args: argparse.Namespace) -> int:
     def err(line: str) -> None:
         print(line, file=sys.stderr)
 
@@ -115,7 +104,12 @@ def _run_copy(args: argparse.Namespace) -> int:
         return 2
     progress = progress_for(sys.stderr, json_events=args.json, quiet=args.quiet, json_stream=sys.stdout)
     try:
-        image = trio.run(_copy, args, progress)
+        image = run_interruptible(_copy, args, progress)
+    except Interrupted as e:
+        progress.close()
+        if isinstance(progress, JsonProgress):
+            progress.emit({"event": "copy-failed", "reference": args.reference, "error": "interrupted"})
+        raise e from None
     except (ProxyError, OSError) as e:
         if isinstance(e, BrokenPipeError):
             raise

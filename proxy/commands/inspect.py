@@ -16,10 +16,10 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
-import trio
 
 from protocol.client.pull import BlobDescriptor, digest_of, parse_manifest
 from protocol.errors import ProxyError
+from proxy.commands.interrupts import run_interruptible
 from proxy.commands.proxy_access import (
     add_proxy_flags,
     check_proxy_socket_flags,
@@ -127,7 +127,7 @@ def _run(command: str, args: argparse.Namespace, show: Callable[[ImageFacts | by
         err(f"image-proxy {command}: {problem}")
         return 2
     try:
-        facts = trio.run(read_image, args)
+        facts = run_interruptible(read_image, args)
     except (ProxyError, OSError) as e:
         report_error(command, e, args, err)
         return 1

@@ -150,9 +150,18 @@ async def open_proxy(args: argparse.Namespace, **options: Any) -> AsyncIterator[
         return
     serve: ServeOne = args.serve
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    # The command's cancellation (Ctrl-C) reaches the proxy only once the client is done with it: the client's
+    # last calls on the way out (CloseImage) are answered, as a spawned proxy would, instead of waiting for their
+    # own deadlines. Then the proxy has SERVER_GRACE to end after the EOF, and is cancelled.
+    server_scope = trio.CancelScope(shield=True)
+
+    async def serve_until_closed() -> None:
+        with server_scope:
+            await serve(theirs)
+
     async with failing_fast() as nursery:  # a failure is raised as itself, not in an ExceptionGroup
         try:
-            nursery.start_soon(serve, theirs)
+            nursery.start_soon(serve_until_closed)
         except BaseException:
             theirs.close()
             ours.close()
@@ -161,7 +170,7 @@ async def open_proxy(args: argparse.Namespace, **options: Any) -> AsyncIterator[
             async with ImageProxy.connect(ours, **options) as proxy:  # closes ours: the server sees EOF and ends
                 yield proxy
         finally:
-            nursery.cancel_scope.deadline = trio.current_time() + SERVER_GRACE
+            server_scope.deadline = trio.current_time() + SERVER_GRACE
 
 
 _AUTHORITY = re.compile(r"registry (\S+) refused access")
