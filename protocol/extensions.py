@@ -11,6 +11,7 @@ SERVER_EXTENSIONS: tuple[str, ...] = (
     "request-ids",
     "blob-ranges",  # GetBlobAt (docs/PROTOCOL.md)
     "layer-toc",  # GetLayerTOC, GetLayerTarSplit (docs/PROTOCOL.md)
+    "raw-manifest",  # GetRawManifest (docs/PROTOCOL.md)
 )
 
 __all__ = ["SERVER_EXTENSIONS"]

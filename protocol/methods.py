@@ -66,6 +66,7 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("GetBlobAt", (Param.IMAGE_ID, Param.DIGEST, Param.RANGES), "ext", fd_count=1),
         MethodSpec("GetLayerTOC", (Param.IMAGE_ID, Param.DIGEST), "ext", fd_count=1),
         MethodSpec("GetLayerTarSplit", (Param.IMAGE_ID, Param.DIGEST), "ext", fd_count=1),
+        MethodSpec("GetRawManifest", (Param.IMAGE_REF,), "ext", fd_count=1),
     )
 }
 

@@ -48,10 +48,21 @@ _FD_SIZE = array.array("i").itemsize
 _READ_SIZE = 1 << 20
 #: the GetCapabilities name of the request-ids extension (docs/PROTOCOL.md)
 REQUEST_IDS = "request-ids"
+#: the GetCapabilities name of GetRawManifest (docs/PROTOCOL.md)
+RAW_MANIFEST = "raw-manifest"
 
 Sink = Callable[[bytes], Awaitable[None] | None]
 #: told each count of bytes ``copy_blob_into`` wrote
 Counter = Callable[[int], Awaitable[None] | None]
+
+
+@attrs.frozen
+class RawManifest:
+    """GetRawManifest's answer: the manifest bytes as stored, their digest and MIME type."""
+
+    digest: str
+    media_type: str
+    data: bytes
 
 
 class ProxyClosed(ProxyError):
@@ -467,6 +478,19 @@ class ImageProxy:
         _, data = await self._piped_bytes("GetLayerTarSplit", [image_id, digest])
         return data
 
+    # --------------------------------------------------------------- the stored manifest (docs/PROTOCOL.md)
+
+    async def get_raw_manifest(self, reference: str) -> RawManifest:
+        """Extension ``raw-manifest``: the manifest ``reference`` names, exactly as stored (for a multi-platform
+        image its index or manifest list; no platform is chosen), with its digest and MIME type. No OpenImage
+        needed. Raises ProxyError when the server does not offer the extension (skopeo's proxy)."""
+        if RAW_MANIFEST not in await self.get_capabilities():
+            raise ProxyError(f"GetRawManifest: the proxy does not offer the {RAW_MANIFEST} extension")
+        value, data = await self._piped_bytes("GetRawManifest", [reference])
+        if not (isinstance(value, dict) and isinstance(value.get("digest"), str)):
+            raise ProtocolViolation(f"GetRawManifest returned {value!r}, not a digest and a media type")
+        return RawManifest(value["digest"], str(value.get("media_type") or ""), data)
+
 
 def _raise_error_document(data: bytes) -> None:
     error = decode_error_document(data)
@@ -475,4 +499,4 @@ def _raise_error_document(data: bytes) -> None:
     raise ProxyError(f"GetRawBlob: {error.message}", error.code)
 
 
-__all__ = ["DEFAULT_ARGV", "REQUEST_IDS", "ImageProxy", "ProxyClosed", "parse_version"]
+__all__ = ["DEFAULT_ARGV", "RAW_MANIFEST", "REQUEST_IDS", "ImageProxy", "ProxyClosed", "RawManifest", "parse_version"]

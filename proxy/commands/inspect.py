@@ -4,7 +4,10 @@ protocol.
 Both are clients of the proxy (``protocol.client``): they start ``image-proxy experimental-image-proxy`` with the
 registry flags given (or use the daemon at ``--proxy-socket``), so running them exercises the path an update agent
 uses. The digest shown is the one GetManifest returns: for a multi-platform image, the instance chosen for this
-host (or ``--override-*``); the manifest shown is the OCI manifest the proxy serves (Docker schema2 converted).
+host (or ``--override-*``); the manifest shown is the OCI manifest the proxy serves (Docker schema2 converted). For a
+multi-platform image ``inspect`` also shows the index (or manifest list) itself, read with the ``raw-manifest``
+extension (docs/PROTOCOL.md): its digest, the one to pin a tag by, and the platforms it offers; ``--raw`` prints
+the manifest or index as stored, byte for byte what ``skopeo inspect --raw`` prints.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any
 
 import attrs
 
+from protocol.client.image_proxy import RAW_MANIFEST, RawManifest
 from protocol.client.pull import BlobDescriptor, digest_of, parse_manifest
 from protocol.errors import ProxyError
 from proxy.commands.interrupts import run_interruptible
@@ -28,6 +32,64 @@ from proxy.commands.proxy_access import (
 )
 from proxy.commands.units import format_size
 
+#: the manifest types of an index or manifest list (the top-level manifest of a multi-platform image)
+LIST_TYPES = frozenset(
+    {"application/vnd.oci.image.index.v1+json", "application/vnd.docker.distribution.manifest.list.v2+json"}
+)
+
+
+@attrs.frozen
+class Instance:
+    """One entry of an index: the manifest of one platform (or an attestation, a signature...)."""
+
+    digest: str
+    media_type: str
+    size: int
+    platform: str  # "os/architecture[/variant]", "" when the entry has none
+    annotations: dict[str, str] = attrs.field(factory=dict)
+
+    @property
+    def kind(self) -> str | None:
+        """What a buildx attestation entry says it is (``vnd.docker.reference.type``), else None."""
+        return self.annotations.get("vnd.docker.reference.type")
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "digest": self.digest,
+            "media_type": self.media_type,
+            "size": self.size,
+            "platform": self.platform or None,
+            "annotations": self.annotations,
+        }
+
+
+@attrs.frozen
+class IndexFacts:
+    """The index (or Docker manifest list) a multi-platform reference names, as stored."""
+
+    digest: str
+    media_type: str
+    instances: tuple[Instance, ...]
+
+
+def parse_index(reference: str, raw: RawManifest) -> IndexFacts:
+    """The entries of an index or manifest list; ProxyError when it is not one the command can read."""
+    try:
+        doc = json.loads(raw.data)
+        entries = doc["manifests"] or []
+        instances = tuple(_instance(entry) for entry in entries)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ProxyError(f"{reference}: the index {raw.digest} cannot be read: {e}") from None
+    return IndexFacts(raw.digest, raw.media_type, instances)
+
+
+def _instance(entry: dict[str, Any]) -> Instance:
+    platform = entry.get("platform") or {}
+    keys = ("os", "architecture", "variant")
+    text = "/".join(str(platform[k]) for k in keys if platform.get(k))
+    annotations = entry.get("annotations") or {}
+    return Instance(str(entry["digest"]), str(entry.get("mediaType", "")), int(entry["size"]), text, annotations)
+
 
 @attrs.frozen
 class ImageFacts:
@@ -37,6 +99,9 @@ class ImageFacts:
     config: dict[str, Any]
     config_blob: BlobDescriptor
     layers: tuple[BlobDescriptor, ...]
+    #: the index the reference names, for a multi-platform image (None: a single image, or a server without the
+    #: raw-manifest extension)
+    index: IndexFacts | None = None
 
     @property
     def platform(self) -> str:
@@ -56,21 +121,61 @@ class ImageFacts:
 
 
 async def read_image(args: argparse.Namespace) -> ImageFacts | bytes:
-    """Manifest, config and layers of ``args.reference`` (the raw manifest bytes with ``--raw``)."""
+    """Manifest, config and layers of ``args.reference``, and its index when it has one (with ``--raw``: the
+    manifest or index bytes as stored; from a server without the raw-manifest extension, GetManifest's)."""
+    reference = args.reference
     async with open_proxy(args) as proxy:
-        image = await proxy.open_image(args.reference)
+        raw = None
+        if getattr(args, "command", "inspect") == "inspect" and RAW_MANIFEST in await proxy.get_capabilities():
+            raw = await proxy.get_raw_manifest(reference)
+            if getattr(args, "raw", False):
+                return raw.data
+        try:
+            image = await proxy.open_image(reference)
+        except ProxyError as e:
+            if raw is None or raw.media_type not in LIST_TYPES:
+                raise
+            offered = ", ".join(i.platform for i in parse_index(reference, raw).instances if i.platform) or "nothing"
+            raise ProxyError(f"{e}; the index {raw.digest} offers {offered}", e.code) from None
         digest, manifest = await proxy.get_manifest(image)
         if getattr(args, "raw", False):
             return manifest
-        config_blob, layers = parse_manifest(args.reference, manifest)
+        config_blob, layers = parse_manifest(reference, manifest)
         config = json.loads(await proxy.get_full_config(image))
         await proxy.close_image(image)
-    return ImageFacts(args.reference, digest, manifest, config, config_blob, layers)
+    index = None
+    if raw is not None and raw.media_type in LIST_TYPES:
+        index = parse_index(reference, raw)
+        if digest not in {instance.digest for instance in index.instances}:
+            # two reads of a tag that moved in between: the instance is not one of this index's
+            raise ProxyError(
+                f"{reference}: the image changed while it was read (index {index.digest} does not list the "
+                f"instance {digest} opened after it); run the command again"
+            )
+    return ImageFacts(reference, digest, manifest, config, config_blob, layers, index)
+
+
+def _print_index(facts: ImageFacts) -> None:
+    index = facts.index
+    assert index is not None
+    count = len(index.instances)
+    print(f"Index:       {index.digest} ({count} manifest{'s' if count != 1 else ''}, {index.media_type})")
+    width = max((len(i.platform or "-") for i in index.instances), default=0)
+    for instance in index.instances:
+        notes = []
+        if instance.digest == facts.digest:
+            notes.append("shown below")
+        if instance.kind:
+            notes.append(instance.kind)
+        note = f"  ({', '.join(notes)})" if notes else ""
+        print(f"  {instance.platform or '-':<{width}}  {instance.digest}{note}")
 
 
 def _print_inspect(facts: ImageFacts) -> None:
     config = facts.config
     print(f"Image:       {facts.reference}")
+    if facts.index is not None:
+        _print_index(facts)
     print(f"Digest:      {facts.digest}")
     if digest_of(facts.manifest) != facts.digest:
         print(f"OCI digest:  {digest_of(facts.manifest)} (the manifest as the proxy converted it to OCI)")
@@ -91,10 +196,14 @@ def _print_inspect(facts: ImageFacts) -> None:
 
 
 def _inspect_json(facts: ImageFacts) -> dict[str, Any]:
+    index = facts.index
     return {
         "reference": facts.reference,
         "digest": facts.digest,
-        "ociManifestDigest": digest_of(facts.manifest),
+        "index_digest": index.digest if index is not None else None,
+        "index_media_type": index.media_type if index is not None else None,
+        "platforms": [instance.as_json() for instance in index.instances] if index is not None else [],
+        "oci_manifest_digest": digest_of(facts.manifest),
         "platform": facts.platform,
         "manifest": json.loads(facts.manifest),
         "config": facts.config,
@@ -104,7 +213,7 @@ def _inspect_json(facts: ImageFacts) -> dict[str, Any]:
 
 def _layers_json(facts: ImageFacts) -> list[dict[str, Any]]:
     return [
-        {**layer.as_json(), "diffID": diff_id, "createdBy": created_by}
+        {**layer.as_json(), "diff_id": diff_id, "created_by": created_by}
         for layer, diff_id, created_by in zip(facts.layers, facts.diff_ids(), facts.layer_history(), strict=True)
     ]
 
@@ -164,8 +273,14 @@ def add_inspect_parser(sub: argparse._SubParsersAction, add_global_flags: Callab
     add_global_flags(p, suppress=True)
     p.add_argument("reference", help="e.g. oci:examples/hello:latest or docker://registry.example/repo:tag")
     output = p.add_mutually_exclusive_group()
-    output.add_argument("--raw", action="store_true", help="print the OCI manifest as the proxy sends it")
-    output.add_argument("--json", action="store_true", help="digest, manifest, config and layers as JSON")
+    output.add_argument(
+        "--raw",
+        action="store_true",
+        help="print the manifest as stored: a multi-platform image's index or manifest list (as skopeo inspect --raw)",
+    )
+    output.add_argument(
+        "--json", action="store_true", help="digests (instance and index), platforms, manifest, config, layers as JSON"
+    )
     add_proxy_flags(p)
     p.set_defaults(run=run_inspect)
 

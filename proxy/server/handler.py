@@ -27,6 +27,7 @@ from proxy.common.pipes import PIPE_DEFAULT_SIZE
 from proxy.http.errors import HTTPError
 from proxy.image import gojson
 from proxy.image import manifest as mf
+from proxy.policy.errors import PolicyRejected
 from proxy.server.limits import Account, Ledger, Resource
 from proxy.server.options import ProxyOptions
 from proxy.server.resources import SharedResources
@@ -326,6 +327,50 @@ class Handler:
 
     async def open_image(self, reference: str) -> Outcome:
         return await self._open(reference, optional=False)
+
+    # -- the stored manifest or index (docs/PROTOCOL.md: raw-manifest) ------------------------------
+
+    async def get_raw_manifest(self, reference: str) -> Outcome:
+        """The top-level manifest of ``reference`` (an index or manifest list as such) exactly as its source
+        stores it, with its digest and MIME type; no platform is chosen. The source is open for this call only
+        and counts as an open image meanwhile."""
+        try:
+            self._account.take(Resource.IMAGES)
+        except ProxyError as e:
+            raise ProxyError(f"cannot open {reference}: {e.message}", e.code) from None
+        try:
+            source = await open_source(reference, self.config.source_options, self._registry)
+            try:
+                raw, mime = await self._accepted_top_manifest(reference, source)
+            finally:
+                await _close_quietly(source)
+        finally:
+            self._account.give(Resource.IMAGES)
+        return self._reply_with_bytes({"digest": mf.manifest_digest(raw), "media_type": mime}, raw)
+
+    async def _accepted_top_manifest(self, reference: str, source: ImageSource) -> tuple[bytes, str]:
+        """The source's top-level manifest once the signature policy accepts the image, as OpenImage decides: the
+        manifest itself, or, for a list the policy does not accept as such, its instance for this host's
+        platform (when it has one)."""
+        policy = self.config.policy
+        if not source.stores_signatures:
+            await policy.check(reference, source, b"{}", None)  # decided before anything of it is read
+            return await source.get_manifest(None)
+        raw, mime = await source.get_manifest(None)
+        try:
+            await policy.check(reference, source, raw, None)
+        except PolicyRejected as rejected:
+            if not mf.is_list(mime):
+                raise
+            try:
+                instance = mf.choose_instance(raw, mime, self.config.platforms)
+            except mf.ManifestError:
+                raise rejected from None  # no instance for this host: the list's own rejection says why
+            chosen, _ = await source.get_manifest(instance)
+            if mf.digest_of(chosen, instance.split(":", 1)[0]) != instance:
+                raise ProxyError(f"manifest {instance} chosen from the list does not match its digest") from None
+            await policy.check(reference, source, raw, (instance, chosen))
+        return raw, mime
 
     async def open_image_optional(self, reference: str) -> Outcome:
         return await self._open(reference, optional=True)

@@ -9,10 +9,13 @@ import sys
 import threading
 from pathlib import Path
 
-from tests.cli.helpers import INSECURE, image_proxy
+from tests.cli.helpers import INSECURE, image_proxy, skopeo_run
+from tests.support.images import ARM64, S390X, platform_flags
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = f"oci:{ROOT / 'examples/hello'}:latest"
+#: no instance of the test index is for this platform
+RISCV64 = platform_flags("riscv64")
 
 
 def test_inspect_and_layers_of_a_registry_image(registry_images):
@@ -34,13 +37,73 @@ def test_inspect_and_layers_of_a_registry_image(registry_images):
     assert raw.returncode == 0 and raw.stdout == single.manifest
 
     layers = json.loads(image_proxy("layers", "--json", INSECURE, ref).stdout)
-    assert [(x["digest"], x["size"], x["diffID"]) for x in layers] == [
+    assert [(x["digest"], x["size"], x["diff_id"]) for x in layers] == [
         (layer.digest, layer.size, layer.diff_id) for layer in single.layers
     ]
     lines = image_proxy("layers", INSECURE, ref).stdout.splitlines()
     assert len(lines) == len(single.layers)
     assert lines[0].startswith(f"1  {single.layers[0].digest}")
-    assert lines[0].endswith(layers[0]["createdBy"])
+    assert lines[0].endswith(layers[0]["created_by"])
+
+
+def test_a_multi_platform_image_shows_its_index_and_platforms(registry_images, skopeo):
+    """An index pushed with ``skopeo copy --all``: the index digest (the one to pin the tag by) and one line per
+    platform with its digest; the instance shown below is the one for --override-arch."""
+    multi = registry_images.multi
+    ref = registry_images.ref("test/multi")
+    index = json.loads(skopeo_run(skopeo, "inspect", "--raw", INSECURE, ref))
+    result = image_proxy("inspect", INSECURE, *ARM64, ref)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[1] == f"Index:       {multi.digest} (3 manifests, application/vnd.oci.image.index.v1+json)"
+    arm64 = multi.instances["arm64"].manifest_digest
+    keys = ("os", "architecture", "variant")
+    expected = [
+        ("/".join(e["platform"][k] for k in keys if k in e["platform"]), e["digest"]) for e in index["manifests"]
+    ]
+    for (platform, digest), line in zip(expected, lines[2:5], strict=True):
+        assert line.split()[:2] == [platform, digest]
+        assert line.endswith("(shown below)") == (digest == arm64)
+    assert lines[5] == f"Digest:      {arm64}"
+    assert "Platform:    linux/arm64/v8" in lines
+
+
+def test_inspect_json_carries_both_digests(registry_images, skopeo):
+    multi = registry_images.multi
+    ref = registry_images.ref("test/multi")
+    index = json.loads(skopeo_run(skopeo, "inspect", "--raw", INSECURE, ref))
+    doc = json.loads(image_proxy("inspect", "--json", INSECURE, *S390X, ref).stdout)
+    assert doc["index_digest"] == multi.digest and doc["digest"] == multi.instances["s390x"].manifest_digest
+    assert doc["index_media_type"] == index["mediaType"]
+    assert [(p["digest"], p["size"], p["media_type"]) for p in doc["platforms"]] == [
+        (e["digest"], e["size"], e["mediaType"]) for e in index["manifests"]
+    ]
+    assert [p["platform"] for p in doc["platforms"]] == ["linux/amd64", "linux/arm64/v8", "linux/s390x"]
+    single = json.loads(image_proxy("inspect", "--json", INSECURE, registry_images.ref("test/single")).stdout)
+    assert single["index_digest"] is None and single["platforms"] == []
+    assert single["digest"] == registry_images.single.manifest_digest
+
+
+def test_inspect_raw_is_what_skopeo_inspect_raw_prints(registry_images, skopeo):
+    """The index when there is one, also for a platform it does not offer; a schema2 image as stored (not the OCI
+    manifest the proxy converts it to)."""
+    for repository, flags in (("test/multi", ()), ("test/multi", RISCV64), ("test/v2s2", ())):
+        ref = registry_images.ref(repository)
+        expected = subprocess.run(
+            [skopeo, "inspect", "--raw", INSECURE, ref], capture_output=True, timeout=120, check=True
+        ).stdout
+        raw = subprocess.run(
+            [sys.executable, "-m", "proxy", "inspect", "--raw", INSECURE, *flags, ref], capture_output=True, timeout=120
+        )
+        assert raw.returncode == 0, raw.stderr
+        assert raw.stdout == expected, repository
+
+
+def test_no_instance_for_this_platform_names_the_platforms_offered(registry_images):
+    result = image_proxy("inspect", INSECURE, *RISCV64, registry_images.ref("test/multi"))
+    assert result.returncode == 1
+    assert "no image found in image index for architecture" in result.stderr
+    assert f"the index {registry_images.multi.digest} offers linux/amd64, linux/arm64/v8, linux/s390x" in result.stderr
 
 
 def test_a_plain_http_registry_without_tls_verify_false_says_what_to_try(registry_images):
