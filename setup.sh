@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up image-proxy on a fresh Debian machine.
 #   ./setup.sh          the daemon and its Python dependencies, in .venv/
-#   ./setup.sh --test   also the test tools: pytest & co. in .venv/, Debian skopeo, docker-registry and nginx
+#   ./setup.sh --test   also the test tools: pytest & co. in .venv/, Debian skopeo, docker-registry, nginx and prometheus
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -23,6 +23,8 @@ if $with_tests; then
     command -v gpg >/dev/null || missing+=(gpg)
     command -v gpg-agent >/dev/null || missing+=(gpg-agent)
     command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx)
+    # tests/metrics: a real Prometheus server scrapes the daemon's /metrics
+    command -v prometheus >/dev/null || [ -x /usr/bin/prometheus ] || missing+=(prometheus)
     # tests/fleet: hosts are network namespaces joined by veth pairs (ip netns, ip link)
     command -v ip >/dev/null || [ -x /usr/sbin/ip ] || missing+=(iproute2)
     # daemon mode: systemd-analyze verify on contrib/systemd/, systemd-socket-activate --seqpacket
