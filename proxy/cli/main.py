@@ -16,10 +16,12 @@ import signal
 import socket
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
+from protocol import PROTOCOL_VERSION
+from proxy import __version__
 from proxy.cli.daemon_command import add_daemon_flags, run_daemon
 from proxy.cli.settings import options_from_args
 from proxy.commands import arguments
@@ -35,6 +37,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("image-proxy")
 
 SERVE_COMMANDS = ("experimental-image-proxy", "serve")
+#: skopeo's global --tls-verify (deprecated there), accepted before the command and moved after it
+TLS_VERIFY = "--tls-verify"
+VERSION_LINE = f"image-proxy version {__version__} (protocol {PROTOCOL_VERSION})"
 #: commands that are clients of a proxy (they start one, or use --proxy-socket)
 CLIENT_COMMANDS = ("inspect", "layers", "copy")
 
@@ -47,37 +52,75 @@ _NOT_YET_EFFECTIVE = {
 
 
 def _add_global_flags(parser: argparse.ArgumentParser, suppress: bool) -> None:
-    """skopeo's persistent flags, valid before or after the subcommand."""
+    """skopeo's persistent flags, valid before or after the subcommand. ``suppress``: a subcommand's copy, accepted
+    there but not listed in its help (its own flags come first; ``image-proxy --help`` lists these once)."""
     d = {"default": argparse.SUPPRESS} if suppress else {}
-    parser.add_argument("--debug", action="store_true", help="log every request and reply to stderr", **d)
-    parser.add_argument("--policy", metavar="FILE", help="signature policy file", **d)
-    parser.add_argument("--insecure-policy", action="store_true", help="accept any image", **d)
-    parser.add_argument("--require-signed", action="store_true", help="reject unsigned images", **d)
-    parser.add_argument("--registries.d", dest="registries_d", metavar="DIR", **d)
-    parser.add_argument("--registries-conf", metavar="FILE", help=argparse.SUPPRESS, **d)
-    parser.add_argument("--override-arch", metavar="ARCH", help="use ARCH instead of the host's", **d)
-    parser.add_argument("--override-os", metavar="OS", help="use OS instead of the host's", **d)
-    parser.add_argument("--override-variant", metavar="VARIANT", help="use VARIANT for the architecture", **d)
-    parser.add_argument("--tmpdir", metavar="DIR", help="where to unpack archives (default $TMPDIR)", **d)
-    parser.add_argument("--user-agent-prefix", metavar="PREFIX", **d)
-    parser.add_argument("--tls-details", metavar="FILE", **d)
-    parser.add_argument("--command-timeout", metavar="DURATION", **d)
+
+    def add(*names: str, **kwargs: Any) -> None:
+        if suppress:
+            kwargs["help"] = argparse.SUPPRESS
+        parser.add_argument(*names, **kwargs, **d)
+
+    add("--debug", action="store_true", help="log every request and reply (and more) to stderr")
+    add(
+        "--policy",
+        metavar="FILE",
+        help="signature policy file (default ~/.config/containers/policy.json, else /etc/containers/policy.json)",
+    )
+    add("--insecure-policy", action="store_true", help="accept any image, whatever the policy says")
+    add("--require-signed", action="store_true", help="refuse an image the policy accepts without a signature")
+    add(
+        "--registries.d",
+        dest="registries_d",
+        metavar="DIR",
+        help="where signature lookaside settings are (default /etc/containers/registries.d)",
+    )
+    add("--registries-conf", metavar="FILE", help="registries.conf to use instead of the system's")
+    add("--override-arch", metavar="ARCH", help="use ARCH instead of the host's when choosing an image")
+    add("--override-os", metavar="OS", help="use OS instead of the host's when choosing an image")
+    add("--override-variant", metavar="VARIANT", help="use VARIANT for the architecture when choosing an image")
+    add(
+        "--tmpdir",
+        metavar="DIR",
+        help="directory for temporary files (default $TMPDIR; archives are read in place, never unpacked)",
+    )
+    add("--user-agent-prefix", metavar="PREFIX", help="put PREFIX before the User-Agent sent to registries")
+    add("--tls-details", metavar="FILE", help="accepted for skopeo compatibility; no effect yet")
+    add(
+        "--command-timeout",
+        metavar="DURATION",
+        help="accepted for skopeo compatibility; no effect (as in skopeo's proxy)",
+    )
 
 
 def _add_serve_flags(parser: argparse.ArgumentParser, connected: bool = True) -> None:
     """The flags of the serving commands; ``connected``: one client on a connected socket (``--sockfd``)."""
     if connected:
         parser.add_argument("--sockfd", type=int, default=0, help="the connected socket's fd (default 0, stdin)")
-    parser.add_argument("--authfile", default=os.environ.get("REGISTRY_AUTH_FILE"), metavar="PATH")
-    parser.add_argument("--creds", metavar="USERNAME[:PASSWORD]")
-    parser.add_argument("--username")
-    parser.add_argument("--password")
-    parser.add_argument("--registry-token", metavar="TOKEN")
-    parser.add_argument("--cert-dir", metavar="PATH")
-    parser.add_argument("--tls-verify", type=arguments.boolean, nargs="?", const=True, default=None, metavar="BOOL")
+    parser.add_argument(
+        "--authfile",
+        default=os.environ.get("REGISTRY_AUTH_FILE"),
+        metavar="PATH",
+        help="registry credentials file, as skopeo/podman login write it (default $REGISTRY_AUTH_FILE, else the "
+        "containers-auth.json(5) search path)",
+    )
+    parser.add_argument("--creds", metavar="USERNAME[:PASSWORD]", help="credentials for every registry")
+    parser.add_argument("--username", help="user name for every registry (with --password)")
+    parser.add_argument("--password", help="password for every registry (with --username)")
+    parser.add_argument("--registry-token", metavar="TOKEN", help="bearer token for every registry")
+    parser.add_argument("--cert-dir", metavar="PATH", help="CA certificates and client keys (*.crt, *.cert, *.key)")
+    parser.add_argument(
+        "--tls-verify",
+        type=arguments.boolean,
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="BOOL",
+        help="require HTTPS and verified certificates (default true; false also allows plain HTTP)",
+    )
     parser.add_argument("--no-creds", action="store_true", help="access the registry anonymously")
     parser.add_argument("--shared-blob-dir", metavar="DIR", help="blobs of oci: layouts live here")
-    parser.add_argument("--daemon-host", metavar="HOST")
+    parser.add_argument("--daemon-host", metavar="HOST", help="accepted for skopeo compatibility; no docker-daemon:")
     parser.add_argument("--blob-cache", metavar="DIR", help="keep verified registry blobs in DIR (default: none)")
     parser.add_argument(
         "--blob-cache-max",
@@ -134,10 +177,14 @@ def build_parser(serving_only: bool = False) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="image-proxy",
         description="A stall-proof, verifying drop-in for skopeo experimental-image-proxy.",
+        epilog="The global options may also come after the command. 'image-proxy COMMAND --help' shows a command's "
+        "own options and examples.",
     )
+    parser.add_argument("--version", action="version", version=VERSION_LINE)
     _add_global_flags(parser, suppress=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+    sub.add_parser("version", help="print the version of image-proxy and of the protocol it speaks")
     for name in SERVE_COMMANDS:
         p = sub.add_parser(name, help="serve one client on a connected SOCK_SEQPACKET socket")
         _add_global_flags(p, suppress=True)
@@ -159,23 +206,43 @@ def build_parser(serving_only: bool = False) -> argparse.ArgumentParser:
     return parser
 
 
-def _command_named(argv: Sequence[str]) -> str | None:
-    """The subcommand of ``argv`` (the first word that is not a global flag or its value), None if there is none
-    or a word is ambiguous (``--help``, an abbreviated flag): then the whole parser decides."""
+def _command_position(argv: Sequence[str]) -> int | None:
+    """Where the subcommand is in ``argv`` (the first word that is not a global flag or its value; a
+    ``--tls-verify[=BOOL]`` before it is skipped too), None if there is none or a word is ambiguous (``--help``,
+    an abbreviated flag): then the whole parser decides."""
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     _add_global_flags(parser, suppress=False)
     takes_value = {o for a in parser._actions if a.nargs != 0 for o in a.option_strings}
-    switches = {o for a in parser._actions if a.nargs == 0 for o in a.option_strings}
-    words = iter(argv)
-    for word in words:
+    switches = {o for a in parser._actions if a.nargs == 0 for o in a.option_strings} | {TLS_VERIFY}
+    position = 0
+    while position < len(argv):
+        word = argv[position]
         if not word.startswith("-"):
-            return word
+            return position
         flag = word.split("=", 1)[0]
         if flag in takes_value and "=" not in word:
-            next(words, None)
+            position += 1
         elif flag not in takes_value and flag not in switches:
             return None
+        position += 1
     return None
+
+
+def _tls_verify_after_the_command(argv: list[str], command_at: int | None) -> list[str]:
+    """skopeo accepts ``--tls-verify[=BOOL]`` before the subcommand (deprecated, with a warning): so do we, by
+    moving it after the subcommand, where the subcommand's own flag parses (and checks) it."""
+    if command_at is None:
+        return argv
+    before = [w for w in argv[:command_at] if w == TLS_VERIFY or w.startswith(TLS_VERIFY + "=")]
+    if not before:
+        return argv
+    print(
+        f"image-proxy: {TLS_VERIFY} before the command is deprecated (as in skopeo): give it after "
+        f"'{argv[command_at]}'",
+        file=sys.stderr,
+    )
+    rest = [w for w in argv[:command_at] if w not in before]
+    return [*rest, argv[command_at], *before, *argv[command_at + 1 :]]
 
 
 def setup_logging(debug: bool) -> None:
@@ -235,7 +302,11 @@ def run_client_command(args: argparse.Namespace) -> int:
     command = args.command
     try:
         setup_logging(args.debug)
-        if not args.proxy_socket:
+        if args.proxy_socket:
+            from proxy.commands.proxy_access import absolute_local_reference
+
+            args.reference = absolute_local_reference(args.reference)
+        else:
             try:
                 args.serve = command_proxy(args)
             except ConfigError as e:
@@ -255,9 +326,25 @@ def run_client_command(args: argparse.Namespace) -> int:
         return 128 + signal.SIGPIPE
 
 
+def _parse(argv: Sequence[str]) -> argparse.Namespace:
+    """The command line, parsed; an unknown flag is reported with the subcommand's usage, not the top level's."""
+    words = list(argv)
+    command_at = _command_position(words)
+    words = _tls_verify_after_the_command(words, command_at)
+    command = words[command_at] if command_at is not None else None
+    parser = build_parser(serving_only=command in SERVE_COMMANDS)
+    args, unknown = parser.parse_known_args(words)
+    if unknown:
+        subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        subparsers.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(serving_only=_command_named(argv) in SERVE_COMMANDS).parse_args(argv)
+    args = _parse(sys.argv[1:] if argv is None else argv)
+    if args.command == "version":
+        print(f"Version:   {__version__}\nProtocol:  {PROTOCOL_VERSION}\nPython:    {sys.version.split()[0]}")
+        return 0
     if args.command in SERVE_COMMANDS:
         return run_serve(args)
     if args.command in CLIENT_COMMANDS:

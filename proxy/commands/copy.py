@@ -25,6 +25,23 @@ from proxy.commands.interrupts import Interrupted, run_interruptible
 from proxy.commands.progress import JsonProgress, Progress, TerminalProgress, progress_for
 from proxy.commands.proxy_access import add_proxy_flags, check_proxy_socket_flags, open_proxy, report_error
 
+COPY_EPILOG = """\
+interrupted downloads:
+  Within one copy, a registry connection that stalls or breaks is resumed where it stopped (--stall-timeout,
+  --max-resumes). What a copy that was ended (Ctrl-C, a reboot) had fetched is kept only with a blob cache: with
+  --blob-cache DIR, or through a daemon (--proxy-socket), the next copy of the same image continues each blob
+  from the bytes already in the cache instead of downloading it again. Without a cache it starts over. Blobs
+  already complete in the destination are never fetched again.
+
+examples:
+  image-proxy copy docker://quay.io/fedora/fedora-coreos:stable oci:/var/tmp/fcos:stable
+  image-proxy copy --blob-cache ~/.cache/image-proxy docker://registry.example/app:1.2 oci:app:1.2
+  image-proxy copy --src-tls-verify=false docker://localhost:5000/test:latest dir:/tmp/test
+  image-proxy copy --proxy-socket /run/image-proxy/image-proxy.sock docker://registry.example/os:42 oci:os:42
+  image-proxy --policy examples/policy.json copy oci:examples/hello:latest oci:/tmp/hello:latest
+
+global options (--policy, --override-arch, --debug, ...) may come before or after 'copy': image-proxy --help
+"""
 #: how often the bars are redrawn when no event comes (a stall's counter keeps moving)
 TICK = 0.5
 
@@ -35,7 +52,10 @@ def add_copy_parser(sub: argparse._SubParsersAction, add_global_flags: Callable[
         help="pull an image into an OCI layout (oci:DIR[:TAG]) or a dir: layout, verified, with progress",
         description="Pull REF through the proxy into DESTINATION: oci:DIR[:TAG] (an OCI image layout) or dir:DIR "
         "(skopeo's directory layout). A multi-platform image is copied as the instance for this host "
-        "(or --override-os/--override-arch/--override-variant).",
+        "(or --override-os/--override-arch/--override-variant). Every blob is verified (size and digest) by the "
+        "proxy before it is committed; blobs the destination already has are kept.",
+        epilog=COPY_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_global_flags(p, suppress=True)
     p.add_argument("reference", help="e.g. docker://registry.example/repo:tag or oci:examples/hello:latest")
@@ -56,7 +76,7 @@ def add_copy_parser(sub: argparse._SubParsersAction, add_global_flags: Callable[
     output = p.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="progress events as JSON lines on stdout")
     output.add_argument("-q", "--quiet", action="store_true", help="no progress, only errors")
-    add_proxy_flags(p)
+    add_proxy_flags(p, source_aliases=True)
     p.set_defaults(run=run_copy)
 
 

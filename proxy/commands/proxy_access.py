@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import re
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -58,9 +59,57 @@ def _dest(flag: str) -> str:
     return flag.lstrip("-").replace("-", "_").replace(".", "_")
 
 
-def add_proxy_flags(parser: argparse.ArgumentParser) -> None:
+#: what each flag passed on to the command's proxy does, for --help
+_HELPS = {
+    "--authfile": "registry credentials file (as written by skopeo login / podman login)",
+    "--creds": "USERNAME[:PASSWORD] for the registry",
+    "--username": "user name for the registry (with --password)",
+    "--password": "password for the registry (with --username)",
+    "--registry-token": "bearer token for the registry",
+    "--no-creds": "access the registry anonymously",
+    "--cert-dir": "CA certificates and client keys for the registry (*.crt, *.cert, *.key)",
+    "--shared-blob-dir": "where the blobs of oci: layouts live, if not in each layout",
+    "--blob-cache": "keep verified registry blobs in DIR, and resume interrupted downloads from it (see "
+    "image-proxy cache)",
+    "--blob-cache-max": "evict least recently used cached blobs above SIZE (default 20G)",
+    "--config": "image-proxy's own settings file (TOML; default /etc/image-proxy/config.toml if it exists)",
+    "--connect-timeout": "DNS + TCP connect deadline, seconds (default 30)",
+    "--tls-handshake-timeout": "TLS handshake deadline, seconds (default 10)",
+    "--response-header-timeout": "deadline for a registry's response headers, seconds (default 30)",
+    "--stall-timeout": "a registry read that gets no byte for this long is resumed (seconds, default 30)",
+    "--max-resumes": "how often one blob transfer may resume after a network failure (default 10)",
+}
+_METAVARS = {
+    "--authfile": "PATH",
+    "--creds": "USER[:PASSWORD]",
+    "--registry-token": "TOKEN",
+    "--cert-dir": "DIR",
+    "--shared-blob-dir": "DIR",
+    "--blob-cache": "DIR",
+    "--blob-cache-max": "SIZE",
+    "--config": "FILE",
+    "--connect-timeout": "SECONDS",
+    "--tls-handshake-timeout": "SECONDS",
+    "--response-header-timeout": "SECONDS",
+    "--stall-timeout": "SECONDS",
+    "--max-resumes": "N",
+}
+#: skopeo copy's names for the source registry's flags (``--src-tls-verify`` ...), accepted by ``copy`` too
+_SOURCE_ALIASES = (
+    "--tls-verify",
+    "--authfile",
+    "--creds",
+    "--username",
+    "--password",
+    "--registry-token",
+    "--no-creds",
+    "--cert-dir",
+)
+
+
+def add_proxy_flags(parser: argparse.ArgumentParser, source_aliases: bool = False) -> None:
     """The registry flags of ``image-proxy experimental-image-proxy`` (passed on to the proxy started for the
-    command) and ``--proxy-socket``."""
+    command) and ``--proxy-socket``. ``source_aliases``: also under skopeo copy's ``--src-`` names."""
     group = parser.add_argument_group(
         "proxy", "the proxy this command starts (with --proxy-socket, the daemon's own settings apply instead)"
     )
@@ -69,27 +118,26 @@ def add_proxy_flags(parser: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="use the image-proxy daemon listening on PATH instead of starting a proxy",
     )
+
+    def names(flag: str) -> list[str]:
+        alias = "--src-" + flag[2:]
+        return [flag, alias] if source_aliases and flag in _SOURCE_ALIASES else [flag]
+
     group.add_argument(
-        "--tls-verify",
+        *names("--tls-verify"),
+        dest="tls_verify",
         metavar="BOOL",
         nargs="?",
         const="true",
         choices=("true", "false", "1", "0"),
         help="require HTTPS and verified certificates (default true; false for a plain-HTTP registry)",
     )
-    helps = {
-        "--authfile": "registry credentials file (as written by skopeo login / podman login)",
-        "--creds": "USERNAME[:PASSWORD] for the registry",
-        "--no-creds": "access the registry anonymously",
-        "--cert-dir": "CA certificates and client keys for the registry (*.crt, *.cert, *.key)",
-        "--blob-cache": "keep verified registry blobs in DIR (see image-proxy cache)",
-        "--stall-timeout": "a registry read that gets no byte for this long is resumed (seconds, default 30)",
-    }
     for flag, takes_value in _PASSED_FLAGS:
         if takes_value:
-            group.add_argument(flag, metavar=_dest(flag).upper(), help=helps.get(flag, argparse.SUPPRESS))
+            metavar = _METAVARS.get(flag, _dest(flag).upper())
+            group.add_argument(*names(flag), dest=_dest(flag), metavar=metavar, help=_HELPS[flag])
         else:
-            group.add_argument(flag, action="store_true", help=helps.get(flag, argparse.SUPPRESS))
+            group.add_argument(*names(flag), dest=_dest(flag), action="store_true", help=_HELPS[flag])
 
 
 def proxy_arguments(args: argparse.Namespace) -> list[str]:
@@ -191,14 +239,27 @@ def hints_for(error: ProxyError | OSError, args: argparse.Namespace) -> list[str
             )
         else:
             hints.append(f"check the credentials for {registry} (--creds, --authfile, or the auth file in use)")
+    daemon = bool(getattr(args, "proxy_socket", None))
     if "corrupted blob" in text or re.search(r"expected \d+ bytes in blob", text) or "have digest" in text:
         cache = getattr(args, "blob_cache", None)
         if cache:
             hints.append(f"the blob cache may hold a damaged file: run 'image-proxy cache verify --repair {cache}'")
+        elif daemon:
+            hints.append(
+                "the daemon's blob cache may hold a damaged file: run 'image-proxy cache verify --repair DIR' on "
+                "the daemon's cache directory (its [cache] dir), or check any proxy or mirror between it and the "
+                "registry"
+            )
         else:
-            hints.append("the bytes served did not match the digest; try again, and check any proxy or mirror between")
+            hints.append("the bytes served did not match the digest: check any proxy or mirror between")
+    if "--tls-verify=false" in text and daemon:
+        hints.append(
+            "with --proxy-socket the daemon's settings decide: mark the registry insecure in the daemon's "
+            'registries.conf ([[registry]] location="HOST" insecure=true) or start the daemon with '
+            "--tls-verify=false; this command's --tls-verify does not apply"
+        )
     if re.search(r"MANIFEST_UNKNOWN|NAME_UNKNOWN|manifest unknown|not found", text, re.IGNORECASE):
-        hints.append("check the repository name and the tag or digest (image-proxy inspect REF shows what exists)")
+        hints.append("check the repository name and the tag or digest")
     if re.search(r"connection refused|cannot connect|name or service not known|no route", text, re.IGNORECASE):
         if getattr(args, "proxy_socket", None) and "image proxy at" in text:
             hints.append("is the daemon running? (image-proxy daemon --listen PATH)")
@@ -224,6 +285,19 @@ def report_error(
         out(f"  hint: {hint}")
 
 
+#: transports whose reference is a path on this machine
+LOCAL_TRANSPORTS = ("oci", "dir", "oci-archive", "docker-archive")
+
+
+def absolute_local_reference(reference: str) -> str:
+    """``oci:relative/dir:tag`` as ``oci:/cwd/relative/dir:tag`` (and dir:, oci-archive:, docker-archive:): a
+    daemon resolves paths in its own working directory, not the command's."""
+    transport, sep, rest = reference.partition(":")
+    if not sep or transport not in LOCAL_TRANSPORTS or rest.startswith("/") or not rest:
+        return reference
+    return f"{transport}:{os.path.join(os.getcwd(), rest)}"
+
+
 def short_digest(digest: str) -> str:
     algorithm, _, hexpart = digest.partition(":")
     return f"{algorithm}:{hexpart[:12]}"
@@ -235,6 +309,7 @@ def os_error_text(e: OSError) -> str:
 
 __all__ = [
     "ServeOne",
+    "absolute_local_reference",
     "add_proxy_flags",
     "check_proxy_socket_flags",
     "hints_for",

@@ -26,9 +26,25 @@ _PERMANENT_DNS_ERRORS = frozenset(
 )
 
 
+def _connect_attempts(cause: BaseException | None) -> list[BaseException]:
+    """The errors of each address tried: trio's open_tcp_stream raises one OSError ("all attempts to connect to
+    ... failed") whose ``__cause__`` groups them."""
+    group = cause.__cause__ if cause is not None else None
+    if isinstance(group, BaseExceptionGroup):
+        return list(group.exceptions)
+    return [cause] if cause is not None else []
+
+
+def _all_refused(cause: BaseException | None) -> bool:
+    attempts = _connect_attempts(cause)
+    return bool(attempts) and all(isinstance(e, ConnectionRefusedError) for e in attempts)
+
+
 def _describe(cause: BaseException | None) -> str:
     if cause is None:
         return ""
+    if _all_refused(cause):
+        return ": connection refused"
     text = str(cause) or type(cause).__name__
     return f": {text}"
 
@@ -99,6 +115,12 @@ class ConnectError(HTTPError):
             cause=cause,
             retryable=not unknown_name,
         )
+
+    @property
+    def refused(self) -> bool:
+        """The host answered, and refused the connection (nothing listens on that port): trying again at once
+        gets the same answer."""
+        return _all_refused(self.cause)
 
 
 class TLSError(HTTPError):

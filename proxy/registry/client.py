@@ -24,7 +24,7 @@ from protocol.errors import ErrorCode, ProxyError
 from proxy.common import jsonlimits, threads
 from proxy.config import Credentials, CredentialSource, RegistryToken
 from proxy.http.connection import Response
-from proxy.http.errors import HTTPError
+from proxy.http.errors import ConnectError, HTTPError
 from proxy.http.pool import ConnectionPool
 from proxy.http.redirects import request_following_redirects
 from proxy.http.retry import ONE_TRY, RETRYABLE_STATUSES, RetryPolicy, parse_retry_after
@@ -48,11 +48,19 @@ class RegistryError(ProxyError):
     """A registry answered with an error, or could not be reached."""
 
     def __init__(
-        self, message: str, *, status: int | None = None, codes: Sequence[str] = (), retryable: bool = False
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        codes: Sequence[str] = (),
+        retryable: bool = False,
+        refused: bool = False,
     ) -> None:
         super().__init__(message, ErrorCode.RETRYABLE if retryable else ErrorCode.OTHER)
         self.status = status
         self.codes = tuple(codes)
+        #: the host refused the TCP connection (no TLS or HTTP was spoken)
+        self.refused = refused
 
     @property
     def not_found(self) -> bool:
@@ -148,7 +156,7 @@ class RegistryClient:
                 retryable=response.status in RETRYABLE_STATUSES,
             )
         assert failure is not None
-        if len(schemes) == 1 and isinstance(failure, RegistryError) and failure.status is None:
+        if len(schemes) == 1 and isinstance(failure, RegistryError) and failure.status is None and not failure.refused:
             raise RegistryError(
                 f"{failure} (for a plain-HTTP or self-signed registry, use --tls-verify=false or mark it "
                 "insecure in registries.conf)",
@@ -236,6 +244,10 @@ class RegistryClient:
             except HTTPError as e:
                 if not e.retryable:
                     raise RegistryError(f"{_what(url)}: {e}", retryable=False) from None
+                if isinstance(e, ConnectError) and e.refused:
+                    # nothing listens there: no backoff within this request (skopeo answers at once too); the
+                    # client may try again later, so the error stays retryable
+                    raise RegistryError(f"{_what(url)}: {e}", retryable=True, refused=True) from None
                 failure: RegistryError = RegistryError(f"{_what(url)}: {e}", retryable=True)
             else:
                 if response.status not in RETRYABLE_STATUSES:
