@@ -268,8 +268,34 @@ def run_layers(args: argparse.Namespace) -> int:
     return _run("layers", args, show)
 
 
+INSPECT_EPILOG = """\
+examples:
+  image-proxy inspect docker://quay.io/fedora/fedora-coreos:stable
+  image-proxy inspect --raw docker://quay.io/fedora/fedora-coreos:stable     # the index, as stored
+  image-proxy inspect --json --override-arch arm64 docker://registry.example/app:1.2
+  image-proxy --policy examples/policy.json inspect oci:examples/hello:latest
+
+global options (--policy, --override-arch, --debug, ...) may come before or after 'inspect': image-proxy --help
+"""
+LAYERS_EPILOG = """\
+examples:
+  image-proxy layers docker://quay.io/fedora/fedora-coreos:stable
+  image-proxy layers --json oci:examples/hello:latest
+
+global options (--policy, --override-arch, --debug, ...) may come before or after 'layers': image-proxy --help
+"""
+
+
 def add_inspect_parser(sub: argparse._SubParsersAction, add_global_flags: Callable[..., None]) -> None:
-    p = sub.add_parser("inspect", help="print an image's manifest digest, config and layers")
+    p = sub.add_parser(
+        "inspect",
+        help="print an image's manifest digest, config and layers",
+        description="Print what REF is: its manifest digest (and, for a multi-platform image, the index digest and "
+        "the platforms it offers), the platform chosen for this host (or --override-*), the config (created, "
+        "command, environment, labels) and the layers. Nothing is downloaded but the manifest and the config.",
+        epilog=INSPECT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_global_flags(p, suppress=True)
     p.add_argument("reference", help="e.g. oci:examples/hello:latest or docker://registry.example/repo:tag")
     output = p.add_mutually_exclusive_group()
@@ -286,7 +312,14 @@ def add_inspect_parser(sub: argparse._SubParsersAction, add_global_flags: Callab
 
 
 def add_layers_parser(sub: argparse._SubParsersAction, add_global_flags: Callable[..., None]) -> None:
-    p = sub.add_parser("layers", help="list an image's layers: digest, size, and the step that made each")
+    p = sub.add_parser(
+        "layers",
+        help="list an image's layers: digest, size, and the step that made each",
+        description="List REF's layers in order: digest, size and the build step that made each (from the "
+        "config's history); --json adds the media type and the diff ID.",
+        epilog=LAYERS_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_global_flags(p, suppress=True)
     p.add_argument("reference", help="e.g. oci:examples/hello:latest or docker://registry.example/repo:tag")
     p.add_argument("--json", action="store_true", help="digest, size, media type, diff ID, created-by as JSON")

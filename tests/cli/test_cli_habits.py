@@ -9,6 +9,8 @@ import re
 import socket
 import time
 
+import pytest
+
 from protocol import PROTOCOL_VERSION
 from proxy import __version__
 from tests.cli.helpers import image_proxy
@@ -68,14 +70,23 @@ def _options_and_descriptions(help_text: str) -> dict[str, str]:
     return found
 
 
-def test_a_commands_help_lists_its_own_options_each_described_and_ends_with_examples():
-    result = image_proxy("copy", "--help")
+@pytest.mark.parametrize("command", ["copy", "inspect", "layers"])
+def test_a_commands_help_lists_its_own_options_each_described_and_ends_with_examples(command):
+    result = image_proxy(command, "--help")
     assert result.returncode == 0
     options = _options_and_descriptions(result.stdout)
-    assert "-j JOBS, --jobs" in options and "--src-tls-verify" in result.stdout
+    assert "--proxy-socket" in options
     assert "--override-arch" not in options, "the global options are listed once, by image-proxy --help"
     assert not [name for name, text in options.items() if not text], options
-    assert "\nexamples:\n" in result.stdout and "interrupted downloads:" in result.stdout
+    assert f"\nexamples:\n  image-proxy {command} " in result.stdout
+    description = result.stdout.split("\n\n")[1]  # after the usage
+    assert not description.startswith(("positional", "options")), "a description line comes first"
+    if command == "copy":
+        assert "-j JOBS, --jobs" in options and "--src-tls-verify" in result.stdout
+        assert "interrupted downloads:" in result.stdout
+
+
+def test_the_top_level_help_lists_the_global_options_each_described():
     top = image_proxy("--help")
     top_options = _options_and_descriptions(top.stdout)
     assert "--override-arch" in top_options and "--version" in top_options
