@@ -360,6 +360,35 @@ exit status: 0 success (verify: no problem found); 1 verify found problems (even
 the report says what was removed) or prune / --repair could not remove something (read-only cache, permission);
 2 usage error, or DIR missing, unreadable or not a blob cache.
 """
+VERIFY_HELP = """\
+Re-hash every blob of the cache and report what is wrong: a blob whose bytes do not match its name (corrupt), a
+partial download nobody holds and nobody touched for --stale-after (stale), and files that are not the cache's
+(foreign). With --repair those are removed; a partial in use by a running proxy never is.
+
+exit status: 0 nothing found; 1 problems found (even if --repair removed them all) or something could not be
+removed; 2 usage error, or DIR missing, unreadable or not a blob cache.
+
+examples:
+  image-proxy cache verify /var/cache/image-proxy
+  image-proxy cache verify --repair --blob-cache ~/.cache/image-proxy
+"""
+PRUNE_HELP = """\
+Remove blobs and partial downloads: those unused for --older-than, then the least recently used until what is
+left totals at most --max-size. A partial in use by a running proxy is never removed.
+
+exit status: 0 done; 1 something could not be removed; 2 usage error, or DIR missing or not a blob cache.
+
+examples:
+  image-proxy cache prune --older-than 7d /var/cache/image-proxy
+  image-proxy cache prune --max-size 10G --dry-run /var/cache/image-proxy
+"""
+DU_HELP = """\
+How much the cache holds: bytes and counts of complete blobs and of partial downloads, per digest algorithm.
+
+examples:
+  image-proxy cache du /var/cache/image-proxy
+  image-proxy cache du --json --blob-cache ~/.cache/image-proxy
+"""
 
 
 def add_cache_parser(
@@ -377,7 +406,8 @@ def add_cache_parser(
     verify_p = actions.add_parser(
         "verify",
         help="re-hash every blob; report corrupt blobs, stale partials and foreign files",
-        description=HELP,
+        description=VERIFY_HELP.split("\n\n", 1)[0],
+        epilog=VERIFY_HELP.split("\n\n", 1)[1],
         formatter_class=fmt,
     )
     verify_p.add_argument(
@@ -395,7 +425,8 @@ def add_cache_parser(
     prune_p = actions.add_parser(
         "prune",
         help="remove blobs unused for a while and/or the least recently used",
-        description=HELP,
+        description=PRUNE_HELP.split("\n\n", 1)[0],
+        epilog=PRUNE_HELP.split("\n\n", 1)[1],
         formatter_class=fmt,
     )
     prune_p.add_argument(
@@ -412,7 +443,11 @@ def add_cache_parser(
     )
     prune_p.add_argument("-n", "--dry-run", action="store_true", help="say what would be removed; remove nothing")
     du_p = actions.add_parser(
-        "du", help="bytes and counts of blobs and partials per algorithm", description=HELP, formatter_class=fmt
+        "du",
+        help="bytes and counts of blobs and partials per algorithm",
+        description=DU_HELP.split("\n\n", 1)[0],
+        epilog=DU_HELP.split("\n\n", 1)[1],
+        formatter_class=fmt,
     )
     for p in (verify_p, prune_p, du_p):
         p.add_argument("dir", nargs="?", metavar="DIR", help="the cache directory (or --blob-cache DIR)")

@@ -104,3 +104,13 @@ def test_a_refused_connection_fails_at_once_without_a_tls_hint():
     assert f"cannot connect to 127.0.0.1:{port}: connection refused" in result.stderr
     assert "gave up after" not in result.stderr and "--tls-verify" not in result.stderr, result.stderr
     assert took < 5, f"{took:.1f} s: a refused connection was retried"  # 4 tries with backoff took 2.6-3.5 s
+
+
+@pytest.mark.parametrize("action", ["verify", "prune", "du"])
+def test_each_cache_action_has_its_own_help(action):
+    result = image_proxy("cache", action, "--help")
+    assert result.returncode == 0
+    cache_text = image_proxy("cache", "--help").stdout.split("\n\n")[1]
+    assert cache_text not in result.stdout, "the cache command's text is not repeated"
+    assert f"\nexamples:\n  image-proxy cache {action} " in result.stdout
+    assert not [name for name, text in _options_and_descriptions(result.stdout).items() if not text]
