@@ -1,4 +1,6 @@
-"""GetBlobAt's ranges argument and its documented bounds."""
+"""GetBlobAt's ranges argument and its documented bounds: the numbers are docs/PROTOCOL.md's ("1 to **1024**
+ranges per call; each length 1 to **1 GiB** (2^30); `offset + length` at most 2^53-1"), read from it
+(tests/support/documented.py), not the code's constants, and each is tested on both sides of the boundary."""
 
 from __future__ import annotations
 
@@ -6,9 +8,36 @@ import pytest
 
 from protocol.errors import ProtocolViolation
 from protocol.messages import Request
-from protocol.methods import MAX_RANGE_LENGTH, MAX_RANGES_PER_CALL, parse_args
+from protocol.methods import parse_args
+from tests.support.documented import PROTOCOL, numbers
 
 DIGEST = "sha256:" + "a" * 64
+#: docs/PROTOCOL.md, GetBlobAt's bounds
+MAX_RANGES_PER_CALL, LENGTH_EXPONENT, END_EXPONENT = numbers(
+    PROTOCOL,
+    r"1 to \*\*(\d+)\*\* ranges per call; each length 1 to \*\*1 GiB\*\* \(2\^(\d+)\); "
+    r"`offset \+ length` at most 2\^(\d+)-1",
+)
+MAX_RANGE_LENGTH = 1 << LENGTH_EXPONENT
+MAX_END = (1 << END_EXPONENT) - 1
+
+
+def test_the_documented_bounds_are_these():
+    assert (MAX_RANGES_PER_CALL, MAX_RANGE_LENGTH, MAX_END) == (1024, 1 << 30, 2**53 - 1)
+
+
+@pytest.mark.parametrize(
+    "ranges",
+    [
+        pytest.param([[0, 1]] * MAX_RANGES_PER_CALL, id="as-many-ranges-as-allowed"),
+        pytest.param([[0, MAX_RANGE_LENGTH]], id="the-longest-range"),
+        pytest.param([[MAX_END - 5, 5]], id="ending-at-the-last-offset"),
+        pytest.param([[0, 1]], id="one-byte"),
+    ],
+)
+def test_ranges_at_the_bounds_are_accepted(ranges):
+    _, args = parse_args(Request("GetBlobAt", [1, DIGEST, ranges]))
+    assert args[2] == [tuple(r) for r in ranges]
 
 
 def test_ranges_are_parsed():
@@ -28,7 +57,7 @@ def test_ranges_are_parsed():
         ([[0, 1], [5, 0]], r"range 1: length 0 is not within"),
         ([[0, MAX_RANGE_LENGTH + 1]], "not within"),
         ([[-1, 5]], "non-negative"),
-        ([[2**53 - 2, 5]], "ends beyond"),
+        ([[MAX_END - 4, 5]], "ends beyond"),
         ([["0", 5]], "expecting numeric"),
     ],
 )
