@@ -97,3 +97,40 @@ def test_a_closed_stdout_ends_a_command_quietly_with_141(tmp_path: Path) -> None
         os.close(write_end)
     assert done.returncode == 141, done.stderr
     assert done.stderr == ""
+
+
+async def test_a_copy_interrupted_with_a_blob_cache_is_resumed_by_the_next_one(
+    fault: FaultProxy,  # noqa: F811
+    fault_images: FaultImages,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Ctrl-C leaves what the cache fetched as a partial; the next copy asks the registry only for the rest."""
+    layer = fault_images.long
+    half = layer.size // 2
+    blob_path = f"/blobs/{layer.digest}"
+    stall = fault.add_rule(Stall(at=half), path=blob_path)
+    cache = tmp_path / "cache"
+    argv = [sys.executable, "-m", "proxy", "--insecure-policy", "copy", "-q", "--tls-verify=false"]
+    argv += ["--blob-cache", str(cache), fault_images.ref(fault.port)]
+    first = subprocess.Popen([*argv, f"oci:{tmp_path / 'first'}:latest"], stderr=subprocess.PIPE, cwd=ROOT)
+    try:
+        await fault.wait_until(lambda: bool(stall.fired), timeout=60)
+        partial = cache / "blobs" / "sha256" / (layer.digest.split(":", 1)[1] + ".partial")
+        await fault.wait_until(lambda: partial.exists() and partial.stat().st_size >= half, timeout=60)
+        first.send_signal(signal.SIGINT)
+        assert await trio.to_thread.run_sync(first.wait, 30) == 130
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+        first.stderr.close()
+    assert partial.stat().st_size >= half  # kept for the next pull
+    fault.remove_rule(stall)
+    second = await trio.to_thread.run_sync(
+        lambda: subprocess.run([*argv, f"oci:{tmp_path / 'second'}:latest"], capture_output=True, text=True, cwd=ROOT)
+    )
+    assert second.returncode == 0, second.stderr
+    ranges = [r.range for r in fault.requests_for(blob_path)[1:]]
+    assert ranges and all(r is not None and int(r.removeprefix("bytes=").split("-")[0]) >= half for r in ranges), ranges
+    copied = tmp_path / "second" / "blobs" / "sha256" / layer.digest.split(":", 1)[1]
+    assert copied.read_bytes() == layer.data
