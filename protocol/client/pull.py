@@ -72,7 +72,7 @@ class BlobDescriptor:
     index: int = 0
 
     def as_json(self) -> dict[str, Any]:
-        return {"digest": self.digest, "size": self.size, "mediaType": self.media_type, "role": self.role}
+        return {"digest": self.digest, "size": self.size, "media_type": self.media_type, "role": self.role}
 
 
 class BlobWriter(Protocol):
@@ -106,9 +106,9 @@ class PullStarted:
         return {
             "event": self.kind,
             "reference": self.reference,
-            "manifestDigest": self.manifest_digest,
+            "manifest_digest": self.manifest_digest,
             "blobs": [b.as_json() for b in self.blobs],
-            "totalBytes": self.total_bytes,
+            "total_bytes": self.total_bytes,
         }
 
 
@@ -219,8 +219,8 @@ class PullFinished:
         return {
             "event": self.kind,
             "reference": self.reference,
-            "manifestDigest": self.manifest_digest,
-            "fetchedBytes": self.fetched_bytes,
+            "manifest_digest": self.manifest_digest,
+            "fetched_bytes": self.fetched_bytes,
             "seconds": round(self.seconds, 3),
         }
 

@@ -22,7 +22,7 @@ from protocol.errors import ProxyError
 from proxy.commands import arguments
 from proxy.commands.destination import DestinationError, parse_destination
 from proxy.commands.interrupts import Interrupted, run_interruptible
-from proxy.commands.progress import JsonProgress, Progress, TerminalProgress, progress_for
+from proxy.commands.progress import Progress, nothing_resumed, open_progress_fd, partials_in, progress_for
 from proxy.commands.proxy_access import add_proxy_flags, check_proxy_socket_flags, open_proxy, report_error
 
 COPY_EPILOG = """\
@@ -76,11 +76,17 @@ def add_copy_parser(sub: argparse._SubParsersAction, add_global_flags: Callable[
     output = p.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="progress events as JSON lines on stdout")
     output.add_argument("-q", "--quiet", action="store_true", help="no progress, only errors")
+    p.add_argument(
+        "--progress-fd",
+        metavar="FD",
+        type=arguments.whole_number(3, None, "--progress-fd"),
+        help="also write progress to the open file descriptor FD, as JSON lines in bootc's --progress-fd format",
+    )
     add_proxy_flags(p, source_aliases=True)
     p.set_defaults(run=run_copy)
 
 
-async def _ticker(progress: TerminalProgress) -> None:
+async def _ticker(progress: Progress) -> None:
     while True:
         await trio.sleep(TICK)
         progress.tick()
@@ -91,8 +97,7 @@ async def _copy(args: argparse.Namespace, progress: Progress) -> PulledImage:
     async with open_proxy(args) as proxy:
         await destination.prepare()
         async with failing_fast() as nursery:  # a failure is raised as itself, not in an ExceptionGroup
-            if isinstance(progress, TerminalProgress):
-                nursery.start_soon(_ticker, progress)
+            nursery.start_soon(_ticker, progress)  # only the terminal's bars do anything with a tick
             try:
                 image = await pull(
                     proxy,
@@ -122,39 +127,50 @@ def run_copy(args: argparse.Namespace) -> int:
     except DestinationError as e:
         err(f"image-proxy copy: {e}")
         return 2
-    progress = progress_for(sys.stderr, json_events=args.json, quiet=args.quiet, json_stream=sys.stdout)
+    try:
+        progress_file = open_progress_fd(args.progress_fd) if args.progress_fd is not None else None
+    except OSError as e:
+        err(f"image-proxy copy: {e}")
+        return 2
+    # the command's own proxy resumes blobs from the partial files its blob cache kept (a daemon's cache: unknown)
+    resumed = partials_in(args.blob_cache) if args.blob_cache and not args.proxy_socket else nothing_resumed
+    progress = progress_for(
+        sys.stderr,
+        json_events=args.json,
+        quiet=args.quiet,
+        json_stream=sys.stdout,
+        progress_file=progress_file,
+        resumed=resumed,
+    )
     try:
         image = run_interruptible(_copy, args, progress)
     except Interrupted as e:
         progress.close()
-        if isinstance(progress, JsonProgress):
-            progress.emit({"event": "copy-failed", "reference": args.reference, "error": "interrupted"})
+        progress.failed(args.reference, "interrupted")
         raise e from None
     except (ProxyError, OSError) as e:
         if isinstance(e, BrokenPipeError):
             raise
         progress.close()
         report_error("copy", e, args, err)
-        if isinstance(progress, JsonProgress):
-            progress.emit({"event": "copy-failed", "reference": args.reference, "error": str(e)})
+        progress.failed(args.reference, str(e))
         return 1
     except DestinationError as e:
         progress.close()
         err(f"image-proxy copy: {e}")
+        progress.failed(args.reference, str(e))
         return 1
     progress.close()
-    if isinstance(progress, JsonProgress):
-        progress.emit(
-            {
-                "event": "copied",
-                "reference": args.reference,
-                "destination": destination.description,
-                "manifestDigest": image.manifest_digest,
-                "storedManifestDigest": image.stored_manifest_digest,
-                "fetchedBytes": image.fetched_bytes,
-            }
-        )
-    elif not args.quiet:
+    progress.copied(
+        {
+            "reference": args.reference,
+            "destination": destination.description,
+            "manifest_digest": image.manifest_digest,
+            "stored_manifest_digest": image.stored_manifest_digest,
+            "fetched_bytes": image.fetched_bytes,
+        }
+    )
+    if not args.json and not args.quiet:
         stored = "" if not image.converted else f" (stored as {image.stored_manifest_digest}, converted to OCI)"
         print(f"Copied {args.reference} to {destination.description}: manifest {image.manifest_digest}{stored}")
     return 0

@@ -6,9 +6,9 @@ _DECIMAL = (1000, ("B", "kB", "MB", "GB", "TB"))
 _BINARY = (1024, ("B", "KiB", "MiB", "GiB", "TiB"))
 
 
-def format_size(n: int, *, binary: bool = False) -> str:
-    """``n`` bytes in decimal units, as registries and skopeo show them (MB = 10^6 bytes), or with ``binary`` in
-    the units of ``du -h`` and disk quotas (MiB = 2^20 bytes)."""
+def format_size(n: int, *, binary: bool = True) -> str:
+    """``n`` bytes in binary units (MiB = 2^20 bytes), as skopeo's and podman's progress, ``du -h`` and disk quotas
+    show them; with ``binary=False`` in decimal units (MB = 10^6 bytes)."""
     base, units = _BINARY if binary else _DECIMAL
     value = float(n)
     for unit in units:
