@@ -23,15 +23,20 @@ START_GUARD = 30.0
 
 
 class DaemonProcess:
-    """One daemon. ``log`` holds its stderr lines so far; ``wait_for_log`` waits for a line to appear."""
+    """One daemon. ``log`` holds its stderr lines so far; ``wait_for_log`` waits for a line to appear.
 
-    def __init__(self, process: trio.Process, socket_path: Path, notify: trio.socket.SocketType) -> None:
+    Once its stderr reaches EOF (the daemon exited) ``log`` holds every line it wrote, and ``notifications`` every
+    datagram it sent: those were queued on our socket before it exited, and are taken without waiting then."""
+
+    def __init__(self, process: trio.Process, socket_path: Path, notify: socket.socket) -> None:
         self.process = process
         self.socket_path = socket_path
         self.log: list[str] = []
         self.notifications: list[str] = []
-        self._notify = notify
+        self._notify = notify  # non-blocking: the datagrams already queued are read without waiting
         self._changed = trio.Event()
+        #: set when stderr reached EOF and every line is in ``log``
+        self.log_ended = trio.Event()
 
     @property
     def pid(self) -> int:
@@ -51,22 +56,34 @@ class DaemonProcess:
             self._note()
         if buffer:
             self.log.append(buffer.decode(errors="replace"))
+        self._take_queued_notifications()
+        self.log_ended.set()
         self._note()
+
+    def _take_queued_notifications(self) -> None:
+        """Every datagram queued on the notify socket now, without waiting."""
+        while True:
+            try:
+                data = self._notify.recv(4096)
+            except BlockingIOError:
+                return
+            self.notifications.extend(data.decode().split("\n"))
 
     async def _read_notifications(self) -> None:
         while True:
-            data = await self._notify.recv(4096)
-            self.notifications.extend(data.decode().split("\n"))
+            await trio.lowlevel.wait_readable(self._notify)
+            self._take_queued_notifications()
             self._note()
 
     async def wait_for(self, predicate: Callable[[], bool], what: str, timeout: float = START_GUARD) -> None:
+        """Until ``predicate()`` holds; an AssertionError once the daemon's stderr ended without it (the daemon
+        exited: every line and notification it wrote is in by then) or after ``timeout`` seconds."""
         try:
             with trio.fail_after(timeout):
                 while not predicate():
-                    if self.process.returncode is not None and not predicate():
-                        await trio.sleep(0)  # let the log reader take the last lines
-                        if not predicate():
-                            raise AssertionError(f"daemon exited ({self.process.returncode}) before {what}")
+                    if self.log_ended.is_set():
+                        code = await self.process.wait()
+                        raise AssertionError(f"daemon exited ({code}) before {what}; log:\n" + "\n".join(self.log))
                     await self._changed.wait()
         except trio.TooSlowError:
             raise AssertionError(f"no {what} within {timeout}s; log:\n" + "\n".join(self.log)) from None
@@ -122,8 +139,9 @@ async def start_daemon(socket_dir: Path, tmp_path: Path) -> AsyncIterator[StartD
             *flags: str, argv: Sequence[str] | None = None, env: dict[str, str] | None = None, wait: bool = True
         ) -> DaemonProcess:
             notify_path = tmp_path / f"notify-{len(started)}"
-            notify = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-            await notify.bind(str(notify_path))
+            notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            notify.setblocking(False)
+            notify.bind(str(notify_path))
             path = socket_dir / "s.sock"
             command = argv or [
                 sys.executable,

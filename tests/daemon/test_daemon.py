@@ -20,6 +20,7 @@ from protocol.client import ImageProxy
 from protocol.errors import ProxyError
 from tests.faults.conftest import FaultImages
 from tests.faults.proxy import FaultProxy, Stall
+from tests.support.documented import README, number
 
 HANG_GUARD = 120.0
 CLIENTS = 50
@@ -282,6 +283,44 @@ async def test_sigterm_cancels_a_stalled_transfer_after_the_grace(start_daemon, 
             assert trio.current_time() - started < 1 + 2.0  # the grace, plus a generous margin for a loaded machine
             os.close(fd)
     assert any("grace period over: cancelling 1 connection(s)" in line for line in daemon.log)
+
+
+#: README: "SIGTERM (or SIGINT): stop accepting, give transfers in flight `--shutdown-grace` (10 s) to finish, cancel
+#: the rest, exit 0; a second SIGTERM cancels at once"
+DEFAULT_GRACE = number(
+    README,
+    r"give transfers in flight `--shutdown-grace` \((\d+) s\) to finish, cancel the rest, exit 0; "
+    r"a second SIGTERM cancels at once",
+)
+#: "at once": well under the grace, with room for a loaded machine (as EXIT_BOUND elsewhere)
+AT_ONCE = 2.0
+
+
+async def test_a_second_sigterm_cancels_the_transfers_in_flight_at_once(start_daemon, big):
+    """With the default grace (README's 10 s), a transfer nobody reads keeps the daemon after the first SIGTERM;
+    the second ends it at once, exit 0."""
+    assert DEFAULT_GRACE == 10 and AT_ONCE < DEFAULT_GRACE / 2
+    daemon = await start_daemon("--no-blob-cache")
+    layer = big.layers[0]
+    with trio.fail_after(HANG_GUARD):
+        async with ImageProxy.connect(daemon.socket_path) as proxy:
+            img = await proxy.open_image(big.ref)
+            _, (fd,) = await proxy.call("GetBlob", [img, layer.digest, layer.size])  # never read: in flight
+            try:
+                daemon.signal(signal.SIGTERM)
+                await daemon.wait_for_log(f"1 connection\\(s\\) get up to {DEFAULT_GRACE}s to finish")
+                assert daemon.process.returncode is None, "the first SIGTERM waits for the transfer"
+                daemon.signal(signal.SIGTERM)
+                started = trio.current_time()
+                with trio.fail_after(DEFAULT_GRACE + 10):  # a hang guard: a daemon ignoring it exits after the grace
+                    code = await daemon.process.wait()
+                elapsed = trio.current_time() - started
+            finally:
+                os.close(fd)
+    assert code == 0
+    assert elapsed < AT_ONCE, f"the second SIGTERM took {elapsed:.1f} s to end the daemon"
+    await daemon.wait_for(lambda: daemon.log_ended.is_set(), "the end of the log")
+    assert any("stopping now: cancelling 1 connection(s)" in line for line in daemon.log), daemon.log
 
 
 async def test_sighup_reloads_the_configuration_for_new_connections(start_daemon, tmp_path, single):
