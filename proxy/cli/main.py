@@ -18,15 +18,17 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import attrs
 import trio
 
 from protocol import PROTOCOL_VERSION
 from proxy import __version__
 from proxy.cli.daemon_command import add_daemon_flags, run_daemon
-from proxy.cli.settings import options_from_args
+from proxy.cli.settings import options_from_args, spawned_blob_cache
 from proxy.commands import arguments
 from proxy.config import ConfigError
 from proxy.config.daemon_conf import DEFAULT_PATH as DEFAULT_DAEMON_CONF
+from proxy.config.daemon_conf import load_daemon_conf
 from proxy.server import logs
 from proxy.server.options import ProxyOptions
 from proxy.server.session import serve_socket
@@ -261,14 +263,20 @@ def _connected_socket(fd: int) -> socket.socket:
 
 
 def _serve_options(args: argparse.Namespace) -> ProxyOptions:
-    """The options of a serving command's flags (raises ConfigError)."""
+    """The options of a serving command's flags and the settings file (raises ConfigError)."""
     if args.insecure_policy and args.require_signed:
         raise ConfigError("--insecure-policy and --require-signed cannot be used together")
     for name, what in _NOT_YET_EFFECTIVE.items():
         value = getattr(args, name, None)
         if value not in (None, False):
             log.debug("--%s accepted; it has no effect yet (%s)", name.replace("_", "-"), what)
-    return options_from_args(args)
+    conf = load_daemon_conf(args.config)
+    options = options_from_args(args, conf=conf)
+    cache = spawned_blob_cache(args, conf)
+    if cache is None:
+        return options
+    max_bytes = args.blob_cache_max if args.blob_cache_max is not None else conf.cache_max_size
+    return attrs.evolve(options, blob_cache=cache, blob_cache_max=max_bytes)
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+from pathlib import Path
 
 import attrs
 
@@ -123,10 +125,41 @@ def options_from_args(
     )
 
 
+def spawned_blob_cache(args: argparse.Namespace, conf: DaemonConfig) -> str | None:
+    """The blob cache of a spawned proxy: ``--blob-cache``; else the settings file's ``[cache]`` when it says
+    ``enabled = true`` (its ``dir``, else the daemon's default directory), so that every proxy an update agent
+    spawns shares one verified cache; else none. A cache this process cannot create or write (an agent that runs
+    its proxy as another user) is skipped with one log line: never an error for the pull."""
+    if args.blob_cache is not None:
+        return str(args.blob_cache)
+    if conf.cache_enabled is not True:
+        return None
+    from proxy.cache.files import make_private_dirs
+    from proxy.cli.daemon_command import default_cache_dir
+
+    root = conf.cache_dir or default_cache_dir()
+    blobs = os.path.join(root, "blobs")
+    try:
+        make_private_dirs(Path(blobs))
+    except OSError as e:
+        log.warning("blob cache %s ([cache] of the settings file): cannot use it: %s; no cache", root, e.strerror)
+        return None
+    if not os.access(blobs, os.R_OK | os.W_OK | os.X_OK):
+        log.warning(
+            "blob cache %s ([cache] of the settings file): not writable by uid %d; no cache (give the directory "
+            "to this user, see README 'Blob cache')",
+            root,
+            os.getuid(),
+        )
+        return None
+    return root
+
+
 __all__ = [
     "credentials_from_args",
     "limits_from_conf",
     "options_from_args",
     "policy_from_args",
     "registry_settings_from_args",
+    "spawned_blob_cache",
 ]

@@ -16,6 +16,7 @@ Behaviour follows containers/image ``pkg/sysregistriesv2/system_registries_v2.go
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import tomllib
@@ -58,6 +59,8 @@ _V2_KEYS = (
     "additional-layer-store-auth-helper",
     "aliases",
 )
+
+log = logging.getLogger(__name__)
 
 
 @attrs.frozen
@@ -264,7 +267,9 @@ def registries_conf_paths(
         path = environ.get(ENV_REGISTRIES_CONF) or None
     if path is not None:
         return ConfigPaths(Path(path), True, (system_dir, user_dir))
-    if user_file.exists():
+    # as Go's os.Stat: a home this process cannot search (a proxy an agent runs as another user, HOME left as it
+    # was) holds no file for it
+    if os.path.exists(user_file):
         return ConfigPaths(user_file, False, (user_dir,))
     return ConfigPaths(under_root(root, SYSTEM_REGISTRIES_CONF), False, (system_dir, user_dir))
 
@@ -313,6 +318,12 @@ def _drop_in_files(dirs: Iterable[Path]) -> list[Path]:
             entries = sorted(os.scandir(directory), key=lambda e: e.name)
         except FileNotFoundError:
             continue
+        except PermissionError as e:
+            if not os.access(directory.parent, os.X_OK):
+                # the directory cannot even be reached (another user's home): for this process it does not exist
+                log.debug("registries.conf.d %s: %s; skipped", directory, e.strerror)
+                continue
+            raise ConfigError(f"reading registries.conf.d {directory}: {e.strerror or e}", directory) from e
         except OSError as e:
             raise ConfigError(f"reading registries.conf.d {directory}: {e.strerror or e}", directory) from e
         files.extend(Path(e.path) for e in entries if e.name.endswith(".conf") and not e.is_dir())
