@@ -17,22 +17,10 @@ import trio
 from protocol.client import ImageProxy
 from protocol.client.pull import BlobFinished, BlobProgress, BlobStarted, PulledImage, PullEvent, pull
 from tests.fleet.hosts import Node
+from tests.support.sinks import discard_all
 
 #: a hang guard for one whole pull of the fleet (every wait inside has its own, shorter deadline)
 PULL_GUARD = 120.0
-
-
-class _Discard:
-    """A blob writer that keeps nothing (the client bindings verify size and digest as bytes pass)."""
-
-    def write(self, chunk: bytes) -> None:
-        pass
-
-    def commit(self) -> None:
-        pass
-
-    def discard(self) -> None:
-        pass
 
 
 @attrs.define
@@ -78,9 +66,7 @@ async def pull_on(
     state.started = time.monotonic()
     try:
         async with ImageProxy.connect(state.node.socket) as proxy:
-            state.image = await pull(
-                proxy, reference, lambda blob: _Discard(), concurrency=concurrency, retries=0, on_event=event
-            )
+            state.image = await pull(proxy, reference, discard_all, concurrency=concurrency, retries=0, on_event=event)
     except Exception as e:  # kept for the test to report with the node's name and log
         state.error = e
     state.finished = time.monotonic()

@@ -20,6 +20,7 @@ from protocol.client import ImageProxy
 from protocol.client.pull import pull
 from tests.faults.conftest import FaultImages, fault, fault_images  # noqa: F401  (fixtures)
 from tests.faults.proxy import FaultProxy
+from tests.support.sinks import discard_all
 
 SERVER = [sys.executable, "-m", "proxy", "experimental-image-proxy", "--tls-verify=false", "--insecure-policy"]
 
@@ -41,7 +42,7 @@ async def pull_once(argv: list[str], reference: str) -> str:
     theirs.close()
     try:
         async with ImageProxy.connect(ours) as proxy:
-            await pull(proxy, reference, lambda blob: _Discard())
+            await pull(proxy, reference, discard_all)
         _, stderr = await trio.to_thread.run_sync(process.communicate, None, 30)
         assert process.returncode == 0, stderr
         return stderr
@@ -49,17 +50,6 @@ async def pull_once(argv: list[str], reference: str) -> str:
         if process.poll() is None:
             process.kill()
             process.wait()
-
-
-class _Discard:
-    def write(self, chunk: bytes) -> None:
-        pass
-
-    def commit(self) -> None:
-        pass
-
-    def discard(self) -> None:
-        pass
 
 
 def blob_gets(fault: FaultProxy, images: FaultImages) -> int:  # noqa: F811
