@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -232,3 +234,69 @@ async def test_what_the_cache_creates_is_private(fault_images, fault, tmp_path):
         os.umask(old_umask)
     assert [mode(d) for d in (tmp_path / "new", cache, cache / "blobs", cache / "blobs" / "sha256")] == [0o700] * 4
     assert mode(final(cache, layer)) == 0o600
+
+
+#: another process: lock the partial named by argv[1] as a download does, say so, and hold it until stdin closes
+LOCKER = (
+    "import fcntl, os, sys\n"
+    "fd = os.open(sys.argv[1], os.O_RDWR)\n"
+    "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+    "print('locked', flush=True)\n"
+    "sys.stdin.read()\n"
+)
+
+
+#: a pull of the 4.5 MiB blob takes well under a second; one that waits for the other process's lock never ends
+LOCKED_PULL_BOUND = 15.0
+
+
+def anonymous_files_work(directory: Path) -> bool:
+    """Whether ``O_TMPFILE`` files can be made in ``directory`` (the filesystem supports them)."""
+    try:
+        fd = os.open(directory, os.O_TMPFILE | os.O_RDWR, 0o600)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+async def test_a_partial_locked_by_another_process_is_neither_written_nor_resumed(fault_images, fault, tmp_path):
+    """README: "When two registries' downloads of one blob run at once (or another process holds the partial), the
+    second writes an anonymous file (O_TMPFILE; where that is impossible it streams uncached)". The other
+    process's partial holds the blob's true first 1000 bytes: it is still not resumed from (its owner is still
+    writing it), nor written to; the blob is fetched whole, and stored if an anonymous file could be made here."""
+    layer = fault_images.long
+    partial = final(tmp_path, layer).with_name(final(tmp_path, layer).name + ".partial")
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(layer.data[:1000])
+    os.chmod(partial, 0o600)
+    with trio.fail_after(HANG_GUARD):
+        locker = await trio.lowlevel.open_process(
+            [sys.executable, "-c", LOCKER, str(partial)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
+        try:
+            assert locker.stdout is not None and locker.stdin is not None
+            said = b""
+            while not said.endswith(b"\n"):
+                chunk = await locker.stdout.receive_some(64)
+                assert chunk, f"the locking process ended without locking: {said!r}"
+                said += chunk
+            assert said == b"locked\n"
+            with trio.move_on_after(LOCKED_PULL_BOUND) as bound:
+                await pull(fault_images, fault, tmp_path, layer)  # asserts the bytes the client got
+            assert not bound.cancelled_caught, f"no blob in {LOCKED_PULL_BOUND} s: waiting for the other's lock?"
+            assert partial.is_file(), "the other process's partial was taken over"
+            assert partial.read_bytes() == layer.data[:1000], "the other process's partial was written to"
+            assert locker.returncode is None, "the other process still holds its lock"
+        finally:
+            if locker.stdin is not None:
+                await locker.stdin.aclose()
+            with trio.CancelScope(shield=True):
+                await locker.wait()
+    assert locker.returncode == 0
+    assert [g.range for g in blob_gets(fault, layer)] == [None], "fetched whole, never resumed from a locked partial"
+    if anonymous_files_work(partial.parent):
+        assert final(tmp_path, layer).read_bytes() == layer.data, "the anonymous file, verified, is stored"
+        assert mode(final(tmp_path, layer)) == 0o600
+    else:
+        assert not final(tmp_path, layer).exists(), "no anonymous file here: streamed uncached"
