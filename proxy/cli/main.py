@@ -28,7 +28,7 @@ from proxy.cli.settings import options_from_args, spawned_blob_cache
 from proxy.commands import arguments
 from proxy.config import ConfigError
 from proxy.config.daemon_conf import DEFAULT_PATH as DEFAULT_DAEMON_CONF
-from proxy.config.daemon_conf import load_daemon_conf
+from proxy.config.daemon_conf import DaemonConfig, load_daemon_conf
 from proxy.server import logs
 from proxy.server.options import ProxyOptions
 from proxy.server.session import serve_socket
@@ -262,15 +262,14 @@ def _connected_socket(fd: int) -> socket.socket:
     return sock
 
 
-def _serve_options(args: argparse.Namespace) -> ProxyOptions:
-    """The options of a serving command's flags and the settings file (raises ConfigError)."""
+def _serve_options(args: argparse.Namespace, conf: DaemonConfig) -> ProxyOptions:
+    """The options of a serving command's flags and the settings file as read (raises ConfigError)."""
     if args.insecure_policy and args.require_signed:
         raise ConfigError("--insecure-policy and --require-signed cannot be used together")
     for name, what in _NOT_YET_EFFECTIVE.items():
         value = getattr(args, name, None)
         if value not in (None, False):
             log.debug("--%s accepted; it has no effect yet (%s)", name.replace("_", "-"), what)
-    conf = load_daemon_conf(args.config)
     options = options_from_args(args, conf=conf)
     cache = spawned_blob_cache(args, conf)
     if cache is None:
@@ -282,13 +281,42 @@ def _serve_options(args: argparse.Namespace) -> ProxyOptions:
 def run_serve(args: argparse.Namespace) -> int:
     setup_logging(args.debug)
     try:
-        options = _serve_options(args)
+        conf = load_daemon_conf(args.config)
+        options = _serve_options(args, conf)
     except ConfigError as e:
         print(f"image-proxy: {e}", file=sys.stderr)
         return 2
     sock = _connected_socket(args.sockfd)
-    trio.run(serve_socket, sock, options)
+    if conf.spawned_daemon:
+        trio.run(_relay_or_serve, sock, conf.spawned_daemon, options, args)
+    else:
+        trio.run(serve_socket, sock, options)
     return 0
+
+
+async def _relay_or_serve(
+    sock: socket.socket, daemon_path: str, options: ProxyOptions, args: argparse.Namespace
+) -> None:
+    """``[spawned] daemon``: relay the client to the daemon (proxy/server/relay.py); serve it here when its flags
+    are settings the daemon would not apply, or the daemon cannot be reached (one log line either way)."""
+    from proxy.server import relay
+
+    own = relay.own_settings(args)
+    if own:
+        log.warning(
+            "serving this client here, not through the daemon at %s: %s would not apply there",
+            daemon_path,
+            ", ".join(own),
+        )
+        await serve_socket(sock, options)
+        return
+    daemon = await relay.connect(daemon_path)
+    if isinstance(daemon, str):
+        log.warning("daemon at %s: %s; serving this client here", daemon_path, daemon)
+        await serve_socket(sock, options)
+        return
+    log.debug("relaying to the daemon at %s", daemon_path)
+    await relay.relay(sock, daemon)
 
 
 def command_proxy(args: argparse.Namespace) -> ServeOne:
@@ -298,7 +326,7 @@ def command_proxy(args: argparse.Namespace) -> ServeOne:
     from proxy.commands.proxy_access import proxy_arguments
 
     serve_args = build_parser().parse_args(["experimental-image-proxy", *proxy_arguments(args)])
-    return functools.partial(serve_socket, options=_serve_options(serve_args))
+    return functools.partial(serve_socket, options=_serve_options(serve_args, load_daemon_conf(serve_args.config)))
 
 
 def run_client_command(args: argparse.Namespace) -> int:

@@ -12,6 +12,9 @@ and the key. Every key is optional::
     stall-timeout = 30            # no body byte for this long fails the read, and the blob resumes
     max-resumes = 10
 
+    [spawned]                     # image-proxy experimental-image-proxy, as update agents spawn it
+    daemon = "/run/image-proxy/image-proxy.sock"  # relay to this daemon (off by default; see proxy/server/relay.py)
+
     [cache]                       # the blob cache (on by default in daemon mode)
     enabled = true
     dir = "/var/cache/image-proxy"
@@ -107,6 +110,8 @@ class DaemonConfig:
     open_images_per_uid: int | None = None
     open_pipes_per_uid: int | None = None
     daemon_queued_request_bytes: int | None = None
+    # [spawned]
+    spawned_daemon: str | None = None
     path: Path | None = None
 
 
@@ -199,6 +204,9 @@ _SCHEMA: dict[str, dict[str, tuple[str, Callable[[_Reader, str, Any], Any]]]] = 
         "response-header-timeout": ("response_header_timeout", _Reader.seconds),
         "stall-timeout": ("stall_timeout", _Reader.seconds),
         "max-resumes": ("max_resumes", _Reader.count),
+    },
+    "spawned": {
+        "daemon": ("spawned_daemon", _Reader.text),
     },
     "cache": {
         "enabled": ("cache_enabled", _Reader.boolean),

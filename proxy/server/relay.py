@@ -1,0 +1,153 @@
+"""A spawned proxy that relays its client to the host's daemon (issue 22).
+
+An update agent spawns ``image-proxy experimental-image-proxy`` with flags it chooses; with ``[spawned] daemon =
+"/run/image-proxy/image-proxy.sock"`` in the settings file that process connects to the daemon and passes every
+packet on, both ways, file descriptors included (SCM_RIGHTS): the agent gets the daemon's shared cache, single
+flight, metrics and limits while speaking to what it thinks is its own proxy. The daemon sees the relay's
+credentials, which are the agent's (same uid; the relay's pid).
+
+What keeps the promises of the spawned mode: one connection to the daemon, so replies in order stay in order;
+EOF of either side ends the other (the daemon ends the session, and its transfers, as for any client that
+leaves); ``Shutdown`` is passed on, the daemon closes the connection, and the relay exits. Flags that change
+what a proxy does (credentials, ``--tls-verify``, overrides, policy, caches, deadlines) are this process's
+settings, which the daemon would not apply: a client that gives one is served by this process itself, with one
+log line naming them, never silently ignored. So is a client whose daemon is not running or refuses it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from protocol.client.tasks import failing_fast
+from protocol.codec import MAX_MSG_SIZE
+from protocol.fds import ancillary_space, close_fds, fds_from_ancillary, fds_to_ancillary
+
+log = logging.getLogger("image-proxy")
+
+Forward = Callable[[trio.socket.SocketType, trio.socket.SocketType], Awaitable[None]]
+#: how long the relay waits for the daemon to accept it before serving the client itself
+CONNECT_TIMEOUT = 1.0
+#: fds one reply may carry (GetRawBlob: two)
+_REPLY_FDS = 16
+
+#: experimental-image-proxy's flags that change what the proxy does (argparse dest -> flag): the daemon applies its
+#: own settings, so with any of these the client is served here
+_OWN_SETTINGS = {
+    "authfile": "--authfile",
+    "creds": "--creds",
+    "username": "--username",
+    "password": "--password",
+    "registry_token": "--registry-token",
+    "no_creds": "--no-creds",
+    "cert_dir": "--cert-dir",
+    "tls_verify": "--tls-verify",
+    "shared_blob_dir": "--shared-blob-dir",
+    "blob_cache": "--blob-cache",
+    "blob_cache_max": "--blob-cache-max",
+    "registries_conf": "--registries-conf",
+    "registries_d": "--registries.d",
+    "policy": "--policy",
+    "insecure_policy": "--insecure-policy",
+    "require_signed": "--require-signed",
+    "override_arch": "--override-arch",
+    "override_os": "--override-os",
+    "override_variant": "--override-variant",
+    "tmpdir": "--tmpdir",
+    "user_agent_prefix": "--user-agent-prefix",
+    "connect_timeout": "--connect-timeout",
+    "tls_handshake_timeout": "--tls-handshake-timeout",
+    "response_header_timeout": "--response-header-timeout",
+    "max_resumes": "--max-resumes",
+    "stall_timeout": "--stall-timeout",
+}
+
+
+#: the flags among them that take no value (False: not given)
+_SWITCHES = frozenset({"no_creds", "insecure_policy", "require_signed"})
+
+
+def own_settings(args: argparse.Namespace) -> list[str]:
+    """The flags given (or set through the environment: ``REGISTRY_AUTH_FILE``) that only this process would
+    apply."""
+    given = []
+    for dest, flag in _OWN_SETTINGS.items():
+        value = getattr(args, dest, None)
+        if value is not None and not (value is False and dest in _SWITCHES):  # --tls-verify=false is given
+            given.append(flag)
+    return given
+
+
+async def connect(path: str) -> socket.socket | str:
+    """A connection to the daemon's socket, or why there is none (within :data:`CONNECT_TIMEOUT`)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        with trio.move_on_after(CONNECT_TIMEOUT) as waited:
+            await trio.socket.from_stdlib_socket(sock).connect(path)
+        if waited.cancelled_caught:
+            sock.close()
+            return f"no answer within {CONNECT_TIMEOUT:g} s"
+    except OSError as e:
+        sock.close()
+        return e.strerror or str(e)
+    return sock
+
+
+async def relay(client: socket.socket, daemon: socket.socket) -> None:
+    """Pass packets both ways until either side ends; both sockets are closed on return."""
+    with trio.socket.from_stdlib_socket(client) as near, trio.socket.from_stdlib_socket(daemon) as far:
+        async with failing_fast() as nursery:
+
+            async def one_way(forward: Forward, source: trio.socket.SocketType, to: trio.socket.SocketType) -> None:
+                try:
+                    await forward(source, to)
+                finally:
+                    nursery.cancel_scope.cancel()  # one side ended: so does the other
+
+            nursery.start_soon(one_way, _requests, near, far)
+            nursery.start_soon(one_way, _replies, far, near)
+
+
+async def _requests(client: trio.socket.SocketType, daemon: trio.socket.SocketType) -> None:
+    while True:
+        try:
+            data, ancdata, _, _ = await client.recvmsg(MAX_MSG_SIZE + 1, ancillary_space(4))
+        except OSError as e:
+            log.debug("relay: reading the client: %s", e.strerror or e)
+            return
+        close_fds(fds_from_ancillary(ancdata))  # clients never send descriptors
+        if not data:
+            log.debug("relay: the client closed the connection")
+            return
+        try:
+            await daemon.send(data)  # one longer than any request the daemon takes: it says so, as to the client
+        except OSError as e:
+            log.warning("relay: the daemon's connection failed: %s", e.strerror or e)
+            return
+
+
+async def _replies(daemon: trio.socket.SocketType, client: trio.socket.SocketType) -> None:
+    while True:
+        try:
+            data, ancdata, _, _ = await daemon.recvmsg(MAX_MSG_SIZE, ancillary_space(_REPLY_FDS))
+        except OSError as e:
+            log.warning("relay: the daemon's connection failed: %s", e.strerror or e)
+            return
+        fds = fds_from_ancillary(ancdata)
+        try:
+            if not data:
+                log.debug("relay: the daemon closed the connection")
+                return
+            await client.sendmsg([data], fds_to_ancillary(fds) if fds else [])
+        except OSError as e:
+            log.debug("relay: writing to the client: %s", e.strerror or e)
+            return
+        finally:
+            close_fds(fds)  # the client has its own copies now
+
+
+__all__ = ["CONNECT_TIMEOUT", "connect", "own_settings", "relay"]

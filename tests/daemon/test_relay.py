@@ -1,0 +1,170 @@
+"""Update agents get the daemon without changing a line (issue 22, part 2): ``[spawned] daemon = SOCKET`` makes the
+``image-proxy experimental-image-proxy`` an agent spawns (socket on stdin, stdout to /dev/null, as
+containers-image-proxy-rs does) relay the agent's packets to the daemon and the daemon's replies, fds included.
+The registry is the real one behind the fault proxy, which counts what it serves."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import trio
+
+from protocol.client import ImageProxy
+from protocol.client.pull import pull
+from tests.faults.conftest import FaultImages
+from tests.faults.proxy import FaultProxy, Stall
+from tests.support.sinks import discard_all
+
+AGENT = [sys.executable, "-m", "proxy", "experimental-image-proxy"]
+PULL_GUARD = 60.0
+
+
+def relay_config(tmp_path: Path, daemon_socket: Path | str) -> Path:
+    config = tmp_path / "config.toml"
+    config.write_text(f'[spawned]\ndaemon = "{daemon_socket}"\n')
+    return config
+
+
+class Agent:
+    """``image-proxy experimental-image-proxy`` spawned the way an update agent does, driven by the bindings."""
+
+    def __init__(self, *flags: str) -> None:
+        self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.process = subprocess.Popen(
+            [*AGENT, *flags], stdin=theirs, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+        theirs.close()
+
+    async def pull(self, reference: str) -> None:
+        with trio.fail_after(PULL_GUARD):
+            async with ImageProxy.connect(self.sock) as proxy:
+                await pull(proxy, reference, discard_all, retries=0)
+
+    async def stderr(self) -> str:
+        """Its stderr, once it has exited (which it must within 10 s)."""
+        _, err = await trio.to_thread.run_sync(self.process.communicate, None, 10)
+        return err
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        self.process.stderr.close()
+
+
+def blob_gets(fault: FaultProxy, images: FaultImages) -> int:
+    return sum(len(fault.requests_for(f"/blobs/{layer.digest}")) for layer in (images.seed, images.long, images.small))
+
+
+async def test_two_agents_share_the_daemons_downloads(start_daemon, fault, fault_images, tmp_path):
+    daemon = await start_daemon("--insecure-policy", "--blob-cache", str(tmp_path / "cache"))
+    config = relay_config(tmp_path, daemon.socket_path)
+    agents = [Agent("--config", str(config)) for _ in range(2)]
+    try:
+        async with trio.open_nursery() as nursery:
+            for agent in agents:
+                nursery.start_soon(agent.pull, fault_images.ref(fault.port))
+        for agent in agents:
+            assert "serving this client here" not in await agent.stderr()
+    finally:
+        for agent in agents:
+            agent.kill()
+    assert blob_gets(fault, fault_images) == 3, "each blob once from the registry, for both agents"
+    for agent in agents:  # the daemon served them: it saw each relay connect, with the agent's uid
+        await daemon.wait_for_log(rf"connection from pid {agent.process.pid} uid {os.getuid()}\b")
+
+
+async def test_an_agent_killed_mid_pull_gets_the_rest_from_the_daemons_partial(
+    start_daemon, fault, fault_images, tmp_path
+):
+    layer = fault_images.long
+    blob_path = f"/blobs/{layer.digest}"
+    stall = fault.add_rule(Stall(at=layer.size // 2), path=blob_path)
+    cache = tmp_path / "cache"
+    daemon = await start_daemon("--insecure-policy", "--blob-cache", str(cache))
+    config = relay_config(tmp_path, daemon.socket_path)
+    first = Agent("--config", str(config))
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(first.pull, fault_images.ref(fault.port))
+            await fault.wait_until(lambda: bool(stall.fired), timeout=PULL_GUARD)
+            partial = cache / "blobs" / "sha256" / (layer.digest.split(":", 1)[1] + ".partial")
+            await fault.wait_until(lambda: partial.exists() and partial.stat().st_size > 0, timeout=PULL_GUARD)
+            first.process.send_signal(signal.SIGKILL)  # the agent (and its relay) die mid-pull
+            nursery.cancel_scope.cancel()
+    finally:
+        first.kill()
+    fault.remove_rule(stall)
+    second = Agent("--config", str(config))
+    try:
+        await second.pull(fault_images.ref(fault.port))
+    finally:
+        second.kill()
+    resumed = [r.range for r in fault.requests_for(blob_path)[1:]]
+    assert resumed and all(r is not None and not r.startswith("bytes=0-") for r in resumed), resumed
+
+
+async def test_without_a_daemon_the_agent_serves_itself_and_says_so_once(tmp_path):
+    config = relay_config(tmp_path, tmp_path / "no-daemon.sock")
+    agent = Agent("--config", str(config))  # nothing of its own: it would relay, but nothing listens there
+    try:
+        agent.sock.settimeout(30)
+        assert _request(agent.sock, "Initialize")["value"] == "0.2.8"  # answered by the agent's own proxy
+        assert "request-ids" in _request(agent.sock, "GetCapabilities")["value"]
+        agent.sock.close()
+        err = await agent.stderr()
+    finally:
+        agent.kill()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert f"daemon at {tmp_path / 'no-daemon.sock'}: No such file or directory; serving this client here" in lines[0]
+
+
+async def test_flags_the_daemon_would_not_apply_make_the_agent_serve_itself(
+    start_daemon, fault, fault_images, tmp_path
+):
+    daemon = await start_daemon("--insecure-policy", "--no-blob-cache")
+    config = relay_config(tmp_path, daemon.socket_path)
+    agent = Agent("--config", str(config), "--insecure-policy", "--tls-verify=false")
+    try:
+        await agent.pull(fault_images.ref(fault.port))
+        agent.sock.close()
+        err = await agent.stderr()
+    finally:
+        agent.kill()
+    lines = [line for line in err.splitlines() if "not through the daemon" in line]
+    assert len(lines) == 1 and "--tls-verify, --insecure-policy would not apply there" in lines[0], err
+    assert not [line for line in daemon.log if f"pid {agent.process.pid} " in line]
+
+
+def _request(sock: socket.socket, method: str) -> dict:
+    sock.send(json.dumps({"method": method, "args": []}).encode())
+    return json.loads(sock.recv(1 << 16))
+
+
+async def test_the_relay_ends_within_a_second_of_eof_or_shutdown(start_daemon, tmp_path):
+    daemon = await start_daemon("--insecure-policy", "--no-blob-cache")
+    config = relay_config(tmp_path, daemon.socket_path)
+    for ending in ("eof", "shutdown"):
+        agent = Agent("--config", str(config))
+        try:
+            agent.sock.settimeout(30)
+            assert _request(agent.sock, "Initialize")["value"] == "0.2.8"
+            await daemon.wait_for_log(rf"connection from pid {agent.process.pid} ")
+            if ending == "eof":
+                agent.sock.close()
+            else:
+                agent.sock.send(json.dumps({"method": "Shutdown", "args": []}).encode())
+            started = time.monotonic()
+            status = await trio.to_thread.run_sync(agent.process.wait, 10)
+            assert status == 0 and time.monotonic() - started < 1.0, (ending, status)
+        finally:
+            agent.sock.close()
+            agent.kill()
