@@ -287,18 +287,19 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"image-proxy: {e}", file=sys.stderr)
         return 2
     sock = _connected_socket(args.sockfd)
-    if conf.spawned_daemon:
-        trio.run(_relay_or_serve, sock, conf.spawned_daemon, options, args)
+    daemon = _relay_target(args, conf.spawned_daemon) if conf.spawned_daemon else None
+    if daemon is not None:
+        from proxy.server import relay
+
+        relay.relay(sock, daemon)
     else:
         trio.run(serve_socket, sock, options)
     return 0
 
 
-async def _relay_or_serve(
-    sock: socket.socket, daemon_path: str, options: ProxyOptions, args: argparse.Namespace
-) -> None:
-    """``[spawned] daemon``: relay the client to the daemon (proxy/server/relay.py); serve it here when its flags
-    are settings the daemon would not apply, or the daemon cannot be reached (one log line either way)."""
+def _relay_target(args: argparse.Namespace, daemon_path: str) -> socket.socket | None:
+    """``[spawned] daemon``: a connection to relay the client to (proxy/server/relay.py); None to serve it here,
+    because its flags are settings the daemon would not apply or the daemon cannot be reached (one log line)."""
     from proxy.server import relay
 
     own = relay.own_settings(args)
@@ -308,15 +309,13 @@ async def _relay_or_serve(
             daemon_path,
             ", ".join(own),
         )
-        await serve_socket(sock, options)
-        return
-    daemon = await relay.connect(daemon_path)
+        return None
+    daemon = relay.connect(daemon_path)
     if isinstance(daemon, str):
         log.warning("daemon at %s: %s; serving this client here", daemon_path, daemon)
-        await serve_socket(sock, options)
-        return
+        return None
     log.debug("relaying to the daemon at %s", daemon_path)
-    await relay.relay(sock, daemon)
+    return daemon
 
 
 def command_proxy(args: argparse.Namespace) -> ServeOne:

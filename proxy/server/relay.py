@@ -18,18 +18,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import select
 import socket
-from collections.abc import Awaitable, Callable
 
-import trio
-
-from protocol.client.tasks import failing_fast
 from protocol.codec import MAX_MSG_SIZE
 from protocol.fds import ancillary_space, close_fds, fds_from_ancillary, fds_to_ancillary
 
 log = logging.getLogger("image-proxy")
 
-Forward = Callable[[trio.socket.SocketType, trio.socket.SocketType], Awaitable[None]]
 #: how long the relay waits for the daemon to accept it before serving the client itself
 CONNECT_TIMEOUT = 1.0
 #: fds one reply may carry (GetRawBlob: two)
@@ -82,72 +78,79 @@ def own_settings(args: argparse.Namespace) -> list[str]:
     return given
 
 
-async def connect(path: str) -> socket.socket | str:
+def connect(path: str) -> socket.socket | str:
     """A connection to the daemon's socket, or why there is none (within :data:`CONNECT_TIMEOUT`)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    sock.settimeout(CONNECT_TIMEOUT)
     try:
-        with trio.move_on_after(CONNECT_TIMEOUT) as waited:
-            await trio.socket.from_stdlib_socket(sock).connect(path)
-        if waited.cancelled_caught:
-            sock.close()
-            return f"no answer within {CONNECT_TIMEOUT:g} s"
+        sock.connect(path)
+    except TimeoutError:
+        sock.close()
+        return f"no answer within {CONNECT_TIMEOUT:g} s"
     except OSError as e:
         sock.close()
         return e.strerror or str(e)
+    sock.settimeout(None)
     return sock
 
 
-async def relay(client: socket.socket, daemon: socket.socket) -> None:
-    """Pass packets both ways until either side ends; both sockets are closed on return."""
-    with trio.socket.from_stdlib_socket(client) as near, trio.socket.from_stdlib_socket(daemon) as far:
-        async with failing_fast() as nursery:
+def relay(client: socket.socket, daemon: socket.socket) -> None:
+    """Pass packets both ways until either side ends; both sockets are closed on return.
 
-            async def one_way(forward: Forward, source: trio.socket.SocketType, to: trio.socket.SocketType) -> None:
-                try:
-                    await forward(source, to)
-                finally:
-                    nursery.cancel_scope.cancel()  # one side ended: so does the other
+    A plain poll loop, no event loop: a relayed round trip crosses this process twice, and trio's scheduling
+    cost more than the system calls (the relay needs nothing else). Writes block: a client that does not read
+    its replies stops the relay from reading the daemon, whose own limits then apply to it, as to any client."""
+    poller = select.poll()
+    poller.register(client, select.POLLIN)
+    poller.register(daemon, select.POLLIN)
+    client_fd = client.fileno()
+    try:
+        while True:
+            for fd, _ in poller.poll():
+                forward = _request if fd == client_fd else _reply
+                if not forward(client, daemon):
+                    return
+    finally:
+        client.close()
+        daemon.close()
 
-            nursery.start_soon(one_way, _requests, near, far)
-            nursery.start_soon(one_way, _replies, far, near)
+
+def _request(client: socket.socket, daemon: socket.socket) -> bool:
+    try:
+        data, ancdata, _, _ = client.recvmsg(MAX_MSG_SIZE + 1, ancillary_space(4))
+    except OSError as e:
+        log.debug("relay: reading the client: %s", e.strerror or e)
+        return False
+    close_fds(fds_from_ancillary(ancdata))  # clients never send descriptors
+    if not data:
+        log.debug("relay: the client closed the connection")
+        return False
+    try:
+        daemon.send(data)  # one longer than any request the daemon takes: it says so, as it would to the client
+    except OSError as e:
+        log.warning("relay: the daemon's connection failed: %s", e.strerror or e)
+        return False
+    return True
 
 
-async def _requests(client: trio.socket.SocketType, daemon: trio.socket.SocketType) -> None:
-    while True:
-        try:
-            data, ancdata, _, _ = await client.recvmsg(MAX_MSG_SIZE + 1, ancillary_space(4))
-        except OSError as e:
-            log.debug("relay: reading the client: %s", e.strerror or e)
-            return
-        close_fds(fds_from_ancillary(ancdata))  # clients never send descriptors
+def _reply(client: socket.socket, daemon: socket.socket) -> bool:
+    try:
+        data, ancdata, _, _ = daemon.recvmsg(MAX_MSG_SIZE, ancillary_space(_REPLY_FDS))
+    except OSError as e:
+        log.warning("relay: the daemon's connection failed: %s", e.strerror or e)
+        return False
+    fds = fds_from_ancillary(ancdata)
+    try:
         if not data:
-            log.debug("relay: the client closed the connection")
-            return
-        try:
-            await daemon.send(data)  # one longer than any request the daemon takes: it says so, as to the client
-        except OSError as e:
-            log.warning("relay: the daemon's connection failed: %s", e.strerror or e)
-            return
-
-
-async def _replies(daemon: trio.socket.SocketType, client: trio.socket.SocketType) -> None:
-    while True:
-        try:
-            data, ancdata, _, _ = await daemon.recvmsg(MAX_MSG_SIZE, ancillary_space(_REPLY_FDS))
-        except OSError as e:
-            log.warning("relay: the daemon's connection failed: %s", e.strerror or e)
-            return
-        fds = fds_from_ancillary(ancdata)
-        try:
-            if not data:
-                log.debug("relay: the daemon closed the connection")
-                return
-            await client.sendmsg([data], fds_to_ancillary(fds) if fds else [])
-        except OSError as e:
-            log.debug("relay: writing to the client: %s", e.strerror or e)
-            return
-        finally:
-            close_fds(fds)  # the client has its own copies now
+            log.debug("relay: the daemon closed the connection")
+            return False
+        client.sendmsg([data], fds_to_ancillary(fds) if fds else [])
+    except OSError as e:
+        log.debug("relay: writing to the client: %s", e.strerror or e)
+        return False
+    finally:
+        close_fds(fds)  # the client has its own copies now
+    return True
 
 
 __all__ = ["CONNECT_TIMEOUT", "connect", "own_settings", "relay"]
