@@ -12,6 +12,7 @@ SERVER_EXTENSIONS: tuple[str, ...] = (
     "blob-ranges",  # GetBlobAt (docs/PROTOCOL.md)
     "layer-toc",  # GetLayerTOC, GetLayerTarSplit (docs/PROTOCOL.md)
     "raw-manifest",  # GetRawManifest (docs/PROTOCOL.md)
+    "status",  # GetStatus (docs/PROTOCOL.md)
 )
 
 __all__ = ["SERVER_EXTENSIONS"]

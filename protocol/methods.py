@@ -67,6 +67,7 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("GetLayerTOC", (Param.IMAGE_ID, Param.DIGEST), "ext", fd_count=1),
         MethodSpec("GetLayerTarSplit", (Param.IMAGE_ID, Param.DIGEST), "ext", fd_count=1),
         MethodSpec("GetRawManifest", (Param.IMAGE_REF,), "ext", fd_count=1),
+        MethodSpec("GetStatus", (), "ext", fd_count=1, needs_init=False),
     )
 }
 

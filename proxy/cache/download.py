@@ -37,6 +37,7 @@ from proxy.cache.files import (
 from proxy.cache.writeback import WriteBehind
 from proxy.common import threads
 from proxy.common.pipes import splice_file
+from proxy.server.metrics import STATS, Fetch
 from proxy.sources.base import Blob
 from proxy.transfer.pump import pump
 
@@ -83,6 +84,8 @@ class Download:
         self.consumed = 0
         self._changed = trio.Event()
         self.cancel_scope = trio.CancelScope()
+        #: how the bytes come over the network, once the source is opened (its hosts and resumes)
+        self.fetch: Fetch | None = None
 
     def _claim(self) -> tuple[int, bool]:
         name = self.hexpart + PARTIAL_SUFFIX
@@ -198,6 +201,7 @@ class Download:
         """Append the source's bytes from ``written`` on; whether the file then matches the digest. A live
         transfer (from zero) is readable as it comes; resumed bytes only once verified."""
         blob = await open_from(self.written)
+        self.fetch = blob.fetch
         position = self.written  # the next byte's offset in the file: the worker thread's
         queued = self.written  # the same, counted as chunks are accepted (in trio)
         write_behind = WriteBehind(self.fd, position, lambda: self.consumed)
@@ -250,6 +254,7 @@ class Download:
         except (OSError, StoreError) as e:
             # the bytes are verified and every reader has them open: they are served, only not kept
             log.warning("blob cache: %s is verified but could not be stored: %s", self.digest, e)
+        STATS.cache_changed()
         self.readable = self.written
         self.done = True
 
@@ -303,6 +308,7 @@ class FollowingBlob(Blob):
     it ``verifies_digest``. ``size`` is the size its asker expects (checked by the producer at the end)."""
 
     verifies_digest = True
+    origin = "network"
 
     def __init__(self, download: Download, expected_size: int | None, starter: bool) -> None:
         self._download = download
@@ -314,6 +320,11 @@ class FollowingBlob(Blob):
         self.size = expected_size if expected_size is not None else -1
         download.followers.add(self)
         download.store._reading[download.digest] += 1
+
+    @property  # type: ignore[override]
+    def fetch(self) -> Fetch | None:
+        """The download's network side (none before its source answered, nor for a blob resumed from disk whole)."""
+        return self._download.fetch
 
     def _failure(self) -> ProxyError:
         download = self._download
@@ -362,14 +373,15 @@ class FollowingBlob(Blob):
                 return b""
             await download.wait_for_more(self.position)
 
-    async def send_to(self, writer: trio.lowlevel.FdStream) -> int:
-        """All of the blob into a pipe by sendfile, as it becomes readable; the bytes sent."""
+    async def send_to(self, writer: trio.lowlevel.FdStream, moved: Callable[[int], None] | None = None) -> int:
+        """All of the blob into a pipe by sendfile, as it becomes readable; the bytes sent (``moved`` is told each
+        count)."""
         download = self._download
         assert self._fd is not None
         while True:
             self._check_epoch()
             if self.position < download.readable:
-                reached = await splice_file(self._fd, download.readable, writer, start=self.position)
+                reached = await splice_file(self._fd, download.readable, writer, start=self.position, moved=moved)
                 if reached == self.position:
                     self._check_not_short()
                 self.position = reached

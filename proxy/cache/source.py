@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 from proxy.cache.store import BlobStore
+from proxy.server.metrics import STATS
 from proxy.sources.base import Blob, ImageSource
 
 
@@ -35,7 +36,7 @@ class CachingSource(ImageSource):
 
     async def open_blob(self, digest: str, expected_size: int | None = None) -> Blob:
         inner = self.inner
-        return await self._store.fetch(
+        blob = await self._store.fetch(
             digest,
             expected_size,
             lambda offset: inner.open_blob_from(digest, offset),
@@ -43,6 +44,8 @@ class CachingSource(ImageSource):
             source=self.cache_key,
             size_limit=self.trusted_sizes.get(digest),
         )
+        STATS.cache_lookup(hit=blob.origin == "cache")  # a miss follows a download, or streams uncached
+        return blob
 
     async def cached_blob(self, digest: str, size: int | None) -> Blob | None:
         return await self._store.open_cached(digest, size)

@@ -87,6 +87,7 @@ from proxy.cache.files import (
     write_stamp,
 )
 from proxy.common import threads
+from proxy.server.metrics import STATS
 from proxy.sources.base import Blob, FileWindow
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,7 @@ class CachedBlob(Blob):
         store._reading[digest] += 1
 
     verifies_digest = True  # checked when it was opened (see BlobStore.open_cached)
+    origin = "cache"
 
     def window(self) -> FileWindow:
         """The unread bytes of the open, verified file: producers send it with sendfile, ranges are pread."""
@@ -358,4 +360,5 @@ class BlobStore:
                     cache.remove(entry, same_atime=True)
                 except Changed:
                     continue  # read (or replaced) since the scan: not the least recently used any more
+                STATS.cache_changed()
                 total -= entry.size

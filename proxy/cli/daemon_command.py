@@ -22,7 +22,7 @@ from proxy.cache.files import make_private_dirs
 from proxy.cli.settings import options_from_args
 from proxy.commands import arguments
 from proxy.config import ConfigError
-from proxy.config.daemon_conf import load_daemon_conf
+from proxy.config.daemon_conf import load_daemon_conf, parse_host_port
 from proxy.server import logs
 from proxy.server.limits import DAEMON_LIMITS, DAEMON_WIDE_LIMITS
 from proxy.server.options import ProxyOptions
@@ -31,12 +31,14 @@ from proxy.server.session import serve_socket
 
 if TYPE_CHECKING:
     # the daemon's machinery costs about 20 ms at start-up: every spawned proxy would pay it
-    from proxy.server.daemon import DaemonSettings
+    from proxy.server.daemon import Daemon, DaemonSettings
+    from proxy.server.metrics_http import MetricsExporter
 
 log = logging.getLogger("image-proxy.server.daemon")
 
 
 DEFAULT_SHUTDOWN_GRACE = 10.0
+DEFAULT_METRICS_INTERVAL = 15.0
 SOCKET_NAME = "image-proxy.sock"
 
 
@@ -88,6 +90,30 @@ def add_daemon_flags(parser: argparse.ArgumentParser) -> None:
         help=f"after SIGTERM, how long transfers in flight may finish (default {DEFAULT_SHUTDOWN_GRACE:g})",
     )
     parser.add_argument("--no-blob-cache", action="store_true", help=f"no blob cache (default: {default_cache_dir()})")
+    parser.add_argument(
+        "--metrics-listen",
+        type=_host_port,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off; e.g. 127.0.0.1:9464)",
+    )
+    parser.add_argument(
+        "--metrics-textfile",
+        metavar="PATH",
+        help="write the metrics to PATH (atomically) for node_exporter's textfile collector (default: off)",
+    )
+    parser.add_argument(
+        "--metrics-textfile-interval",
+        type=arguments.seconds(what="the textfile interval"),
+        metavar="SECONDS",
+        help=f"how often --metrics-textfile is written (default {DEFAULT_METRICS_INTERVAL:g})",
+    )
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    try:
+        return parse_host_port(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def daemon_config(args: argparse.Namespace) -> tuple[ProxyOptions, DaemonSettings]:
@@ -125,6 +151,11 @@ def daemon_config(args: argparse.Namespace) -> tuple[ProxyOptions, DaemonSetting
         access=AccessPolicy(uids, gids),
         shutdown_grace=pick(args.shutdown_grace, conf.shutdown_grace, DEFAULT_SHUTDOWN_GRACE),  # type: ignore[arg-type]
         limits=wide,
+        metrics_listen=pick(args.metrics_listen, conf.metrics_listen, None),  # type: ignore[arg-type]
+        metrics_textfile=pick(args.metrics_textfile, conf.metrics_textfile, None),  # type: ignore[arg-type]
+        metrics_interval=pick(  # type: ignore[arg-type]
+            args.metrics_textfile_interval, conf.metrics_textfile_interval, DEFAULT_METRICS_INTERVAL
+        ),
     )
     return options, settings
 
@@ -163,6 +194,8 @@ def run_daemon(args: argparse.Namespace) -> int:
     bound = None if activated else _inode(settings.listen)
     try:
         daemon = Daemon(listener, options, settings, lambda: daemon_config(args))
+        if settings.metrics_listen is not None or settings.metrics_textfile is not None:
+            daemon.metrics = _metrics_exporter(settings, daemon)
         trio.run(daemon.serve)
     except DaemonError as e:
         log.error("%s", e)
@@ -173,6 +206,20 @@ def run_daemon(args: argparse.Namespace) -> int:
             with contextlib.suppress(OSError):
                 os.unlink(settings.listen)  # ours, not a newer daemon's
     return 0
+
+
+def _metrics_exporter(settings: DaemonSettings, daemon: Daemon) -> MetricsExporter:
+    """What --metrics-listen and --metrics-textfile ask for (prometheus_client is imported only then); its socket
+    is bound now, so that a bad address stops the daemon before it says it is ready."""
+    from proxy.server.daemon import DaemonError
+    from proxy.server.metrics import STATS
+    from proxy.server.metrics_http import MetricsError, MetricsExporter, bind
+
+    try:
+        sock = bind(*settings.metrics_listen) if settings.metrics_listen is not None else None
+    except MetricsError as e:
+        raise DaemonError(str(e)) from None
+    return MetricsExporter(STATS, daemon.store, sock, settings.metrics_textfile, settings.metrics_interval)
 
 
 def raise_fd_limit() -> None:

@@ -205,6 +205,10 @@ def build_parser(serving_only: bool = False) -> argparse.ArgumentParser:
     add_layers_parser(sub, _add_global_flags)
     add_copy_parser(sub, _add_global_flags)
     add_cache_parser(sub, arguments.byte_size)
+    from proxy.cli.daemon_command import default_socket_path
+    from proxy.commands.status import add_status_parser
+
+    add_status_parser(sub, default_socket_path())
     return parser
 
 
@@ -390,6 +394,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_cache(args)
     if args.command == "daemon":
         return run_daemon(args)
+    if args.command == "status":
+        from proxy.commands.status import run_status
+
+        return run_status(args)
     raise AssertionError(args.command)  # pragma: no cover
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+from collections.abc import Callable
 
 import trio
 
@@ -58,7 +59,13 @@ async def write_all(writer: trio.lowlevel.FdStream, data: bytes | memoryview) ->
 
 
 async def splice_file(
-    fd: int, size: int, writer: trio.lowlevel.FdStream, start: int = 0, *, read_once: bool = False
+    fd: int,
+    size: int,
+    writer: trio.lowlevel.FdStream,
+    start: int = 0,
+    *,
+    read_once: bool = False,
+    moved: Callable[[int], None] | None = None,
 ) -> int:
     """Copy bytes ``start`` to ``size`` of a file into a pipe in the kernel (sendfile), waiting while the pipe is
     full; the offset reached (``size``, or less if the file is shorter).
@@ -66,7 +73,7 @@ async def splice_file(
     ``read_once`` (a file streamed once, likely not in the page cache: a blob-cache file): each ``sendfile`` runs in
     a worker thread, so that waiting for the disk never blocks the event loop (it cannot wait for the client: the
     pipe does not block), and what was sent is dropped from the page cache a little behind (see
-    :mod:`proxy.common.page_cache`)."""
+    :mod:`proxy.common.page_cache`). ``moved`` is told each count of bytes sent."""
     out = writer.fileno()
     offset = start
     behind = DropBehind(fd, start) if read_once else None
@@ -84,6 +91,8 @@ async def splice_file(
         if sent == 0:
             break  # the file shrank under us: the size check tells
         offset += sent
+        if moved is not None:
+            moved(sent)
         if behind is not None:
             behind.reached(offset)
         else:

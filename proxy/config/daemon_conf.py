@@ -42,6 +42,9 @@ and the key. Every key is optional::
     open-images-per-uid = 256     # images and pipes one user holds over all its connections
     open-pipes-per-uid = 256
     queued-request-bytes = "64M"  # requests and replies waiting, all connections together
+    metrics-listen = "127.0.0.1:9464"  # Prometheus GET /metrics there (off by default; HOST:PORT, [::1]:PORT)
+    metrics-textfile = "/var/lib/prometheus/node-exporter/image-proxy.prom"  # for node_exporter (off by default)
+    metrics-textfile-interval = 15     # seconds between two writes of the textfile
 """
 
 from __future__ import annotations
@@ -64,6 +67,23 @@ from .errors import ConfigError
 DEFAULT_PATH = Path("/etc/image-proxy/config.toml")
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_host_port(text: str) -> tuple[str, int]:
+    """``127.0.0.1:9464``, ``[::1]:9464``, ``localhost:9464``: a host (always named: no accidental listening on
+    every address; ``0.0.0.0`` or ``[::]`` say so) and a port from 1 to 65535. Raises ValueError saying what is
+    accepted."""
+    hint = f"invalid address {text!r} (try 127.0.0.1:9464 or [::1]:9464)"
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(hint)
+    if host.startswith("["):
+        if not host.endswith("]") or len(host) < 3:
+            raise ValueError(hint)
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"{hint}: an IPv6 address goes in brackets")
+    return host, int(port)
 
 
 def parse_byte_size(text: str) -> int:
@@ -110,6 +130,9 @@ class DaemonConfig:
     open_images_per_uid: int | None = None
     open_pipes_per_uid: int | None = None
     daemon_queued_request_bytes: int | None = None
+    metrics_listen: tuple[str, int] | None = None
+    metrics_textfile: str | None = None
+    metrics_textfile_interval: float | None = None
     # [spawned]
     spawned_daemon: str | None = None
     path: Path | None = None
@@ -185,6 +208,14 @@ class _Reader:
                 raise self.fail(key, f"names {kind} {value!r}, which does not exist on this system") from None
         raise self.fail(key, f"must hold {kind} names or numbers, not {value!r}")
 
+    def host_port(self, key: str, value: Any) -> tuple[str, int]:
+        if not isinstance(value, str):
+            raise self.fail(key, f"must be a string HOST:PORT, not {value!r}")
+        try:
+            return parse_host_port(value)
+        except ValueError as e:
+            raise self.fail(key, f"is an {e}") from None
+
     def group(self, key: str, value: Any) -> int:
         return self._id(key, value, lambda name: grp.getgrnam(name).gr_gid, "a group")
 
@@ -235,6 +266,9 @@ _SCHEMA: dict[str, dict[str, tuple[str, Callable[[_Reader, str, Any], Any]]]] = 
         "open-images-per-uid": ("open_images_per_uid", _Reader.count),
         "open-pipes-per-uid": ("open_pipes_per_uid", _Reader.count),
         "queued-request-bytes": ("daemon_queued_request_bytes", _Reader.size),
+        "metrics-listen": ("metrics_listen", _Reader.host_port),
+        "metrics-textfile": ("metrics_textfile", _Reader.text),
+        "metrics-textfile-interval": ("metrics_textfile_interval", _Reader.seconds),
     },
 }
 

@@ -22,9 +22,10 @@ import trio
 
 from protocol.errors import ErrorCode
 from proxy.http.connection import Response
-from proxy.http.errors import HTTPError
+from proxy.http.errors import ConnectionLost, HTTPError, HTTPTimeoutError, ProtocolError, StallError, TLSError
 from proxy.http.ranges import parse_content_range
 from proxy.registry.settings import ResumePolicy
+from proxy.server.metrics import STATS, Fetch
 from proxy.sources.base import Blob, SourceError
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,27 @@ class ResumeRefused(Exception):
 Reopen = Callable[[int], Awaitable[tuple[Response, str]]]
 
 
+def resume_cause(cause: BaseException) -> str:
+    """Why a body broke off, as a ``cause`` label (proxy.server.metrics.RESUME_CAUSES)."""
+    for kind, name in (
+        (StallError, "stall"),
+        (ConnectionLost, "reset"),
+        (HTTPTimeoutError, "timeout"),
+        (TLSError, "tls"),
+        (ProtocolError, "protocol"),
+        (ResumeRefused | SourceError, "refused"),
+    ):
+        if isinstance(cause, kind):
+            return name
+    return "other"
+
+
 class ResumingBlob(Blob):
+    """A registry blob's body (see the module docstring); its ``fetch`` tells where its bytes came from, its
+    resumes and their causes (for the transfer's log line, ``image-proxy status`` and the metrics)."""
+
+    origin = "network"
+
     def __init__(
         self,
         *,
@@ -69,6 +90,7 @@ class ResumingBlob(Blob):
         self._unproductive = 0
         self._started = self._last_resume = self._last_progress = trio.current_time()
         self._offset_at_resume = 0
+        self.fetch: Fetch = STATS.new_fetch(host)
 
     async def start_at(self, offset: int) -> None:
         """Position a body that was asked for with ``Range: bytes=<offset>-`` (a 206 must start there; a
@@ -104,6 +126,7 @@ class ResumingBlob(Blob):
             if got := count(result):
                 self.offset += got
                 self._last_progress = trio.current_time()
+                self.fetch.got(got)
             else:
                 self._log_done()
             return result
@@ -123,6 +146,15 @@ class ResumingBlob(Blob):
     async def _resume(self, cause: Exception) -> None:
         await self._response.abandon()
         while True:
+            kind = resume_cause(cause)
+            if isinstance(cause, StallError):
+                log.warning(
+                    "%s: stalled at byte %s from %s (no data for %g s)",
+                    self._what,
+                    self._position(),
+                    self._host,
+                    cause.seconds,
+                )
             if not self._allowed():
                 raise SourceError(
                     f"{self._what}: giving up at byte {self._position()} from {self._host} after "
@@ -132,7 +164,16 @@ class ResumingBlob(Blob):
             self.resumes += 1
             self._last_resume = trio.current_time()
             self._offset_at_resume = self.offset
-            log.info("%s: resuming at byte %s (resume %d): %s", self._what, self._position(), self.resumes, cause)
+            self.fetch.resumed(kind, f"{kind} at byte {self.offset} from {self._host}")
+            log.warning(
+                "%s: resuming at byte %s (resume %d, after a %s from %s): %s",
+                self._what,
+                self._position(),
+                self.resumes,
+                kind,
+                self._host,
+                cause,
+            )
             try:
                 response, host = await self._reopen(self.offset)
                 await self._continue_from(response)
@@ -140,6 +181,7 @@ class ResumingBlob(Blob):
                 cause = e
                 continue
             self._response, self._host = response, host
+            self.fetch.switched(host)
             return
 
     async def _continue_from(self, response: Response) -> None:

@@ -27,6 +27,7 @@ from proxy.image import manifest as mf
 from proxy.image.reference import DockerReference, parse_docker_reference
 from proxy.registry.client import RegistryClient, RegistryError
 from proxy.registry.resume import ResumingBlob
+from proxy.server.metrics import STATS
 from proxy.sources.base import Blob, BlobNotFound, ImageNotFound, ImageSource, SourceError
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,7 @@ class RegistrySource(ImageSource):
                 raw, mime = await self._fetch_manifest(source, wanted)
             except RegistryError as e:
                 if source.is_mirror:
-                    log.info("%s: mirror %s: %s; trying the next source", self.reference, source.reference.domain, e)
+                    self._fell_back(source, f"manifest {wanted}", e)
                     failures.append(e)
                     continue
                 if e.not_found and instance_digest is None:
@@ -192,6 +193,18 @@ class RegistrySource(ImageSource):
             return content_type
         return guessed
 
+    def _fell_back(self, source: PullSource, what: str, error: RegistryError) -> None:
+        """A mirror failed: a warning line and a count (image_proxy_mirror_fallbacks_total); the next source is
+        asked (the primary is always last)."""
+        STATS.mirror_fallback(source.reference.domain)
+        log.warning(
+            "%s: %s: mirror %s failed (%s); trying the next pull source",
+            self.reference,
+            what,
+            source.reference.domain,
+            error,
+        )
+
     # ------------------------------------------------------------------ blobs
 
     @property
@@ -219,6 +232,8 @@ class RegistrySource(ImageSource):
                 return await self._open_blob_at(source, digest, offset, end)
             except RegistryError as e:
                 failures.append((source, e))
+                if source.is_mirror:
+                    self._fell_back(source, f"blob {digest}", e)
         text = "; ".join(f"{source.reference.domain}: {error}" for source, error in failures)
         if any(error.status == 404 and not source.is_mirror for source, error in failures):
             raise BlobNotFound(f"{self.reference}: blob {digest} not found: {text}")

@@ -26,6 +26,7 @@ import socket
 import stat
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import attrs
 import trio
@@ -36,9 +37,13 @@ from proxy.registry.client import RegistryClient
 from proxy.server import systemd
 from proxy.server.limits import DAEMON_WIDE_LIMITS, DaemonLimits, Ledger
 from proxy.server.options import ProxyOptions
-from proxy.server.peer import AccessPolicy, PeerCredentials, peer_credentials
+from proxy.server.peer import AccessPolicy, PeerCredentials, peer_credentials, systemd_unit
 from proxy.server.resources import SharedResources, open_store
 from proxy.server.session import Session
+
+if TYPE_CHECKING:
+    from proxy.cache.store import BlobStore
+    from proxy.server.metrics_http import MetricsExporter
 
 log = logging.getLogger("image-proxy.server.daemon")
 
@@ -64,6 +69,10 @@ class DaemonSettings:
     access: AccessPolicy = attrs.field(factory=AccessPolicy)
     shutdown_grace: float = 10.0
     limits: DaemonLimits = DAEMON_WIDE_LIMITS
+    #: ``--metrics-listen`` (host, port) and ``--metrics-textfile`` (None: off); changed only by a restart
+    metrics_listen: tuple[str, int] | None = None
+    metrics_textfile: str | None = None
+    metrics_interval: float = 15.0
 
 
 #: reads the configuration files again: (options, settings), or raises ConfigError
@@ -182,6 +191,12 @@ class Daemon:
         self._registries: list[RegistryClient] = []  # of every generation not yet retired
         self._ledger = Ledger(settings.limits)
         self._refusals = 0
+        #: the Prometheus exporter (proxy.server.metrics_http), when metrics are on
+        self.metrics: MetricsExporter | None = None
+
+    @property
+    def store(self) -> BlobStore | None:
+        return self._store
 
     # ----------------------------------------------------------------------------- lifecycle
 
@@ -193,6 +208,8 @@ class Daemon:
             async with trio.open_nursery() as background:
                 self._background = background
                 self._generation = self._new_generation(self._options, self._settings)
+                if self.metrics is not None:
+                    background.start_soon(self.metrics.run)
                 try:
                     async with trio.open_nursery() as connections:
                         connections.start_soon(self._watch_signals, signals)
@@ -263,6 +280,10 @@ class Daemon:
             assert old is not None
             if settings.listen != old.settings.listen:
                 log.warning("the listening socket changes only with a restart (still %s)", old.settings.listen)
+            metrics = ("metrics_listen", "metrics_textfile", "metrics_interval")
+            if any(getattr(settings, name) != getattr(old.settings, name) for name in metrics):
+                log.warning("the metrics settings change only with a restart")
+                settings = attrs.evolve(settings, **{name: getattr(old.settings, name) for name in metrics})
             if options.blob_cache != old.options.blob_cache:
                 log.warning("the blob cache directory changes only with a restart (still %s)", old.options.blob_cache)
             elif self._store is not None:
@@ -356,4 +377,5 @@ def _describe(peer: PeerCredentials) -> str:
     command = ""
     with contextlib.suppress(OSError):
         command = Path(f"/proc/{peer.pid}/comm").read_text().strip()
-    return f"{peer}" + (f" ({command})" if command else "")
+    unit = systemd_unit(peer.pid)
+    return f"{peer}" + (f" ({command})" if command else "") + (f" in {unit}" if unit else "")

@@ -29,8 +29,10 @@ from proxy.image import gojson
 from proxy.image import manifest as mf
 from proxy.policy.errors import PolicyRejected
 from proxy.server.limits import Account, Ledger, Resource
+from proxy.server.metrics import Client, Transfer
 from proxy.server.options import ProxyOptions
 from proxy.server.resources import SharedResources
+from proxy.server.transfers import tracked
 from proxy.server.transports import open_source
 from proxy.sources.base import Blob, BytesBlob, ImageNotFound, ImageSource
 from proxy.transfer.pipe import Pipe, from_http
@@ -88,12 +90,14 @@ class Handler:
         resources: SharedResources | None = None,
         account: Account | None = None,
         on_idle: Callable[[], None] | None = None,
+        client: Client | None = None,
     ) -> None:
         """``spawn`` starts this session's producers; ``resources`` are shared with other sessions (None: local
         transports only, no cache); ``account`` counts what this connection holds against its limits and its
         user's (default: this connection's limits only); ``on_idle`` is called when a transfer ends (a daemon's
-        shutdown waits for the last one)."""
+        shutdown waits for the last one); ``client`` is who is connected (for transfers' log lines and GetStatus)."""
         self.config = config
+        self._client = client
         self._resources = resources
         self._store = resources.store if resources is not None else None
         self._spawn = spawn
@@ -457,11 +461,16 @@ class Handler:
 
     async def get_blob(self, image_id: int, digest: str, size: int) -> Outcome:
         image = self._image(image_id)
-        return await self._transfer(
-            lambda: self._open_blob(image, digest, size),
-            lambda blob: blob.size,
-            lambda pipe, blob: produce_blob(pipe, blob, digest, size),
-        )
+        transfer = Transfer("GetBlob", image.reference, digest, self._client, size)
+
+        async def produce(pipe: Pipe, blob: Blob) -> None:
+            async def work() -> ProxyError | None:
+                await produce_blob(pipe, blob, digest, size, transfer.moved)
+                return pipe.error
+
+            await tracked(transfer, blob, work)
+
+        return await self._transfer(lambda: self._open_blob(image, digest, size), lambda blob: blob.size, produce)
 
     # -- partial access (docs/PROTOCOL.md: blob-ranges, layer-toc) -----------------------------------
 
@@ -536,10 +545,15 @@ class Handler:
             raise
         data_pipe, err_pipe = pipes
         self._raw_transfers += 1
+        transfer = Transfer("GetRawBlob", image.reference, digest, self._client, blob.size)
 
         async def produce() -> None:
             try:
-                await produce_raw_blob(blob, digest, data_pipe.writer, err_pipe.writer)
+                await tracked(
+                    transfer,
+                    blob,
+                    lambda: produce_raw_blob(blob, digest, data_pipe.writer, err_pipe.writer, transfer.moved),
+                )
             finally:
                 self._raw_transfers -= 1
                 self._account.give(Resource.PIPES)
@@ -547,6 +561,21 @@ class Handler:
 
         self._spawn(produce)
         return Outcome(Reply.ok(blob.size), (data_pipe.read_fd, err_pipe.read_fd))
+
+    # -- what the process is doing (docs/PROTOCOL.md: status) ----------------------------------------------
+
+    async def get_status(self) -> Outcome:
+        """The connections, transfers in flight, cache, limits and uptime of this process, as a JSON document in a
+        pipe; other users' clients only for the process's own user and root (proxy/server/status.py)."""
+        from proxy.server import status  # imported when first asked for
+
+        document = await status.document(self.config, self._store, self._client, self._account.daemon_limits)
+        return self._reply_with_bytes(None, document)
+
+    def image_reference(self, image_id: object) -> str | None:
+        """The reference of an open image id, for a failed request's log line (None: no such image)."""
+        image = self._images.get(image_id) if isinstance(image_id, int) else None
+        return image.reference if image is not None else None
 
     async def finish_pipe(self, pipeid: int) -> Outcome:
         pipe = self._pipes.get(pipeid)

@@ -15,6 +15,7 @@ import attrs
 from protocol.codec import MAX_MSG_SIZE
 from protocol.errors import ErrorCode, ProxyError
 from protocol.server_connection import RequestRate
+from proxy.server.metrics import STATS
 
 
 @attrs.frozen
@@ -90,9 +91,11 @@ class Ledger:
         """Count a new connection of ``uid``; or the reason it is refused (nothing counted then)."""
         limit = self.limits.connections
         if limit is not None and self.connections >= limit:
+            STATS.refused("max-connections")
             return f"the daemon serves {limit} connections, its limit; try again later"
         limit = self.limits.connections_per_uid
         if limit is not None and self.held(uid, "connections") >= limit:
+            STATS.refused("max-connections-per-uid")
             return f"uid {uid} has {limit} connections open, the daemon's limit per user; close some"
         self.connections += 1
         self._per_uid[uid]["connections"] += 1
@@ -114,11 +117,19 @@ class Ledger:
         return Account(self, uid, limits)
 
 
+#: the ``limit`` label of image_proxy_limit_refusals_total: the limit's name in the configuration file
+_LIMIT_NAMES = {
+    (Resource.IMAGES, False): "open-images",
+    (Resource.PIPES, False): "open-pipes",
+    (Resource.IMAGES, True): "open-images-per-uid",
+    (Resource.PIPES, True): "open-pipes-per-uid",
+}
 _PER_CONNECTION = {Resource.IMAGES: "open_images", Resource.PIPES: "open_pipes"}
 _PER_UID = {Resource.IMAGES: "open_images_per_uid", Resource.PIPES: "open_pipes_per_uid"}
 
 
 def _refusal(what: Resource, limit: int, uid: int | None) -> LimitExceeded:
+    STATS.refused(_LIMIT_NAMES[what, uid is not None])
     whose = "this connection's limit" if uid is None else f"the daemon's limit for uid {uid} over all its connections"
     if what is Resource.IMAGES:
         return LimitExceeded(f"{limit} images are open, {whose}; close some with CloseImage")

@@ -41,6 +41,20 @@ def printable(text: str) -> str:
     return text
 
 
+#: what in a URL may be a credential: its user information (``user:password@``) and its query (a redirect to object
+#: storage carries a signature there: ``X-Amz-Signature=``, ``sig=``, ``token=``)
+_URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@]+@")
+_URL_QUERY = re.compile(r"(?i)\b(https?://[^\s?#'\"]*)\?[^\s'\"]*")
+
+
+def redact(text: str) -> str:
+    """``text`` without credentials a URL in it may carry: user information and query strings are replaced by
+    ``…``. Log lines never hold a password, a token or a signed URL's signature, whichever error text they quote."""
+    if "://" not in text:
+        return text
+    return _URL_QUERY.sub(r"\1?…", _URL_USERINFO.sub(r"\1…@", text))
+
+
 class OneLineFormatter(logging.Formatter):
     def __init__(self, journald: bool) -> None:
         super().__init__(
@@ -51,7 +65,7 @@ class OneLineFormatter(logging.Formatter):
         self.journald = journald
 
     def format(self, record: logging.LogRecord) -> str:
-        text = printable(super().format(record).replace("\r", "").replace("\n", " | "))
+        text = printable(redact(super().format(record)).replace("\r", "").replace("\n", " | "))
         return f"<{_priority(record.levelno)}>{text}" if self.journald else text
 
 

@@ -43,6 +43,31 @@ def peer_credentials(sock: socket.socket) -> PeerCredentials:
     return PeerCredentials(pid, uid, gid, frozenset(groups))
 
 
+#: the kinds of systemd unit a process runs in, as the last part of its cgroup path
+_UNIT_SUFFIXES = (".service", ".scope", ".socket", ".mount", ".swap", ".slice")
+
+
+def systemd_unit(pid: int) -> str | None:
+    """The systemd unit process ``pid`` runs in (``zincati.service``, ``session-3.scope``), from its cgroup
+    (``/proc/PID/cgroup``, the unified hierarchy, else systemd's named one); None when it has none or is gone. A
+    unit of a user's manager (``user@1000.service/app.slice/x.service``) is named by its innermost unit."""
+    try:
+        with open(f"/proc/{pid}/cgroup", encoding="utf-8", errors="replace") as f:
+            lines = f.read(8192).splitlines()
+    except OSError:
+        return None
+    paths = [line.split(":", 2)[2] for line in lines if line.count(":") >= 2]
+    chosen = next((p for line, p in zip(lines, paths, strict=True) if line.startswith("0::")), None)
+    if chosen is None:
+        chosen = next((p for line, p in zip(lines, paths, strict=True) if ":name=systemd:" in line), None)
+    if not chosen:
+        return None
+    for part in reversed(chosen.strip().split("/")):
+        if part.endswith(_UNIT_SUFFIXES) and not part.endswith(".slice"):
+            return part
+    return None
+
+
 @attrs.frozen
 class AccessPolicy:
     """Allow-lists of uids and gids; both empty: everyone who can open the socket may talk."""

@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import socket
+import time
 from collections.abc import Callable
 
 import attrs
@@ -30,16 +31,20 @@ import trio
 from protocol.codec import MAX_MSG_SIZE, encode_reply, shown
 from protocol.fds import ancillary_space, close_fds, fds_from_ancillary, fds_to_ancillary
 from protocol.messages import Reply, Request
+from protocol.methods import METHODS, Param
 from protocol.server_connection import AnswerNow, ConnectionLimits, Decision, InTurn, Refusal, Run, ServerConnection
 from proxy.common import threads
 from proxy.server.handler import Handler, Outcome
-from proxy.server.limits import Account, Ledger, daemon_busy
+from proxy.server.limits import Account, Ledger, Resource, daemon_busy
+from proxy.server.metrics import STATS, Client
 from proxy.server.options import ProxyOptions
-from proxy.server.peer import PeerCredentials
+from proxy.server.peer import PeerCredentials, systemd_unit
 from proxy.server.resources import SharedResources, open_resources
 from proxy.sources.localfs import Identity, needs_switch
 
 log = logging.getLogger(__name__)
+#: one info line per failed request (who, what, why): image-proxy.requests
+request_log = logging.getLogger("image-proxy.requests")
 
 #: how long pending requests may still be answered after Shutdown
 SHUTDOWN_GRACE = 0.5
@@ -108,6 +113,17 @@ class Session:
         self._peer = peer
         self.name = f"client pid {peer.pid} uid {peer.uid}" if peer is not None else "client"
         self._account: Account = (ledger or Ledger()).account(peer.uid if peer is not None else None, self._limits)
+        account = self._account
+        #: who is connected, for GetStatus, transfers' log lines and failed requests' (None: unknown peer)
+        self.client: Client | None = None
+        if peer is not None:
+            self.client = Client(
+                peer.pid,
+                peer.uid,
+                peer.gid,
+                systemd_unit(peer.pid),
+                held=lambda: (account.holds(Resource.IMAGES), account.holds(Resource.PIPES)),
+            )
         #: what arrived, what is owed, in which order (pure: protocol.server_connection)
         self._conn = ServerConnection(
             ConnectionLimits(
@@ -143,12 +159,16 @@ class Session:
     async def run(self) -> None:
         """Serve until EOF or Shutdown. Whatever goes wrong inside (a bug in a handler, a sender, a producer) ends
         this session only: it is logged once with its traceback, and everything the session held is closed."""
+        if self.client is not None:
+            STATS.connected(self.client)
         try:
             with threads.client_threads(self._limits.worker_threads):
                 await self._run()
         except Exception:
             log.exception("%s: internal error; closing this connection", self.name)
         finally:
+            if self.client is not None:
+                STATS.disconnected(self.client)
             if self._wire is not None:
                 trio.lowlevel.notify_closing(self._wire)
                 self._wire.close()
@@ -159,7 +179,7 @@ class Session:
         try:
             async with trio.open_nursery() as nursery:
                 handler = self._handler = Handler(
-                    self._options, nursery.start_soon, self._resources, self._account, self._on_idle
+                    self._options, nursery.start_soon, self._resources, self._account, self._on_idle, self.client
                 )
                 nursery.start_soon(self._sender, nursery.cancel_scope)
                 nursery.start_soon(self._dispatch, handler)
@@ -206,6 +226,7 @@ class Session:
                     log.debug("%s: Shutdown requested", self.name)
                     return True
                 if self._conn.over_pending:
+                    STATS.refused("pending-requests")
                     log.error(
                         "%s sent over %d requests without reading replies; ending session",
                         self.name,
@@ -215,6 +236,7 @@ class Session:
                 size = len(data)
                 refused = self._account.queue(size)
                 if refused == "connection":
+                    STATS.refused("queued-request-bytes")
                     log.error(
                         "%s queued over %d bytes of requests and replies without reading replies; ending session",
                         self.name,
@@ -225,7 +247,7 @@ class Session:
                     self._all_answered = trio.Event()
                 if refused == "daemon":
                     error = daemon_busy(self._account.daemon_limits)
-                    self._log_refusal("queued-bytes", error.message)
+                    self._log_refusal("daemon-queued-request-bytes", error.message)
                     decision = self._conn.refuse(item, Reply.failure(error.message, error.code), 0)
                 else:
                     decision = self._conn.accept(item, size, trio.current_time())
@@ -259,7 +281,8 @@ class Session:
 
     def _log_refusal(self, limit: str, why: str) -> None:
         """A refused request: a warning the first time this connection hits ``limit``, debug lines after (a flood
-        of refused requests must not become a flood of log lines)."""
+        of refused requests must not become a flood of log lines); counted in image_proxy_limit_refusals_total."""
+        STATS.refused(limit)
         level = logging.DEBUG if limit in self._refusals_logged else logging.WARNING
         self._refusals_logged.add(limit)
         log.log(level, "%s: request refused: %s", self.name, why)
@@ -269,11 +292,14 @@ class Session:
         dispatcher take it in its turn."""
         refusal = decision.refusal if isinstance(decision, AnswerNow | InTurn) else None
         if refusal is Refusal.RATE:
-            self._log_refusal("rate", f"over the rate limit of {self._limits.requests_per_second:g} per second")
+            self._log_refusal(
+                "requests-per-second", f"over the rate limit of {self._limits.requests_per_second:g} per second"
+            )
         if isinstance(decision, Run):
             if not self._answer_with_id_now(handler, decision):
                 nursery.start_soon(self._handle_with_id, handler, decision)
         elif isinstance(decision, AnswerNow):
+            self._counted(None, "refused" if decision.refusal is not None else "error", 0.0)
             self._send_soon(Outcome(decision.reply), decision.size)
         elif not self._answer_now(handler):
             self._in_order_changed.set()
@@ -287,9 +313,11 @@ class Session:
         queued = self._conn.only_in_order()
         if queued is None or not isinstance(queued.item, Request):
             return False
+        started = time.perf_counter()
         outcome = handler.answer_now(queued.item)
         if outcome is None:
             return False
+        self._record(handler, queued.item, outcome, started)
         taken = self._conn.next_in_order()
         assert taken is queued
         if self._debug:
@@ -302,9 +330,11 @@ class Session:
         slot of its own: replies to requests with ids may leave in any order. Whether it was answered."""
         if not isinstance(run.item, Request):
             return False
+        started = time.perf_counter()
         outcome = handler.answer_now(run.item)
         if outcome is None:
             return False
+        self._record(handler, run.item, outcome, started)
         try:
             if self._debug:
                 log.debug("request %s %s id %d", shown(run.item.method, 100), shown(run.item.args), run.request_id)
@@ -329,11 +359,15 @@ class Session:
                     self._dispatcher_idle = False
                 queued = self._conn.next_in_order()
             if isinstance(queued.item, Reply):
+                self._counted(None, "refused", 0.0)  # refused in its turn (the rate limit)
                 self._send_soon(Outcome(queued.item), queued.size)
                 continue
             if self._debug and isinstance(queued.item, Request):
                 log.debug("request %s %s", shown(queued.item.method, 100), shown(queued.item.args))
-            self._send_soon(await handler.handle(queued.item), queued.size)
+            started = time.perf_counter()
+            outcome = await handler.handle(queued.item)
+            self._record(handler, queued.item, outcome, started)
+            self._send_soon(outcome, queued.size)
 
     async def _handle_with_id(self, handler: Handler, run: Run) -> None:
         try:
@@ -341,10 +375,47 @@ class Session:
                 item = run.item
                 if self._debug and isinstance(item, Request):
                     log.debug("request %s %s id %d", shown(item.method, 100), shown(item.args), run.request_id)
+                started = time.perf_counter()
                 outcome = await handler.handle(item)
+                self._record(handler, item, outcome, started)
             self._send_soon(_with_id(outcome, run.request_id), run.size)
         finally:
             self._conn.done(run.request_id)
+
+    # ------------------------------------------------------------------ recording
+
+    def _counted(self, request: object, outcome: str, seconds: float) -> None:
+        """Count a request (image_proxy_requests_total, _request_duration_seconds): its method, when it is one of
+        the protocol's, else ``invalid`` (a bounded label); ``unknown`` for one refused before it was read (None)."""
+        if request is None:
+            method = "unknown"
+        else:
+            method = request.method if isinstance(request, Request) and request.method in METHODS else "invalid"
+        STATS.request(method, outcome, seconds)
+        if self.client is not None:
+            self.client.requests += 1
+
+    def _record(self, handler: Handler, request: object, outcome: Outcome, started: float) -> None:
+        """A request was answered: counted, and a failure logged in one info line (who, what, why). A failed
+        FinishPipe is not: its transfer's own line says how it ended."""
+        reply = outcome.reply
+        failed = reply is not None and not reply.success
+        self._counted(request, "error" if failed else "ok", time.perf_counter() - started)
+        if failed and request_log.isEnabledFor(logging.INFO) and getattr(request, "method", "") != "FinishPipe":
+            self._log_failure(handler, request, reply.error)
+
+    def _log_failure(self, handler: Handler, request: object, error: str) -> None:
+        if isinstance(request, Request):
+            args = list(request.args)
+            if args and request.method in METHODS and METHODS[request.method].params[:1] == (Param.IMAGE_ID,):
+                reference = handler.image_reference(args[0])
+                if reference is not None:
+                    args[0] = reference
+            method = request.method if request.method in METHODS else shown(request.method, 100)
+            what = f"{method} {' '.join(shown(a, 300) for a in args)}".rstrip()
+        else:
+            what = "an invalid request"
+        request_log.info("%s: %s failed: %s", self.client or self.name, what, error)
 
     def _send_soon(self, outcome: Outcome, request_size: int) -> None:
         """Encode a reply now (once) and send it at once if nothing is queued before it and the socket takes it

@@ -8,6 +8,8 @@ producers do that) and never resolves manifest lists (``proxy.image.manifest`` d
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import attrs
 import trio
@@ -15,6 +17,9 @@ import trio
 from protocol.errors import ErrorCode, ProxyError
 from proxy.common.pipes import CHUNK_SIZE, splice_file, write_all
 from proxy.sources.localfs import Identity
+
+if TYPE_CHECKING:
+    from proxy.server.metrics import Fetch
 
 
 class SourceError(ProxyError):
@@ -63,6 +68,11 @@ class Blob(abc.ABC):
 
     size: int  # as the source knows it, -1 when unknown
     verifies_digest: bool = False
+    #: where its bytes come from, for metrics, log lines and ``image-proxy status``: ``network`` (a registry, maybe
+    #: through a cache download), ``cache`` (a verified blob-cache file) or ``local`` (a local image's file, memory)
+    origin: str = "local"
+    #: how its bytes come over the network (hosts, resumes), when they do (proxy.server.metrics.Fetch)
+    fetch: Fetch | None = None
 
     @abc.abstractmethod
     async def read(self, max_bytes: int) -> bytes:
@@ -79,19 +89,27 @@ class Blob(abc.ABC):
         """Where the blob's unread bytes lie in a file, or None for a stream."""
         return None
 
-    async def send_to(self, writer: trio.lowlevel.FdStream) -> int:
+    async def send_to(self, writer: trio.lowlevel.FdStream, moved: Callable[[int], None] | None = None) -> int:
         """All of the blob into a pipe, the number of bytes sent; for a blob that ``verifies_digest`` (nothing
-        checks these bytes on their way). By ``sendfile`` from its window when it has one, else read and write."""
+        checks these bytes on their way). By ``sendfile`` from its window when it has one, else read and write.
+        ``moved`` is told each count of bytes sent (a transfer's progress)."""
         window = self.window()
         if window is not None:
             end = await splice_file(
-                window.fd, window.offset + window.length, writer, start=window.offset, read_once=window.read_once
+                window.fd,
+                window.offset + window.length,
+                writer,
+                start=window.offset,
+                read_once=window.read_once,
+                moved=moved,
             )
             return end - window.offset
         sent = 0
         while chunk := await self.read(CHUNK_SIZE):
             sent += len(chunk)
             await write_all(writer, chunk)
+            if moved is not None:
+                moved(len(chunk))
         return sent
 
     @abc.abstractmethod

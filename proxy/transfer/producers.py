@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+from collections.abc import Callable
 
 import trio
 
@@ -27,13 +28,23 @@ from proxy.transfer.pump import pump
 log = logging.getLogger(__name__)
 
 
-async def send_blob(blob: Blob, writer: trio.lowlevel.FdStream, digest: str) -> tuple[int, DigestVerifier | None]:
+async def send_blob(
+    blob: Blob, writer: trio.lowlevel.FdStream, digest: str, moved: Callable[[int], None] | None = None
+) -> tuple[int, DigestVerifier | None]:
     """Every byte of ``blob`` into a pipe: the number sent, and the verifier that hashed them (None when the blob
-    verified itself)."""
+    verified itself). ``moved`` is told each count of bytes written (a transfer's progress)."""
     if blob.verifies_digest:
-        return await blob.send_to(writer), None
+        return await blob.send_to(writer, moved), None
     verifier = DigestVerifier(digest)
-    await pump(blob, verifier.update, deliver=functools.partial(write_all, writer))
+    if moved is None:
+        deliver = functools.partial(write_all, writer)
+    else:
+
+        async def deliver(chunk: memoryview) -> None:
+            await write_all(writer, chunk)
+            moved(len(chunk))
+
+    await pump(blob, verifier.update, deliver=deliver)
     return verifier.size, verifier
 
 
@@ -46,13 +57,15 @@ async def produce_bytes(pipe: Pipe, data: bytes) -> None:
     await run_producer(pipe, work)
 
 
-async def produce_blob(pipe: Pipe, blob: Blob, digest: str, expected_size: int) -> None:
+async def produce_blob(
+    pipe: Pipe, blob: Blob, digest: str, expected_size: int, moved: Callable[[int], None] | None = None
+) -> None:
     """Producer for GetBlob: the blob into the pipe, then its size (and digest, unless the blob verified itself)
     checked against what the client expects; FinishPipe reports the Go server's texts."""
 
     async def work() -> None:
         async with blob:
-            sent, verifier = await send_blob(blob, pipe.writer, digest)
+            sent, verifier = await send_blob(blob, pipe.writer, digest, moved)
         error = verifier.check(expected_size) if verifier is not None else None
         if verifier is None and sent != expected_size:
             error = size_mismatch(expected_size, sent)
@@ -63,17 +76,21 @@ async def produce_blob(pipe: Pipe, blob: Blob, digest: str, expected_size: int) 
 
 
 async def produce_raw_blob(
-    blob: Blob, digest: str, data_writer: trio.lowlevel.FdStream, err_writer: trio.lowlevel.FdStream
-) -> None:
+    blob: Blob,
+    digest: str,
+    data_writer: trio.lowlevel.FdStream,
+    err_writer: trio.lowlevel.FdStream,
+    moved: Callable[[int], None] | None = None,
+) -> ProxyError | None:
     """Producer for GetRawBlob: data on one fd, at most one error document on the other.
 
     Unlike the Go server we verify the digest: a client that forgot to is still protected, and one that did sees
-    the same bytes. The error fd is closed first, then the data fd.
+    the same bytes. The error fd is closed first, then the data fd. Returns the error sent (None: none).
     """
     error: ProxyError | None = None
     try:
         async with blob:
-            _, verifier = await send_blob(blob, data_writer, digest)
+            _, verifier = await send_blob(blob, data_writer, digest, moved)
         error = verifier.check(None) if verifier is not None else None
     except ProxyError as e:
         error = e
@@ -90,6 +107,7 @@ async def produce_raw_blob(
             with trio.CancelScope(shield=True):
                 await err_writer.aclose()
                 await data_writer.aclose()
+    return error
 
 
 __all__ = ["produce_blob", "produce_bytes", "produce_raw_blob", "send_blob"]

@@ -31,6 +31,10 @@ NOT_AT_START = (
     "proxy.commands.inspect",
     "proxy.commands.cache",
     "protocol.client",
+    "prometheus_client",
+    "proxy.server.metrics_http",
+    "proxy.server.status",
+    "proxy.commands.status",
 )
 
 
