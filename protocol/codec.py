@@ -11,10 +11,10 @@ import json
 import re
 from typing import Any
 
+from protocol import MAX_MSG_SIZE
 from protocol.errors import ErrorCode, ProtocolViolation, ProxyError
 from protocol.messages import Reply, Request
 
-MAX_MSG_SIZE = 32 * 1024
 #: the largest integer a request may carry (what the Go server and JavaScript can represent exactly)
 MAX_SAFE_INTEGER = 2**53 - 1
 

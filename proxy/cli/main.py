@@ -18,23 +18,20 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-import attrs
-import trio
-
 from protocol import PROTOCOL_VERSION
 from proxy import __version__
-from proxy.cli.daemon_command import add_daemon_flags, run_daemon
-from proxy.cli.settings import options_from_args, spawned_blob_cache
 from proxy.commands import arguments
-from proxy.config import ConfigError
-from proxy.config.daemon_conf import DEFAULT_PATH as DEFAULT_DAEMON_CONF
-from proxy.config.daemon_conf import DaemonConfig, load_daemon_conf
+from proxy.config.errors import ConfigError
+from proxy.config.settings_file import DEFAULT_PATH as DEFAULT_DAEMON_CONF
+from proxy.config.settings_file import relay_socket
 from proxy.server import logs
-from proxy.server.options import ProxyOptions
-from proxy.server.session import serve_socket
 
+# What serving needs (trio, the session, the settings: ~100 ms of imports) is imported where it is used: a spawned
+# proxy that relays to the daemon ([spawned] daemon) imports none of it.
 if TYPE_CHECKING:
     from proxy.commands.proxy_access import ServeOne
+    from proxy.config.daemon_conf import DaemonConfig
+    from proxy.server.options import ProxyOptions
 
 log = logging.getLogger("image-proxy")
 
@@ -193,6 +190,7 @@ def build_parser(serving_only: bool = False) -> argparse.ArgumentParser:
         _add_serve_flags(p)
     if serving_only:
         return parser
+    from proxy.cli.daemon_command import add_daemon_flags
     from proxy.commands.cache import add_cache_parser
     from proxy.commands.copy import add_copy_parser
     from proxy.commands.inspect import add_inspect_parser, add_layers_parser
@@ -274,6 +272,10 @@ def _serve_options(args: argparse.Namespace, conf: DaemonConfig) -> ProxyOptions
         value = getattr(args, name, None)
         if value not in (None, False):
             log.debug("--%s accepted; it has no effect yet (%s)", name.replace("_", "-"), what)
+    import attrs
+
+    from proxy.cli.settings import options_from_args, spawned_blob_cache
+
     options = options_from_args(args, conf=conf)
     cache = spawned_blob_cache(args, conf)
     if cache is None:
@@ -284,20 +286,26 @@ def _serve_options(args: argparse.Namespace, conf: DaemonConfig) -> ProxyOptions
 
 def run_serve(args: argparse.Namespace) -> int:
     setup_logging(args.debug)
+    daemon_path = relay_socket(args.config)
+    daemon = _relay_target(args, daemon_path) if daemon_path else None
+    if daemon is not None:
+        from proxy.server import relay
+
+        relay.relay(_connected_socket(args.sockfd), daemon)
+        return 0
+    from proxy.config.daemon_conf import load_daemon_conf
+
     try:
-        conf = load_daemon_conf(args.config)
-        options = _serve_options(args, conf)
+        options = _serve_options(args, load_daemon_conf(args.config))
     except ConfigError as e:
         print(f"image-proxy: {e}", file=sys.stderr)
         return 2
     sock = _connected_socket(args.sockfd)
-    daemon = _relay_target(args, conf.spawned_daemon) if conf.spawned_daemon else None
-    if daemon is not None:
-        from proxy.server import relay
+    import trio
 
-        relay.relay(sock, daemon)
-    else:
-        trio.run(serve_socket, sock, options)
+    from proxy.server.session import serve_socket
+
+    trio.run(serve_socket, sock, options)
     return 0
 
 
@@ -329,6 +337,9 @@ def command_proxy(args: argparse.Namespace) -> ServeOne:
     from proxy.commands.proxy_access import proxy_arguments
 
     serve_args = build_parser().parse_args(["experimental-image-proxy", *proxy_arguments(args)])
+    from proxy.config.daemon_conf import load_daemon_conf
+    from proxy.server.session import serve_socket
+
     return functools.partial(serve_socket, options=_serve_options(serve_args, load_daemon_conf(serve_args.config)))
 
 
@@ -393,6 +404,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run_cache(args)
     if args.command == "daemon":
+        from proxy.cli.daemon_command import run_daemon
+
         return run_daemon(args)
     if args.command == "status":
         from proxy.commands.status import run_status

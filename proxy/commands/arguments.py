@@ -8,8 +8,6 @@ import grp
 import pwd
 from collections.abc import Callable
 
-from proxy.config.daemon_conf import parse_byte_size
-
 
 def boolean(text: str) -> bool:
     """Go's strconv.ParseBool spellings that skopeo accepts: 1/t/true/yes, 0/f/false/no."""
@@ -56,6 +54,8 @@ def whole_number(low: int = 0, high: int | None = None, what: str = "a count") -
 
 def byte_size(text: str) -> int:
     """``20G``, ``512M``, a number of bytes."""
+    from proxy.config.daemon_conf import parse_byte_size  # the settings file's reader: imported when a size is given
+
     try:
         return parse_byte_size(text)
     except ValueError as e:

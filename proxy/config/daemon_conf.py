@@ -63,8 +63,7 @@ import attrs
 from proxy.common import jsonlimits
 
 from .errors import ConfigError
-
-DEFAULT_PATH = Path("/etc/image-proxy/config.toml")
+from .settings_file import DEFAULT_PATH
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -300,7 +299,7 @@ def parse_daemon_conf(text: str, path: Path) -> DaemonConfig:
 
 def load_daemon_conf(path: str | os.PathLike[str] | None = None) -> DaemonConfig:
     """The settings file: ``path`` (must exist) or the default (may be missing)."""
-    target = Path(path) if path else DEFAULT_PATH
+    target = Path(path or DEFAULT_PATH)
     try:
         text = target.read_text()
     except FileNotFoundError:

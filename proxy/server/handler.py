@@ -17,6 +17,7 @@ import attrs
 import trio
 
 import protocol
+from protocol.codec import encode_reply
 from protocol.digests import DigestVerifier
 from protocol.errors import ProtocolViolation, ProxyError
 from protocol.extensions import SERVER_EXTENSIONS
@@ -426,7 +427,7 @@ class Handler:
         infos = mf.layer_infos(image.parsed)
         reply = Reply.ok(infos)
         try:
-            protocol.encode_reply(reply)
+            encode_reply(reply)
         except ValueError:
             raise ProxyError(
                 f"{image.reference}: layer info of {len(infos)} layers does not fit in one packet; "

@@ -21,7 +21,7 @@ import logging
 import select
 import socket
 
-from protocol.codec import MAX_MSG_SIZE
+from protocol import MAX_MSG_SIZE
 from protocol.fds import ancillary_space, close_fds, fds_from_ancillary, fds_to_ancillary
 
 log = logging.getLogger("image-proxy")

@@ -168,3 +168,38 @@ async def test_the_relay_ends_within_a_second_of_eof_or_shutdown(start_daemon, t
         finally:
             agent.sock.close()
             agent.kill()
+
+
+#: what a relay never imports: it passes packets on (tests/cli/test_startup_imports.py does the same for a spawned
+#: proxy that serves itself)
+NOT_IN_A_RELAY = ("trio", "attrs", "proxy.server.session", "proxy.config.daemon_conf", "protocol.codec", "pathlib")
+
+
+async def test_a_relay_imports_nothing_it_does_not_use(start_daemon, tmp_path):
+    """Its start-up is what an agent waits for before Initialize: the interpreter, argparse, logging and the
+    relay, not trio, attrs, the session or the settings machinery (spawn to Initialize: ~40 ms against ~150)."""
+    daemon = await start_daemon("--insecure-policy", "--no-blob-cache")
+    config = relay_config(tmp_path, daemon.socket_path)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    process = subprocess.Popen(
+        [sys.executable, "-X", "importtime", "-m", "proxy", "experimental-image-proxy", "--config", str(config)],
+        stdin=theirs,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    theirs.close()
+    try:
+        ours.settimeout(30)
+        assert _request(ours, "Initialize")["value"] == "0.2.8"
+        await daemon.wait_for_log(rf"connection from pid {process.pid} ")  # answered by the daemon
+        ours.close()
+        _, stderr = await trio.to_thread.run_sync(process.communicate, None, 30)
+    finally:
+        ours.close()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    modules = {line.rsplit("|", 1)[1].strip() for line in stderr.splitlines() if line.startswith("import time:")}
+    assert "proxy.server.relay" in modules, "the importtime output was read"
+    assert sorted(m for m in modules if any(m == n or m.startswith(n + ".") for n in NOT_IN_A_RELAY)) == []

@@ -27,8 +27,8 @@ async def test_through_the_relay_ours_matches_skopeo(
     start_daemon,
     layouts,
     skopeo_proxy_argv,
-    corrupted_ref,
-    tmp_path,  # noqa: F811
+    corrupted_ref,  # noqa: F811  (the fixture imported above)
+    tmp_path,
 ):
     case = CASES[name]
     daemon = await start_daemon(*case.flags, "--no-blob-cache")  # the case's flags are the daemon's settings

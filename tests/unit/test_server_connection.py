@@ -107,3 +107,25 @@ def test_shutdown_and_the_pending_limit() -> None:
     assert not conn.over_pending
     arrive(conn, packet("GetManifest", 1))
     assert conn.over_pending  # two replies owed and unread: the session closes the connection
+
+
+def test_a_packet_of_exactly_the_size_limit_is_a_request_and_one_byte_more_is_not() -> None:
+    conn = ServerConnection(ConnectionLimits(max_request_size=600))
+    base = packet("OpenImage", "oci:/")
+    exact = packet("OpenImage", "oci:/" + "x" * (600 - len(base)))
+    assert len(exact) == 600
+    assert isinstance(conn.decode(exact, False), Request)
+    over = packet("OpenImage", "oci:/" + "x" * (601 - len(base)))
+    assert isinstance(conn.decode(over, False), ProtocolViolation)
+
+
+def test_refused_requests_count_as_owed_replies_toward_the_pending_limit() -> None:
+    """A flood the server refuses (rate, its own limits) still owes replies: it reaches the pending limit too."""
+    conn = ServerConnection(ConnectionLimits(max_pending=3))
+    item = conn.decode(packet("GetManifest", 1), False)
+    for owed in (1, 2):
+        conn.refuse(item, Reply.failure("busy"), 0)
+        assert conn.unanswered == owed and not conn.over_pending
+    conn.refuse(item, Reply.failure("busy"), 0)
+    assert conn.over_pending
+    assert not conn.sent() and conn.unanswered == 2 and not conn.over_pending
