@@ -106,7 +106,8 @@ class Handler:
         self._images: dict[int, OpenedImage] = {}
         self._next_image_id = 1
         self._pipes: dict[int, Pipe] = {}
-        self._finishing: set[int] = set()
+        #: pipe -> the FinishPipe waiting for it (None: one run without being seen arriving)
+        self._finishing: dict[int, Request | None] = {}
         self._raw_transfers = 0  # GetRawBlob producers running (their pipes have no pipeid)
         self._account = account if account is not None else Ledger().account(None, config.limits)
         self._on_idle = on_idle or (lambda: None)
@@ -125,6 +126,8 @@ class Handler:
             spec, args = parse_args(request)
             if spec.needs_init and not self._initialized:
                 raise ProxyError("client error: must invoke Initialize")
+            if spec.name == "FinishPipe":
+                return await self._finish_pipe(args[0], request)
             return await self._methods[spec.name](*args)
         except ProxyError as e:
             return _failure(request, e)
@@ -136,9 +139,11 @@ class Handler:
 
     def answer_now(self, request: Request | ProtocolViolation) -> Outcome | None:
         """The outcome of a request that needs no waiting, computed at once: GetManifest of an image whose OCI
-        manifest is in memory, FinishPipe of a pipe whose producer is done. None for anything else, and for
-        anything that is not the plain case (an error, a limit): the session then runs it in its turn, and that
-        path answers it."""
+        manifest is in memory, FinishPipe of a pipe whose producer is done, or of a pipe another FinishPipe waits
+        for (refused). None for anything else, and for anything that is not the plain case (an error, a limit):
+        the session then runs it in its turn, and that path answers it. The session calls this as a request
+        arrives (with an id, or in order with nothing ahead of it), so a FinishPipe that is to wait claims its pipe
+        here: the first to arrive is the one that waits, whichever task starts first."""
         if not isinstance(request, Request) or request.method not in _ANSWERED_NOW or not self._initialized:
             return None
         try:
@@ -146,8 +151,14 @@ class Handler:
             if spec.name == "GetManifest":
                 image = self._images.get(args[0])
                 return self._stored_manifest(image) if image is not None else None
-            pipe = self._pipes.get(args[0])
-            if pipe is None or not pipe.done.is_set() or args[0] in self._finishing:
+            pipeid = args[0]
+            pipe = self._pipes.get(pipeid)
+            if pipe is None:
+                return None
+            if pipeid in self._finishing:
+                return _failure(request, _already_finishing(pipeid))
+            if not pipe.done.is_set():
+                self._finishing[pipeid] = request  # this request runs next for it (a task, or the dispatcher)
                 return None
         except ProxyError:
             return None
@@ -579,16 +590,21 @@ class Handler:
         return image.reference if image is not None else None
 
     async def finish_pipe(self, pipeid: int) -> Outcome:
+        return await self._finish_pipe(pipeid, None)
+
+    async def _finish_pipe(self, pipeid: int, request: Request | None) -> Outcome:
+        """Wait for the pipe's producer; ``request``: the FinishPipe itself, which may have claimed the pipe as it
+        arrived (``answer_now``)."""
         pipe = self._pipes.get(pipeid)
         if pipe is None:
             raise ProxyError(f"finishpipe: no active pipe {pipeid}")
-        if pipeid in self._finishing:
-            raise ProxyError(f"finishpipe: pipe {pipeid} is already being finished by another request")
-        self._finishing.add(pipeid)
+        if pipeid in self._finishing and (request is None or self._finishing[pipeid] is not request):
+            raise _already_finishing(pipeid)
+        self._finishing[pipeid] = request
         try:
             await pipe.done.wait()
         finally:
-            self._finishing.discard(pipeid)
+            self._finishing.pop(pipeid, None)
         # The pipe may have been finished meanwhile only by session teardown, which cancels us.
         return self._finished(pipe)
 
@@ -613,6 +629,10 @@ class Handler:
                 except Exception:
                     log.exception("closing %s", image.reference)
             self._images.clear()
+
+
+def _already_finishing(pipeid: int) -> ProxyError:
+    return ProxyError(f"finishpipe: pipe {pipeid} is already being finished by another request")
 
 
 def _python_name(method: str) -> str:
