@@ -313,11 +313,9 @@ class Session:
         queued = self._conn.only_in_order()
         if queued is None or not isinstance(queued.item, Request):
             return False
-        started = time.perf_counter()
-        outcome = handler.answer_now(queued.item)
+        outcome = self._outcome_at_once(handler, queued.item)
         if outcome is None:
             return False
-        self._record(handler, queued.item, outcome, started)
         taken = self._conn.next_in_order()
         assert taken is queued
         if self._debug:
@@ -325,16 +323,22 @@ class Session:
         self._send_soon(outcome, queued.size)
         return True
 
+    def _outcome_at_once(self, handler: Handler, request: Request) -> Outcome | None:
+        """``Handler.answer_now``, recorded like any request when it answered."""
+        started = time.perf_counter()
+        outcome = handler.answer_now(request)
+        if outcome is not None:
+            self._record(handler, request, outcome, started)
+        return outcome
+
     def _answer_with_id_now(self, handler: Handler, run: Run) -> bool:
         """Answer a request with an id here when it needs no waiting (``Handler.answer_now``), without a task and a
         slot of its own: replies to requests with ids may leave in any order. Whether it was answered."""
         if not isinstance(run.item, Request):
             return False
-        started = time.perf_counter()
-        outcome = handler.answer_now(run.item)
+        outcome = self._outcome_at_once(handler, run.item)
         if outcome is None:
             return False
-        self._record(handler, run.item, outcome, started)
         try:
             if self._debug:
                 log.debug("request %s %s id %d", shown(run.item.method, 100), shown(run.item.args), run.request_id)
