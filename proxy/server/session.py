@@ -70,6 +70,10 @@ def identity_of(peer: PeerCredentials | None) -> Identity | None:
     return identity if needs_switch(identity) else None
 
 
+#: a connection's failed requests get an info line each, in bursts of at most this many, refilled at this rate
+FAILURE_LINES_BURST = 20
+FAILURE_LINES_PER_SECOND = 1.0
+
 #: packets a session reads one after the other without a checkpoint (see Session._receive_packet)
 READS_BEFORE_CHECKPOINT = 16
 
@@ -148,6 +152,11 @@ class Session:
         self._handler: Handler | None = None
         self._debug = log.isEnabledFor(logging.DEBUG)
         self._refusals_logged: set[str] = set()
+        #: failed requests' info lines: a bucket of FAILURE_LINES_BURST refilled at FAILURE_LINES_PER_SECOND (a client
+        #: that sends nothing but bad requests must not flood the journal); the rest go to debug, and are counted
+        self._failure_lines = float(FAILURE_LINES_BURST)
+        self._failure_lines_at = 0.0
+        self._failures_unlogged = 0
         #: called when this session may have become idle (``busy`` turned false): the daemon's shutdown waits on it
         self._on_idle = on_idle or (lambda: None)
 
@@ -409,6 +418,20 @@ class Session:
             self._log_failure(handler, request, reply.error)
 
     def _log_failure(self, handler: Handler, request: object, error: str) -> None:
+        at = time.monotonic()
+        tokens = min(
+            FAILURE_LINES_BURST, self._failure_lines + (at - self._failure_lines_at) * FAILURE_LINES_PER_SECOND
+        )
+        self._failure_lines_at = at
+        if tokens < 1:
+            self._failure_lines = tokens
+            self._failures_unlogged += 1
+            if not request_log.isEnabledFor(logging.DEBUG):
+                return
+            level = logging.DEBUG
+        else:
+            self._failure_lines = tokens - 1
+            level = logging.INFO
         if isinstance(request, Request):
             args = list(request.args)
             if args and request.method in METHODS and METHODS[request.method].params[:1] == (Param.IMAGE_ID,):
@@ -419,7 +442,11 @@ class Session:
             what = f"{method} {' '.join(shown(a, 300) for a in args)}".rstrip()
         else:
             what = "an invalid request"
-        request_log.info("%s: %s failed: %s", self.client or self.name, what, error)
+        unlogged = ""
+        if level == logging.INFO and self._failures_unlogged:
+            unlogged = f" ({self._failures_unlogged} more failed requests of this connection were not logged)"
+            self._failures_unlogged = 0
+        request_log.log(level, "%s: %s failed: %s%s", self.client or self.name, what, error, unlogged)
 
     def _send_soon(self, outcome: Outcome, request_size: int) -> None:
         """Encode a reply now (once) and send it at once if nothing is queued before it and the socket takes it

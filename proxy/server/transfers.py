@@ -57,7 +57,7 @@ def describe(transfer: Transfer, outcome: str, error: ProxyError | None) -> str:
     elif outcome == "error":
         ended = f"failed: {error.message if error is not None else 'unknown error'}"
     elif error is not None:
-        ended = "the client went away (it closed its pipe)"
+        ended = "the client went away (broken pipe)"
     else:
         ended = "the client went away (the connection ended first)"
     total = f" of {transfer.total}" if transfer.total >= 0 and transfer.sent != transfer.total else ""
