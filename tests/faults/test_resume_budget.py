@@ -31,11 +31,11 @@ from tests.faults.test_matrix import (
 from tests.support.documented import README, number, numbers
 
 TRANSPORTS = ("plain",)
-#: README: at most --max-resumes resumes per blob (10), at most 2 in a row that brought less than 1 MiB within 60 s
+#: README: at most --max-resumes resumes per blob (10), at most 2 in a row after attempts that brought < 1 MiB
 MAX_RESUMES, IN_A_ROW, PROGRESS_MIB, PROGRESS_SECONDS = numbers(
     README,
-    r"at most `--max-resumes` resumes per blob \((\d+)\), and at most (\d+) resumes in a row that each brought "
-    r"less than (\d+) MiB and came within (\d+) s of the previous one",
+    r"at most `--max-resumes` resumes per blob \((\d+)\), and at most (\d+) resumes in a row after attempts that "
+    r"each brought less than (\d+) MiB and came within (\d+) s of the previous one",
 )
 #: README: "is reported after at most four stalls (the one that stopped it, then three resumes that bring nothing)"
 STALLS_FOR_GOOD = number(README, r"is reported after at most (\w+) stalls \(the one that stopped it")

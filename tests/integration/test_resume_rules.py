@@ -33,8 +33,8 @@ from tests.support.images import pseudo_random
 
 MAX_RESUMES, IN_A_ROW, PROGRESS_MIB, PROGRESS_SECONDS = numbers(
     README,
-    r"at most `--max-resumes` resumes per blob \((\d+)\), and at most (\d+) resumes in a row that each brought "
-    r"less than (\d+) MiB and came within (\d+) s of the previous one",
+    r"at most `--max-resumes` resumes per blob \((\d+)\), and at most (\d+) resumes in a row after attempts that "
+    r"each brought less than (\d+) MiB and came within (\d+) s of the previous one",
 )
 STALLS_FOR_GOOD = number(README, r"is reported after at most (\w+) stalls \(the one that stopped it")
 MIB = 1 << 20
