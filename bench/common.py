@@ -392,13 +392,15 @@ class RunningDaemon:
 
 
 @contextlib.contextmanager
-def image_proxy_daemon(workdir: Path, timeout: float, extra: Sequence[str] = ()) -> Iterator[RunningDaemon]:
+def image_proxy_daemon(
+    workdir: Path, timeout: float, extra: Sequence[str] = (), config_text: str = ""
+) -> Iterator[RunningDaemon]:
     """``image-proxy daemon`` with a fresh empty blob cache under ``workdir``, yielded once it has sent READY=1 on
     the notify socket; stopped with SIGTERM at the end of the block, which must make it exit 0."""
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
     listen, notify_path, config, log = (workdir / name for name in ("proxy.sock", "notify.sock", "config.toml", "log"))
-    config.write_text("")  # an empty settings file: no /etc/image-proxy/config.toml of this machine applies
+    config.write_text(config_text)  # (empty by default) no /etc/image-proxy/config.toml of this machine applies
     env = {key: value for key, value in os.environ.items() if not key.startswith("LISTEN_")}
     env["NOTIFY_SOCKET"] = str(notify_path)
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:

@@ -103,6 +103,8 @@ class Run:
     round_trips_ids_s: float | None = None  # ours only: the same, every call with a request id
     round_trips_daemon_s: float | None = None  # ours only: the same, in order, on a connection to a daemon
     round_trips_relay_s: float | None = None  # ours only: the same, through a spawned relay to that daemon
+    relay_initialize_ms: float | None = None  # ours only: spawn of a relay to that daemon -> Initialize reply
+    relay_open_oci_ms: float | None = None  # ours only: the same relay -> OpenImage reply (oci: layout)
     inspect_s: float | None = None  # inspect docker://... wall time
     copy_layers_s: float | None = None  # copy docker://... (the --copy-layers image) oci:NEW
     copy_big_s: float | None = None  # copy docker://... (the one-layer --copy-big-mb image) oci:NEW
@@ -191,7 +193,12 @@ class Bench:
         client.next_id = 1
         run.round_trips_ids_s = self._round_trip_rate(client, run, "round trips with ids")
         with image_proxy_daemon(
-            self.workdir / f"daemon-{run.round}", self.args.timeout, ["--policy", str(self.policy)]
+            self.workdir / f"daemon-{run.round}",
+            self.args.timeout,
+            ["--policy", str(self.policy)],
+            # the daemon's per-connection rate limit (500 requests/s, bursts of 1000) is what a round-trip loop
+            # measures otherwise
+            config_text="[limits]\nrequests-per-second = 0\n",
         ) as daemon:
             client = SocketClient.connect(daemon.listen, self.args.timeout, daemon.log)
             run.round_trips_daemon_s = self._round_trip_rate(client, run, "round trips through the daemon")
@@ -200,6 +207,16 @@ class Bench:
             relay = [sys.executable, "-m", "proxy", "experimental-image-proxy", "--config", str(relay_config)]
             client = ProxyClient(relay, self.logs / f"round-trips-relay-{run.round}.log", self.args.timeout)
             run.round_trips_relay_s = self._round_trip_rate(client, run, "round trips through a relay")
+            start = time.perf_counter()
+            client = ProxyClient(relay, self.logs / f"startup-relay-{run.round}.log", self.args.timeout)
+            try:
+                client.call("Initialize")
+                run.relay_initialize_ms = (time.perf_counter() - start) * 1000
+                opened = client.call("OpenImage", self.oci_reference)
+                run.relay_open_oci_ms = (time.perf_counter() - start) * 1000
+                close_fds(opened.fds)
+            finally:
+                client.close()
 
     def _round_trip_rate(self, client: SocketClient, run: Run, what: str) -> float:
         try:
@@ -311,6 +328,11 @@ def import_time_ms(timeout: float) -> float:
 METRICS: list[tuple[str, str, Callable[[Run], float | None]]] = [
     ("spawn → Initialize reply, ms", ".1f", lambda r: r.initialize_ms),
     ("spawn → OpenImage reply (`oci:` layout), ms", ".1f", lambda r: r.open_oci_ms),
+    (
+        "the same, ours spawned as a relay to a running daemon (skopeo: spawned), ms",
+        ".1f",
+        lambda r: r.relay_open_oci_ms if r.server == OURS else r.open_oci_ms,
+    ),
     ("GetManifest round trips per second (higher is better)", ".0f", lambda r: r.round_trips_s),
     (
         "the same, ours with request ids (skopeo: in order, it has no ids)",
