@@ -17,6 +17,7 @@ log line naming them, never silently ignored. So is a client whose daemon is not
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import select
 import socket
@@ -79,19 +80,46 @@ def own_settings(args: argparse.Namespace) -> list[str]:
 
 
 def connect(path: str) -> socket.socket | str:
-    """A connection to the daemon's socket, or why there is none (within :data:`CONNECT_TIMEOUT`)."""
+    """A connection to the daemon's socket that the daemon took, or why there is none (within
+    :data:`CONNECT_TIMEOUT`). A daemon that refuses a client (allow-list, connection limits) answers its first
+    request with the reason, or closes the socket: the relay asks ``GetCapabilities`` first, keeps the answer to
+    itself, and relays only once the daemon answered it."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     sock.settimeout(CONNECT_TIMEOUT)
     try:
         sock.connect(path)
+        sock.send(_PROBE)
+        answer = sock.recv(MAX_MSG_SIZE)
     except TimeoutError:
         sock.close()
         return f"no answer within {CONNECT_TIMEOUT:g} s"
     except OSError as e:
         sock.close()
         return e.strerror or str(e)
+    refusal = _refusal(answer)
+    if refusal is not None:
+        sock.close()
+        return refusal
     sock.settimeout(None)
     return sock
+
+
+#: the request that tells a daemon that takes the relay from one that refuses it (no Initialize needed)
+_PROBE = b'{"method":"GetCapabilities","args":[]}'
+
+
+def _refusal(answer: bytes) -> str | None:
+    """Why the daemon did not take the relay, from its answer to the probe; None if it did."""
+    if not answer:
+        return "the daemon closed the connection"
+    try:
+        reply = json.loads(answer)
+    except ValueError:
+        return "the daemon's answer is not JSON"
+    if not isinstance(reply, dict) or reply.get("success") is not True:
+        error = reply.get("error") if isinstance(reply, dict) else None
+        return f"the daemon refused: {error}" if isinstance(error, str) and error else "the daemon refused"
+    return None
 
 
 def relay(client: socket.socket, daemon: socket.socket) -> None:

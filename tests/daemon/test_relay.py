@@ -203,3 +203,26 @@ async def test_a_relay_imports_nothing_it_does_not_use(start_daemon, tmp_path):
     modules = {line.rsplit("|", 1)[1].strip() for line in stderr.splitlines() if line.startswith("import time:")}
     assert "proxy.server.relay" in modules, "the importtime output was read"
     assert sorted(m for m in modules if any(m == n or m.startswith(n + ".") for n in NOT_IN_A_RELAY)) == []
+
+
+async def test_a_daemon_that_refuses_the_relay_leaves_the_agent_to_serve_itself(start_daemon, tmp_path):
+    """A daemon at its connection limit answers a new client's first request with the reason: the relay asks it
+    first (GetCapabilities), and serves the agent itself, saying why in one line."""
+    settings = tmp_path / "daemon.toml"
+    settings.write_text("[daemon]\nmax-connections = 1\n")
+    daemon = await start_daemon("--insecure-policy", "--no-blob-cache", "--config", str(settings))
+    holder = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    holder.settimeout(30)
+    holder.connect(str(daemon.socket_path))
+    assert _request(holder, "Initialize")["value"] == "0.2.8"  # the one connection the daemon takes
+    agent = Agent("--config", str(relay_config(tmp_path, daemon.socket_path)))
+    try:
+        agent.sock.settimeout(30)
+        assert _request(agent.sock, "Initialize")["value"] == "0.2.8"  # answered all the same: by the agent
+        agent.sock.close()
+        err = await agent.stderr()
+    finally:
+        agent.kill()
+        holder.close()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "the daemon refused" in lines[0] and "serving this client here" in lines[0], err
