@@ -160,6 +160,7 @@ class Download:
             os.close(self.dir_fd)
             if self.store._downloads.get(self.key) is self:
                 del self.store._downloads[self.key]
+            self.store.downloads_ended += 1  # a fetch that looked the blob up meanwhile looks again (store.fetch)
             self._notify()
 
     async def _run(self, open_from: Callable[[int], Awaitable[Blob]]) -> None:
