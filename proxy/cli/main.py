@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from protocol import PROTOCOL_VERSION
 from proxy import __version__
 from proxy.commands import arguments
+from proxy.commands.proxy_flags import TLS_VERIFY
 from proxy.config.errors import ConfigError
 from proxy.config.settings_file import DEFAULT_PATH as DEFAULT_DAEMON_CONF
 from proxy.config.settings_file import relay_socket
@@ -36,8 +37,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("image-proxy")
 
 SERVE_COMMANDS = ("experimental-image-proxy", "serve")
-#: skopeo's global --tls-verify (deprecated there), accepted before the command and moved after it
-TLS_VERIFY = "--tls-verify"
 VERSION_LINE = f"image-proxy version {__version__} (protocol {PROTOCOL_VERSION})"
 #: commands that are clients of a proxy (they start one, or use --proxy-socket)
 CLIENT_COMMANDS = ("inspect", "layers", "copy")
@@ -312,9 +311,10 @@ def run_serve(args: argparse.Namespace) -> int:
 def _relay_target(args: argparse.Namespace, daemon_path: str) -> socket.socket | None:
     """``[spawned] daemon``: a connection to relay the client to (proxy/server/relay.py); None to serve it here,
     because its flags are settings the daemon would not apply or the daemon cannot be reached (one log line)."""
+    from proxy.commands.proxy_flags import settings_given
     from proxy.server import relay
 
-    own = relay.own_settings(args)
+    own = settings_given(args)
     if own:
         log.warning(
             "serving this client here, not through the daemon at %s: %s would not apply there",

@@ -20,44 +20,7 @@ import trio
 from protocol.client import ImageProxy
 from protocol.client.tasks import failing_fast
 from protocol.errors import ErrorCode, ProxyError
-
-#: flags handed unchanged to the command's proxy (its experimental-image-proxy flags): (flag, takes a value)
-_PASSED_FLAGS: tuple[tuple[str, bool], ...] = (
-    ("--authfile", True),
-    ("--creds", True),
-    ("--username", True),
-    ("--password", True),
-    ("--registry-token", True),
-    ("--no-creds", False),
-    ("--cert-dir", True),
-    ("--shared-blob-dir", True),
-    ("--blob-cache", True),
-    ("--blob-cache-max", True),
-    ("--config", True),
-    ("--connect-timeout", True),
-    ("--tls-handshake-timeout", True),
-    ("--response-header-timeout", True),
-    ("--stall-timeout", True),
-    ("--max-resumes", True),
-)
-#: skopeo's global flags (accepted before or after the subcommand) that the proxy needs too
-_GLOBAL_FLAGS = (
-    "--override-arch",
-    "--override-os",
-    "--override-variant",
-    "--tmpdir",
-    "--user-agent-prefix",
-    "--registries-conf",
-    "--policy",
-    "--registries.d",
-)
-#: skopeo's global switches the proxy needs too
-_GLOBAL_SWITCHES = ("--insecure-policy", "--require-signed")
-
-
-def _dest(flag: str) -> str:
-    return flag.lstrip("-").replace("-", "_").replace(".", "_")
-
+from proxy.commands.proxy_flags import GLOBAL_FLAGS, GLOBAL_SWITCHES, SERVE_FLAGS, dest
 
 #: what each flag passed on to the command's proxy does, for --help
 _HELPS = {
@@ -132,31 +95,31 @@ def add_proxy_flags(parser: argparse.ArgumentParser, source_aliases: bool = Fals
         choices=("true", "false", "1", "0"),
         help="require HTTPS and verified certificates (default true; false for a plain-HTTP registry)",
     )
-    for flag, takes_value in _PASSED_FLAGS:
+    for flag, takes_value in SERVE_FLAGS:
         if takes_value:
-            metavar = _METAVARS.get(flag, _dest(flag).upper())
-            group.add_argument(*names(flag), dest=_dest(flag), metavar=metavar, help=_HELPS[flag])
+            metavar = _METAVARS.get(flag, dest(flag).upper())
+            group.add_argument(*names(flag), dest=dest(flag), metavar=metavar, help=_HELPS[flag])
         else:
-            group.add_argument(*names(flag), dest=_dest(flag), action="store_true", help=_HELPS[flag])
+            group.add_argument(*names(flag), dest=dest(flag), action="store_true", help=_HELPS[flag])
 
 
 def proxy_arguments(args: argparse.Namespace) -> list[str]:
     """The flags for the command's proxy, from the parsed command line (what was given, nothing else)."""
     argv: list[str] = []
-    for flag in _GLOBAL_FLAGS:
-        value = getattr(args, _dest(flag), None)
+    for flag in GLOBAL_FLAGS:
+        value = getattr(args, dest(flag), None)
         if value:
             argv += [flag, value]
-    for flag in _GLOBAL_SWITCHES:
-        if getattr(args, _dest(flag), False):
+    for flag in GLOBAL_SWITCHES:
+        if getattr(args, dest(flag), False):
             argv.append(flag)
     if getattr(args, "debug", False):
         argv.append("--debug")
     tls_verify = getattr(args, "tls_verify", None)
     if tls_verify is not None:
         argv.append(f"--tls-verify={'false' if tls_verify in ('false', '0') else 'true'}")
-    for flag, takes_value in _PASSED_FLAGS:
-        value = getattr(args, _dest(flag), None)
+    for flag, takes_value in SERVE_FLAGS:
+        value = getattr(args, dest(flag), None)
         if takes_value and value is not None:
             argv += [flag, str(value)]
         elif not takes_value and value:

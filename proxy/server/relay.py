@@ -16,7 +16,6 @@ log line naming them, never silently ignored. So is a client whose daemon is not
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import select
@@ -31,52 +30,6 @@ log = logging.getLogger("image-proxy")
 CONNECT_TIMEOUT = 1.0
 #: fds one reply may carry (GetRawBlob: two)
 _REPLY_FDS = 16
-
-#: experimental-image-proxy's flags that change what the proxy does (argparse dest -> flag): the daemon applies its
-#: own settings, so with any of these the client is served here
-_OWN_SETTINGS = {
-    "authfile": "--authfile",
-    "creds": "--creds",
-    "username": "--username",
-    "password": "--password",
-    "registry_token": "--registry-token",
-    "no_creds": "--no-creds",
-    "cert_dir": "--cert-dir",
-    "tls_verify": "--tls-verify",
-    "shared_blob_dir": "--shared-blob-dir",
-    "blob_cache": "--blob-cache",
-    "blob_cache_max": "--blob-cache-max",
-    "registries_conf": "--registries-conf",
-    "registries_d": "--registries.d",
-    "policy": "--policy",
-    "insecure_policy": "--insecure-policy",
-    "require_signed": "--require-signed",
-    "override_arch": "--override-arch",
-    "override_os": "--override-os",
-    "override_variant": "--override-variant",
-    "tmpdir": "--tmpdir",
-    "user_agent_prefix": "--user-agent-prefix",
-    "connect_timeout": "--connect-timeout",
-    "tls_handshake_timeout": "--tls-handshake-timeout",
-    "response_header_timeout": "--response-header-timeout",
-    "max_resumes": "--max-resumes",
-    "stall_timeout": "--stall-timeout",
-}
-
-
-#: the flags among them that take no value (False: not given)
-_SWITCHES = frozenset({"no_creds", "insecure_policy", "require_signed"})
-
-
-def own_settings(args: argparse.Namespace) -> list[str]:
-    """The flags given (or set through the environment: ``REGISTRY_AUTH_FILE``) that only this process would
-    apply."""
-    given = []
-    for dest, flag in _OWN_SETTINGS.items():
-        value = getattr(args, dest, None)
-        if value is not None and not (value is False and dest in _SWITCHES):  # --tls-verify=false is given
-            given.append(flag)
-    return given
 
 
 def connect(path: str) -> socket.socket | str:
@@ -181,4 +134,4 @@ def _reply(client: socket.socket, daemon: socket.socket) -> bool:
     return True
 
 
-__all__ = ["CONNECT_TIMEOUT", "connect", "own_settings", "relay"]
+__all__ = ["CONNECT_TIMEOUT", "connect", "relay"]
