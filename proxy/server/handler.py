@@ -127,7 +127,7 @@ class Handler:
             if spec.needs_init and not self._initialized:
                 raise ProxyError("client error: must invoke Initialize")
             if spec.name == "FinishPipe":
-                return await self._finish_pipe(args[0], request)
+                return await self.finish_pipe(args[0], request)
             return await self._methods[spec.name](*args)
         except ProxyError as e:
             return _failure(request, e)
@@ -589,12 +589,9 @@ class Handler:
         image = self._images.get(image_id) if isinstance(image_id, int) else None
         return image.reference if image is not None else None
 
-    async def finish_pipe(self, pipeid: int) -> Outcome:
-        return await self._finish_pipe(pipeid, None)
-
-    async def _finish_pipe(self, pipeid: int, request: Request | None) -> Outcome:
+    async def finish_pipe(self, pipeid: int, request: Request | None = None) -> Outcome:
         """Wait for the pipe's producer; ``request``: the FinishPipe itself, which may have claimed the pipe as it
-        arrived (``answer_now``)."""
+        arrived (``answer_now``; ``handle`` passes it)."""
         pipe = self._pipes.get(pipeid)
         if pipe is None:
             raise ProxyError(f"finishpipe: no active pipe {pipeid}")
