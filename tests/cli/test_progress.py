@@ -20,7 +20,7 @@ from protocol.client import ImageProxy
 from protocol.client.pull import BlobFinished, BlobFlowing, BlobRetrying, BlobStalled, PullFinished, PullStarted, pull
 from proxy.commands.progress import TerminalProgress
 from tests.cli.helpers import COMMAND_TIMEOUT, INSECURE, image_proxy
-from tests.faults.proxy import Reset, Stall, fault_proxy
+from tests.faults.proxy import Drip, Reset, Stall, fault_proxy
 
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
@@ -52,15 +52,21 @@ def run_on_a_terminal(*args: str) -> tuple[int, str]:
             process.wait()
 
 
-def test_bars_on_a_terminal(registry_images, tmp_path):
+async def test_bars_on_a_terminal(registry_images, tmp_path):
+    """The layer's body pauses 0.6 s at 1 MB (three bytes dripped 0.2 s apart by the fault proxy), so its bar is on
+    the terminal for more than one redraw however fast loopback is."""
     big = registry_images.images.big
-    status, output = run_on_a_terminal("copy", INSECURE, registry_images.ref("test/big"), f"oci:{tmp_path / 'o'}")
+    async with fault_proxy(registry_images.registry.port) as fault:
+        fault.add_rule(Drip(at=1_000_000, count=3, interval=0.2), path=r"/blobs/" + big.layers[0].digest)
+        ref = f"docker://127.0.0.1:{fault.port}/test/big:latest"
+        argv = ("copy", INSECURE, ref, f"oci:{tmp_path / 'o'}")
+        status, output = await trio.to_thread.run_sync(run_on_a_terminal, *argv)
     assert status == 0, output
     assert "\x1b[?25l" in output and output.rindex("\x1b[?25h") > output.rindex("\x1b[?25l")  # cursor given back
     plain = ANSI.sub("", output)
     assert re.search(r"layer 1/1 sha256:[0-9a-f]{12} +━+ +[0-9.]+/2\.0 MiB", plain)  # a bar, in MiB
     assert re.search(r"total +━+ +[0-9.]+/2\.0 MiB", plain)
-    assert f"Pulling {registry_images.ref('test/big')}: manifest {big.manifest_digest}, 1 layer, 2.0 MiB" in plain
+    assert f"Pulling {ref}: manifest {big.manifest_digest}, 1 layer, 2.0 MiB" in plain
     assert re.search(r"layer 1/1 sha256:[0-9a-f]{12}: 2\.0 MiB in [0-9.]+ s \([0-9.]+ [KMG]?i?B/s\), verified", plain)
     assert "Pulled 2.0 MiB in" in plain and f"manifest {big.manifest_digest}" in plain.splitlines()[-1]
     assert "Copying blob" not in plain  # the bars show what started
