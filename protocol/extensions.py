@@ -13,6 +13,7 @@ SERVER_EXTENSIONS: tuple[str, ...] = (
     "layer-toc",  # GetLayerTOC, GetLayerTarSplit (docs/PROTOCOL.md)
     "raw-manifest",  # GetRawManifest (docs/PROTOCOL.md)
     "status",  # GetStatus (docs/PROTOCOL.md)
+    "session-settings",  # SetSessionSettings (docs/PROTOCOL.md)
 )
 
 __all__ = ["SERVER_EXTENSIONS"]

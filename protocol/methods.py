@@ -16,6 +16,7 @@ from protocol.codec import MAX_SAFE_INTEGER, json_type_name, shown
 from protocol.digests import parse_digest
 from protocol.errors import ProtocolViolation
 from protocol.messages import Request
+from protocol.session_settings import parse_session_settings
 
 MAX_REFERENCE_LENGTH = 4096
 #: GetBlobAt: the most ranges in one call, and the longest range (docs/PROTOCOL.md)
@@ -32,6 +33,7 @@ class Param(enum.Enum):
     SIZE = "size"
     IMAGE_REF = "imgref"
     RANGES = "ranges"
+    SETTINGS = "settings"
 
 
 @attrs.frozen
@@ -68,6 +70,7 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("GetLayerTarSplit", (Param.IMAGE_ID, Param.DIGEST), "ext", fd_count=1),
         MethodSpec("GetRawManifest", (Param.IMAGE_REF,), "ext", fd_count=1),
         MethodSpec("GetStatus", (), "ext", fd_count=1, needs_init=False),
+        MethodSpec("SetSessionSettings", (Param.SETTINGS,), "ext", needs_init=False),
     )
 }
 
@@ -135,6 +138,8 @@ def _parse_one(param: Param, value: Any) -> Any:
         return parse_image_ref(value)
     if param is Param.RANGES:
         return parse_ranges(value)
+    if param is Param.SETTINGS:
+        return parse_session_settings(value)
     raise AssertionError(param)  # pragma: no cover
 
 

@@ -311,10 +311,11 @@ def run_serve(args: argparse.Namespace) -> int:
 def _relay_target(args: argparse.Namespace, daemon_path: str) -> socket.socket | None:
     """``[spawned] daemon``: a connection to relay the client to (proxy/server/relay.py); None to serve it here,
     because its flags are settings the daemon would not apply or the daemon cannot be reached (one log line)."""
-    from proxy.commands.proxy_flags import settings_given
+    from proxy.commands.proxy_flags import SESSION_FLAGS, dest, settings_given
     from proxy.server import relay
 
-    own = settings_given(args)
+    given = settings_given(args)
+    own = [flag for flag in given if flag not in SESSION_FLAGS]
     if own:
         log.warning(
             "serving this client here, not through the daemon at %s: %s would not apply there",
@@ -322,7 +323,11 @@ def _relay_target(args: argparse.Namespace, daemon_path: str) -> socket.socket |
             ", ".join(own),
         )
         return None
-    daemon = relay.connect(daemon_path)
+    settings = relay.session_settings({dest(flag): getattr(args, dest(flag)) for flag in given})
+    if isinstance(settings, str):
+        log.warning("serving this client here, not through the daemon at %s: %s", daemon_path, settings)
+        return None
+    daemon = relay.connect(daemon_path, settings)
     if isinstance(daemon, str):
         log.warning("daemon at %s: %s; serving this client here", daemon_path, daemon)
         return None

@@ -43,6 +43,17 @@ GLOBAL_SWITCHES = ("--insecure-policy", "--require-signed")
 TLS_VERIFY = "--tls-verify"
 #: where a relay reads its daemon from: the one serve flag that is not a setting the daemon would need
 CONFIG = "--config"
+#: the flags a relay forwards to the daemon as its connection's settings (extension session-settings,
+#: docs/PROTOCOL.md) instead of serving its client itself: the ones update agents pass
+SESSION_FLAGS = (
+    "--authfile",
+    "--creds",
+    "--username",
+    "--password",
+    "--registry-token",
+    "--no-creds",
+    "--user-agent-prefix",
+)
 
 
 def dest(flag: str) -> str:
@@ -66,4 +77,13 @@ def _set(args: argparse.Namespace, flag: str, takes_value: bool) -> bool:
     return value is not None if takes_value else bool(value)
 
 
-__all__ = ["CONFIG", "GLOBAL_FLAGS", "GLOBAL_SWITCHES", "SERVE_FLAGS", "TLS_VERIFY", "dest", "settings_given"]
+__all__ = [
+    "CONFIG",
+    "GLOBAL_FLAGS",
+    "GLOBAL_SWITCHES",
+    "SERVE_FLAGS",
+    "SESSION_FLAGS",
+    "TLS_VERIFY",
+    "dest",
+    "settings_given",
+]

@@ -55,10 +55,14 @@ Lookup = Credentials | RegistryToken | None
 
 @attrs.frozen
 class AuthFile:
-    """One file to search; ``legacy`` is the ``~/.dockercfg`` format (a bare map of ``auths``)."""
+    """One file to search; ``legacy`` is the ``~/.dockercfg`` format (a bare map of ``auths``). ``content``: the
+    file as a daemon's client read it (``SetSessionSettings``), never read from ``path`` (which only names it; empty:
+    the client's file does not exist). Such a file's credential helpers are never run: they would run as the daemon,
+    with its secrets."""
 
     path: Path
     legacy: bool = False
+    content: bytes | None = attrs.field(default=None, repr=False)
 
 
 def auth_file_paths(
@@ -126,12 +130,17 @@ class _FileContents:
 
 def _read_auth_file(auth_file: AuthFile) -> _FileContents:
     path = auth_file.path
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        return _FileContents({}, {}, "")
-    except OSError as e:
-        raise ConfigError(f'reading JSON file "{path}": {e.strerror or e}', path) from e
+    if auth_file.content is not None:
+        raw = auth_file.content
+        if not raw:
+            return _FileContents({}, {}, "")
+    else:
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return _FileContents({}, {}, "")
+        except OSError as e:
+            raise ConfigError(f'reading JSON file "{path}": {e.strerror or e}', path) from e
     try:
         document = jsonlimits.loads(raw)
     except jsonlimits.NestingError as e:
@@ -233,6 +242,43 @@ class CredentialSource:
             helper_timeout=helper_timeout,
         )
 
+    @classmethod
+    def of_client(
+        cls,
+        auth_file: str | None = None,
+        auth_file_name: str | None = None,
+        creds: str | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        registry_token: str | None = None,
+        no_creds: bool = False,
+    ) -> CredentialSource:
+        """The credentials a daemon's client brought (``SetSessionSettings``): its flags and the content of its auth
+        file, nothing of this process's (no default auth files, no helpers, no environment). An auth file that
+        cannot be used, or names credential helpers, is refused now (ConfigError naming it)."""
+        explicit = _explicit_credentials(creds, username, password, no_creds)
+        files: tuple[AuthFile, ...] = ()
+        if auth_file is not None:
+            name = Path(auth_file_name or "the client's auth file")
+            file = AuthFile(name, content=auth_file.encode("utf-8"))
+            contents = _read_auth_file(file)
+            if contents.cred_helpers or contents.creds_store:
+                raise ConfigError(
+                    f'auth file "{name}" names credential helpers (credHelpers or credsStore), which the daemon does'
+                    " not run for its clients (they would run as the daemon); serve this client with its own proxy",
+                    name,
+                )
+            for key, entry in contents.auths.items():
+                _decode_entry(name, key, entry)  # a malformed entry is an error now, not at the first pull
+            files = (file,)
+        return cls(
+            explicit=explicit,
+            no_creds=no_creds,
+            registry_token=RegistryToken(registry_token) if registry_token else None,
+            auth_files=files,
+            credential_helpers=(AUTH_FILE_HELPER,),
+        )
+
     def lookup(self, registry_host: str, repository: str = "", *, logical_host: str | None = None) -> Lookup:
         """Credentials for ``registry_host/repository`` (None: anonymous).
 
@@ -277,6 +323,8 @@ class CredentialSource:
     def _lookup_in_file(self, key: str, registry: str, auth_file: AuthFile) -> Credentials | None:
         """``findCredentialsInFile`` (+ ``credsStore`` when enabled)."""
         contents = _read_auth_file(auth_file)
+        if auth_file.content is not None:  # a client's file: its helpers would run as this process
+            return _find_entry(key, registry, auth_file, contents.auths)
         if registry in contents.cred_helpers:
             return self._run_helper(contents.cred_helpers[registry], registry)
         found = _find_entry(key, registry, auth_file, contents.auths)

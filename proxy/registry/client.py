@@ -108,15 +108,34 @@ def describe_failure(status: int, reason: str, body: bytes) -> tuple[str, list[s
 class RegistryClient:
     """Requests to registries, shared by every image of a session (later: of the daemon)."""
 
-    def __init__(self, settings: RegistrySettings, credentials: CredentialSource | None = None) -> None:
+    def __init__(
+        self,
+        settings: RegistrySettings,
+        credentials: CredentialSource | None = None,
+        pool: ConnectionPool | None = None,
+    ) -> None:
+        """``pool``: connections shared with another client (:meth:`for_session`), which closes them; None: a pool
+        of this client's own."""
         self.settings = settings
         self.credentials = credentials
-        self.pool = ConnectionPool(settings.timeouts, self._ssl_context)
+        self._owns_pool = pool is None
+        self.pool = ConnectionPool(settings.timeouts, self._ssl_context) if pool is None else pool
         self._endpoints: dict[str, _Endpoint] = {}
         self._lookups: dict[tuple[str, str, str], Credentials | RegistryToken | None] = {}
 
+    def for_session(self, credentials: CredentialSource | None, user_agent_prefix: str | None = None) -> RegistryClient:
+        """A client for one daemon connection that brought its own credentials (``SetSessionSettings``): this
+        client's connections (TLS, timeouts and registries.conf stay the daemon's), its own credentials, tokens
+        and registry challenges, and its user agent's prefix. Closing it leaves the connections to this client:
+        a download it started for the blob cache may outlive its session."""
+        settings = self.settings
+        if user_agent_prefix:
+            settings = attrs.evolve(settings, user_agent=f"{user_agent_prefix} {settings.user_agent}")
+        return RegistryClient(settings, credentials, pool=self.pool)
+
     async def aclose(self) -> None:
-        await self.pool.aclose()
+        if self._owns_pool:
+            await self.pool.aclose()
 
     def _ssl_context(self, authority: str) -> ssl.SSLContext:
         return create_ssl_context(self.settings.cert_dirs(authority), verify=not self.settings.insecure(authority))

@@ -23,6 +23,7 @@ from protocol.errors import ProtocolViolation, ProxyError
 from protocol.extensions import SERVER_EXTENSIONS
 from protocol.messages import Reply, Request
 from protocol.methods import METHODS, parse_args
+from protocol.session_settings import SessionSettings
 from proxy.cache.source import CachingSource
 from proxy.common.pipes import PIPE_DEFAULT_SIZE
 from proxy.http.errors import HTTPError
@@ -111,6 +112,10 @@ class Handler:
         self._raw_transfers = 0  # GetRawBlob producers running (their pipes have no pipeid)
         self._account = account if account is not None else Ledger().account(None, config.limits)
         self._on_idle = on_idle or (lambda: None)
+        #: the registry client of a connection that brought its own settings (SetSessionSettings), and whether a
+        #: registry client was handed out already (settings come before that, or not at all)
+        self._session_registry: RegistryClient | None = None
+        self._registry_used = False
         #: one method per call of the protocol's method table (``GetLayerTOC`` -> ``get_layer_toc``)
         self._methods: dict[str, Callable[..., Awaitable[Outcome]]] = {
             spec.name: getattr(self, _python_name(spec.name)) for spec in METHODS.values() if spec.replies
@@ -272,6 +277,34 @@ class Handler:
     async def get_capabilities(self) -> Outcome:
         return Outcome(Reply.ok(list(SERVER_EXTENSIONS)))
 
+    async def set_session_settings(self, settings: SessionSettings) -> Outcome:
+        """Extension ``session-settings``: this connection's credentials and user agent (a relay forwards its agent's
+        flags). Once, before anything was opened. Credentials given replace the process's for this connection only:
+        its own client (shared connections, its own tokens), no auth file, helper or environment of the process's."""
+        if self._session_registry is not None or self._registry_used:
+            raise ProxyError("SetSessionSettings: only once per connection, before the first OpenImage")
+        if self._resources is None:
+            raise ProxyError("SetSessionSettings: this proxy serves local transports only; it has no registry")
+        credentials = self.config.credentials
+        if settings.own_credentials:
+            from proxy.config import ConfigError, CredentialSource
+
+            try:
+                credentials = CredentialSource.of_client(
+                    auth_file=settings.auth_file,
+                    auth_file_name=settings.auth_file_name,
+                    creds=settings.creds,
+                    username=settings.username,
+                    password=settings.password,
+                    registry_token=settings.registry_token,
+                    no_creds=settings.no_creds,
+                )
+            except ConfigError as e:
+                raise ProxyError(f"SetSessionSettings: {e}") from None
+        self._session_registry = self._resources.registry.for_session(credentials, settings.user_agent_prefix)
+        log.debug("%s: session settings %s", self._client or "client", settings)
+        return Outcome(Reply.ok(None))
+
     async def _open(self, reference: str, optional: bool) -> Outcome:
         try:
             self._account.take(Resource.IMAGES)
@@ -295,7 +328,11 @@ class Handler:
         return Outcome(Reply.ok(image_id))
 
     def _registry(self) -> RegistryClient | None:
-        """The shared registry client (made when a docker:// image is first opened), None without resources."""
+        """This connection's registry client (SetSessionSettings), else the shared one (made when a docker:// image is
+        first opened); None without resources."""
+        self._registry_used = True
+        if self._session_registry is not None:
+            return self._session_registry
         return self._resources.registry if self._resources is not None else None
 
     async def _open_image(self, reference: str) -> OpenedImage:

@@ -8,10 +8,13 @@ credentials, which are the agent's (same uid; the relay's pid).
 
 What keeps the promises of the spawned mode: one connection to the daemon, so replies in order stay in order;
 EOF of either side ends the other (the daemon ends the session, and its transfers, as for any client that
-leaves); ``Shutdown`` is passed on, the daemon closes the connection, and the relay exits. Flags that change
-what a proxy does (credentials, ``--tls-verify``, overrides, policy, caches, deadlines) are this process's
-settings, which the daemon would not apply: a client that gives one is served by this process itself, with one
-log line naming them, never silently ignored. So is a client whose daemon is not running or refuses it.
+leaves); ``Shutdown`` is passed on, the daemon closes the connection, and the relay exits. The client's
+credentials and user agent (``--authfile``, ``--creds``, ``--no-creds``, ``--user-agent-prefix``, ...; an update
+agent's usual flags) are forwarded as the connection's settings (``SetSessionSettings``, docs/PROTOCOL.md); the
+auth file is read here. Other flags that change what a proxy does (``--tls-verify``, ``--cert-dir``, overrides,
+policy, caches, deadlines) are this process's settings, which the daemon would not apply: a client that gives one
+is served by this process itself, with one log line naming them, never silently ignored. So is a client whose
+daemon is not running, refuses it, or refuses its settings.
 """
 
 from __future__ import annotations
@@ -32,24 +35,58 @@ CONNECT_TIMEOUT = 1.0
 _REPLY_FDS = 16
 
 
-def connect(path: str) -> socket.socket | str:
+def session_settings(given: dict[str, object]) -> dict[str, object] | str:
+    """The ``SetSessionSettings`` object for the client's forwarded flags (``SESSION_FLAGS`` by argparse name, the
+    ones the client gave), or why they cannot be forwarded. ``--authfile`` is read here, in the agent's process:
+    ``/proc/self/fd/100`` is the agent's descriptor, which the daemon cannot open."""
+    settings: dict[str, object] = {}
+    for name, value in given.items():
+        if name == "authfile":
+            path = str(value)
+            try:
+                with open(path, "rb") as file:
+                    content = file.read(_MAX_AUTH_FILE + 1)
+            except FileNotFoundError:
+                content = b""  # no file holds no credentials, as for skopeo
+            except OSError as e:
+                return f"cannot read the auth file {path}: {e.strerror or e}"
+            if len(content) > _MAX_AUTH_FILE:
+                return f"the auth file {path} is larger than a request to the daemon can carry"
+            try:
+                settings["auth_file"] = content.decode("utf-8")
+            except UnicodeDecodeError:
+                return f"the auth file {path} is not UTF-8"
+            settings["auth_file_name"] = path
+        else:
+            settings[name] = value
+    return settings
+
+
+#: the largest auth file a relay forwards (its request must fit in one packet, escapes included)
+_MAX_AUTH_FILE = MAX_MSG_SIZE // 2
+
+
+def connect(path: str, settings: dict[str, object] | None = None) -> socket.socket | str:
     """A connection to the daemon's socket that the daemon took, or why there is none (within
     :data:`CONNECT_TIMEOUT`). A daemon that refuses a client (allow-list, connection limits) answers its first
     request with the reason, or closes the socket: the relay asks ``GetCapabilities`` first, keeps the answer to
-    itself, and relays only once the daemon answered it."""
+    itself, and relays only once the daemon answered it. ``settings`` (the client's forwarded flags) go next, as
+    ``SetSessionSettings``; a daemon without the extension, or that refuses them, does not take the relay."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     sock.settimeout(CONNECT_TIMEOUT)
     try:
         sock.connect(path)
-        sock.send(_PROBE)
-        answer = sock.recv(MAX_MSG_SIZE)
+        refusal = _refusal(_ask(sock, _PROBE), "session-settings" if settings else None)
+        if refusal is None and settings:
+            request = json.dumps({"method": "SetSessionSettings", "args": [settings]}).encode()
+            if len(request) > MAX_MSG_SIZE:
+                refusal = "the client's settings are larger than a request to the daemon can carry"
+            else:
+                refusal = _refusal(_ask(sock, request))
     except TimeoutError:
-        sock.close()
-        return f"no answer within {CONNECT_TIMEOUT:g} s"
+        refusal = f"no answer within {CONNECT_TIMEOUT:g} s"
     except OSError as e:
-        sock.close()
-        return e.strerror or str(e)
-    refusal = _refusal(answer)
+        refusal = e.strerror or str(e)
     if refusal is not None:
         sock.close()
         return refusal
@@ -57,12 +94,18 @@ def connect(path: str) -> socket.socket | str:
     return sock
 
 
+def _ask(sock: socket.socket, request: bytes) -> bytes:
+    sock.send(request)
+    return sock.recv(MAX_MSG_SIZE)
+
+
 #: the request that tells a daemon that takes the relay from one that refuses it (no Initialize needed)
 _PROBE = b'{"method":"GetCapabilities","args":[]}'
 
 
-def _refusal(answer: bytes) -> str | None:
-    """Why the daemon did not take the relay, from its answer to the probe; None if it did."""
+def _refusal(answer: bytes, extension: str | None = None) -> str | None:
+    """Why the daemon did not take the relay, from its answer; None if it did (and, for the probe, lists
+    ``extension``)."""
     if not answer:
         return "the daemon closed the connection"
     try:
@@ -72,6 +115,8 @@ def _refusal(answer: bytes) -> str | None:
     if not isinstance(reply, dict) or reply.get("success") is not True:
         error = reply.get("error") if isinstance(reply, dict) else None
         return f"the daemon refused: {error}" if isinstance(error, str) and error else "the daemon refused"
+    if extension is not None and extension not in (reply.get("value") or ()):
+        return f"the daemon does not take a client's settings (no extension {extension})"
     return None
 
 
@@ -134,4 +179,4 @@ def _reply(client: socket.socket, daemon: socket.socket) -> bool:
     return True
 
 
-__all__ = ["CONNECT_TIMEOUT", "connect", "relay"]
+__all__ = ["CONNECT_TIMEOUT", "connect", "relay", "session_settings"]

@@ -33,6 +33,7 @@ from protocol.fds import ancillary_space, close_fds, fds_from_ancillary, fds_to_
 from protocol.messages import Reply, Request
 from protocol.methods import METHODS, Param
 from protocol.server_connection import AnswerNow, ConnectionLimits, Decision, InTurn, Refusal, Run, ServerConnection
+from protocol.session_settings import SECRET_METHODS, redacted
 from proxy.common import threads
 from proxy.server.handler import Handler, Outcome
 from proxy.server.limits import Account, Ledger, Resource, daemon_busy
@@ -83,6 +84,11 @@ READS_BEFORE_CHECKPOINT = 16
 _RECEIVE_NOW = int(socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
 _SEND_NOW = int(socket.MSG_DONTWAIT)
 _TRUNCATED = int(socket.MSG_TRUNC)
+
+
+def _args_shown(request: Request) -> str:
+    """A request's arguments for a debug line; a method's secrets (credentials) are never shown."""
+    return redacted(request.args) if request.method in SECRET_METHODS else shown(request.args)
 
 
 def _with_id(outcome: Outcome, request_id: int) -> Outcome:
@@ -328,7 +334,7 @@ class Session:
         taken = self._conn.next_in_order()
         assert taken is queued
         if self._debug:
-            log.debug("request %s %s", shown(queued.item.method, 100), shown(queued.item.args))
+            log.debug("request %s %s", shown(queued.item.method, 100), _args_shown(queued.item))
         self._send_soon(outcome, queued.size)
         return True
 
@@ -350,7 +356,7 @@ class Session:
             return False
         try:
             if self._debug:
-                log.debug("request %s %s id %d", shown(run.item.method, 100), shown(run.item.args), run.request_id)
+                log.debug("request %s %s id %d", shown(run.item.method, 100), _args_shown(run.item), run.request_id)
             self._send_soon(_with_id(outcome, run.request_id), run.size)
         finally:
             self._conn.done(run.request_id)
@@ -376,7 +382,7 @@ class Session:
                 self._send_soon(Outcome(queued.item), queued.size)
                 continue
             if self._debug and isinstance(queued.item, Request):
-                log.debug("request %s %s", shown(queued.item.method, 100), shown(queued.item.args))
+                log.debug("request %s %s", shown(queued.item.method, 100), _args_shown(queued.item))
             started = time.perf_counter()
             outcome = await handler.handle(queued.item)
             self._record(handler, queued.item, outcome, started)
@@ -387,7 +393,7 @@ class Session:
             async with self._id_slots:
                 item = run.item
                 if self._debug and isinstance(item, Request):
-                    log.debug("request %s %s id %d", shown(item.method, 100), shown(item.args), run.request_id)
+                    log.debug("request %s %s id %d", shown(item.method, 100), _args_shown(item), run.request_id)
                 started = time.perf_counter()
                 outcome = await handler.handle(item)
                 self._record(handler, item, outcome, started)
@@ -439,7 +445,8 @@ class Session:
                 if reference is not None:
                     args[0] = reference
             method = request.method if request.method in METHODS else shown(request.method, 100)
-            what = f"{method} {' '.join(shown(a, 300) for a in args)}".rstrip()
+            shown_args = redacted(args) if request.method in SECRET_METHODS else " ".join(shown(a, 300) for a in args)
+            what = f"{method} {shown_args}".rstrip()
         else:
             what = "an invalid request"
         unlogged = ""

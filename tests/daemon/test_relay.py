@@ -32,15 +32,41 @@ def relay_config(tmp_path: Path, daemon_socket: Path | str) -> Path:
     return config
 
 
-class Agent:
-    """``image-proxy experimental-image-proxy`` spawned the way an update agent does, driven by the bindings."""
+#: the child's side of Agent(auth=...): argv[1] onto fd 100, then exec the rest
+_ON_FD_100 = (
+    "import os, sys; fd = int(sys.argv[1]); os.dup2(fd, 100); os.close(fd); os.execv(sys.argv[2], sys.argv[2:])"
+)
 
-    def __init__(self, *flags: str) -> None:
+
+class Agent:
+    """``image-proxy experimental-image-proxy`` spawned the way an update agent does, driven by the bindings.
+    ``auth``: an auth file's content, handed over as rpm-ostree and bootc do (containers-image-proxy-rs
+    ``auth_data``): a memfd on the child's fd 100, and ``--authfile /proc/self/fd/100``."""
+
+    def __init__(self, *flags: str, auth: bytes | None = None, env: dict[str, str] | None = None) -> None:
         self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.process = subprocess.Popen(
-            [*AGENT, *flags], stdin=theirs, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-        )
-        theirs.close()
+        argv, passed = [*AGENT, *flags], ()
+        if auth is not None:
+            memfd = os.memfd_create("auth.json", 0)
+            os.write(memfd, auth)
+            os.lseek(memfd, 0, os.SEEK_SET)
+            # moved to fd 100 in the child, which then execs the proxy (same pid): the Rust client's take_fd_n
+            argv = [sys.executable, "-c", _ON_FD_100, str(memfd), *argv, "--authfile", "/proc/self/fd/100"]
+            passed = (memfd,)
+        try:
+            self.process = subprocess.Popen(
+                argv,
+                stdin=theirs,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+                pass_fds=passed,
+                env={**os.environ, **(env or {})},
+            )
+        finally:
+            theirs.close()
+            for fd in passed:
+                os.close(fd)
 
     async def pull(self, reference: str) -> None:
         with trio.fail_after(PULL_GUARD):

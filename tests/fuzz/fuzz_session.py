@@ -52,6 +52,7 @@ with atheris.instrument_imports(include=["protocol", "proxy"]):
     from protocol.errors import ProtocolViolation
     from protocol.messages import Reply, Request
     from protocol.methods import METHODS, Param
+    from protocol.session_settings import BOOLEAN_KEYS, STRING_KEYS
     from proxy.policy import ImagePolicy
     from proxy.server.limits import SessionLimits
     from proxy.server.options import ProxyOptions
@@ -225,6 +226,17 @@ def argument(fdp: atheris.FuzzedDataProvider, param: Param, state: State, world:
         for _ in range(fdp.ConsumeIntInRange(0, 4)):
             ranges.append([fdp.ConsumeIntInRange(0, 80_000), fdp.ConsumeIntInRange(0, 70_000)])
         return ranges
+    if param is Param.SETTINGS:
+        settings: dict[str, Any] = {}
+        for _ in range(fdp.ConsumeIntInRange(0, 3)):
+            key = fdp.PickValueInList([*STRING_KEYS, *BOOLEAN_KEYS, "tls_verify", ""])
+            if key == "auth_file" and fdp.ConsumeBool():
+                settings[key] = '{"auths":{"h":{"auth":"' + _common.json_string(fdp, 12) + '"}}}'
+            elif key in BOOLEAN_KEYS:
+                settings[key] = fdp.ConsumeBool()
+            else:
+                settings[key] = _common.json_string(fdp, 24)
+        return settings
     raise AssertionError(param)
 
 

@@ -291,6 +291,7 @@ def _valid_value(param: Param, target: Target) -> Any:
         Param.SIZE: target.size,
         Param.IMAGE_REF: f"docker://127.0.0.1:{target.closed_port}/x",
         Param.RANGES: [[0, 1]],
+        Param.SETTINGS: {},
     }[param]
 
 
@@ -321,6 +322,8 @@ def _must_fail_with(spec: MethodSpec, index: int, value: Any, target: Target) ->
         return True  # nothing here names an image that exists
     if param is Param.RANGES:
         return not (isinstance(value, list) and value and all(isinstance(r, list) and len(r) == 2 for r in value))
+    if param is Param.SETTINGS:
+        return value != {}  # an empty settings object is the only valid one here (it may still come too late)
     raise AssertionError(param)
 
 
