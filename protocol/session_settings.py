@@ -18,6 +18,8 @@ from protocol.errors import ProtocolViolation
 STRING_KEYS = ("auth_file", "auth_file_name", "creds", "username", "password", "registry_token", "user_agent_prefix")
 #: the booleans
 BOOLEAN_KEYS = ("no_creds",)
+#: the strings that may hold no control character (line breaks included)
+_PRINTABLE_KEYS = frozenset({"user_agent_prefix", "registry_token", "auth_file_name"})
 #: the keys that give this connection credentials of its own (instead of the daemon's)
 CREDENTIAL_KEYS = ("auth_file", "creds", "username", "password", "registry_token", "no_creds")
 
@@ -81,7 +83,8 @@ def parse_session_settings(value: Any) -> SessionSettings:
                 item.encode("utf-8")
             except UnicodeEncodeError:
                 raise ProtocolViolation(f"session setting {key}: not valid Unicode (a lone surrogate)") from None
-            if key == "user_agent_prefix" and not item.isprintable():
+            if key in _PRINTABLE_KEYS and not item.isprintable():
+                # sent as a header (a token, the user agent) or written into log lines (the file's name)
                 raise ProtocolViolation(f"session setting {key}: contains control characters")
         elif key in BOOLEAN_KEYS:
             if not isinstance(item, bool):

@@ -49,6 +49,8 @@ def test_any_json_value_is_settings_or_an_error_naming_what_is_wrong(value):
         ({"password": "a\x00b"}, "session setting password: contains a NUL character"),
         ({"username": "\udcff"}, "session setting username: not valid Unicode"),
         ({"user_agent_prefix": "x\r\nX-Injected: 1"}, "session setting user_agent_prefix: contains control"),
+        ({"registry_token": "t\r\nGET /v2/ HTTP/1.1"}, "session setting registry_token: contains control"),
+        ({"auth_file_name": "a\nINFO forged line"}, "session setting auth_file_name: contains control"),
         ({"tls_verify": False}, 'unknown session setting "tls_verify" (known: auth_file,'),
     ],
 )
