@@ -15,6 +15,9 @@ FinishPipe reply (whose success says the server verified the digest).
 With ``--before TREE`` (a checkout of an earlier commit, e.g. ``git worktree add /tmp/before <commit>``), that
 tree's server runs too on the uncached paths, so a change is measured against what it replaces in the same run.
 The cache paths run ours with ``--blob-cache`` of a new empty directory and check that the blob landed in it.
+The daemon paths run the session on a connection to one ``image-proxy daemon --no-blob-cache`` started for the whole
+run (the server measured is the daemon, over the transfer), the relay paths through ours spawned as a relay to that
+daemon (``[spawned] daemon = SOCK``; the server measured is the daemon plus the relay).
 See bench/README.md for what each number means.
 
 Run from the repository root: ``python bench/blob_throughput.py [--size-mib 1024] [--rounds 3] [--paths tls]``.
@@ -42,13 +45,18 @@ from common import (
     TRANSFER_METRICS,
     BlobTransfer,
     Layer,
+    ProxyClient,
     ReferenceRun,
+    RunningDaemon,
     RunningRegistry,
+    ServerProcess,
+    SocketClient,
     build_layout,
     describe_tree,
     docker_registry,
     find_cached_blob,
-    measure_get_blob,
+    image_proxy_daemon,
+    measure_session,
     median_range,
     push,
     ratio_of_medians,
@@ -59,6 +67,7 @@ from common import (
     run_reference,
     start_bench,
     tls_parameters,
+    transfer_log,
     write_report,
 )
 
@@ -70,32 +79,45 @@ BEGIN_MARK = "<!-- blob_throughput.py: begin -->"
 END_MARK = "<!-- blob_throughput.py: end -->"
 
 
+#: what ours is on a path, in the order a round runs them on one registry
+SPAWNED = "spawned"  # python -m proxy experimental-image-proxy, spawned for the transfer (skopeo runs on these too)
+CACHE = "cache"  # the same with --blob-cache of a new empty directory (skopeo has no cache)
+DAEMON = "daemon"  # a connection to the running daemon (--no-blob-cache)
+RELAY = "relay"  # ours spawned as a relay to that daemon ([spawned] daemon = SOCK)
+KINDS = (SPAWNED, CACHE, DAEMON, RELAY)
+
+
 @dataclass(frozen=True)
 class BenchPath:
     """One row of the report: what ours does, and which skopeo run it is compared with."""
 
     name: str
     tls: bool  # the TLS registry (else the plain-HTTP one)
-    cache: bool  # ours runs with --blob-cache of a new empty directory (skopeo has no cache)
-    base: str | None  # for a cache path: the uncached path on the same registry (its skopeo column, its baseline)
+    kind: str  # one of KINDS
+    base: str | None  # for the other kinds: the spawned path on the same registry (its skopeo column, its baseline)
     what: str
+    daemon: str | None = None  # for a relay path: the direct daemon path on the same registry, compared too
 
     @property
     def skopeo_path(self) -> str:
         """The path whose skopeo runs fill this row's skopeo column."""
         return self.base or self.name
 
+    @property
+    def through_daemon(self) -> bool:
+        return self.kind in (DAEMON, RELAY)
+
 
 #: every path, in report order
 PATHS: dict[str, BenchPath] = {
     p.name: p
     for p in (
-        BenchPath("plain", False, False, None, "GetBlob from the plain-HTTP registry"),
-        BenchPath("tls", True, False, None, "GetBlob from the TLS registry (both servers `--tls-verify=false`)"),
+        BenchPath("plain", False, SPAWNED, None, "GetBlob from the plain-HTTP registry"),
+        BenchPath("tls", True, SPAWNED, None, "GetBlob from the TLS registry (both servers `--tls-verify=false`)"),
         BenchPath(
             "tls-cache",
             True,
-            True,
+            CACHE,
             "tls",
             "ours with `--blob-cache DIR`, DIR a new empty directory each round, over TLS: the pull downloads into the "
             "cache while serving the pipe. skopeo has no such cache: **its column is skopeo's `tls` run**",
@@ -103,9 +125,38 @@ PATHS: dict[str, BenchPath] = {
         BenchPath(
             "plain-cache",
             False,
-            True,
+            CACHE,
             "plain",
             "as `tls-cache` over plain HTTP; **the skopeo column is skopeo's `plain` run**",
+        ),
+        *(
+            path
+            for transport, tls in (("plain", False), ("tls", True))
+            for path in (
+                BenchPath(
+                    f"{transport}-daemon",
+                    tls,
+                    DAEMON,
+                    transport,
+                    f"ours as a running `image-proxy daemon --tls-verify=false --no-blob-cache` (one for the whole "
+                    f"run), the session on a direct connection to its socket; the server measured is the daemon, "
+                    f"over the transfer (CPU, and VmHWM reset when GetBlob is sent); its whole-process CPU row is its "
+                    f"CPU over the session (connect to the end of the transfer). **The skopeo column is skopeo's "
+                    f"`{transport}` run** (spawned)",
+                ),
+                BenchPath(
+                    f"{transport}-relay",
+                    tls,
+                    RELAY,
+                    transport,
+                    f"ours spawned as a relay to that daemon (`python -m proxy experimental-image-proxy --config "
+                    f'FILE`, FILE `[spawned] daemon = "SOCK"`; the blob pipe comes from the daemon, the relay passes '
+                    f"packets and fds on); the server measured is the daemon (as in `{transport}-daemon`) plus the "
+                    f"relay process (from exec: whole-process peak RSS). **The skopeo column is skopeo's "
+                    f"`{transport}` run** (spawned)",
+                    daemon=f"{transport}-daemon",
+                ),
+            )
         ),
     )
 }
@@ -127,8 +178,11 @@ def server_argv(name: str, cache: Path | None = None, before: Path | None = None
 
 
 def measured_paths(selected: Sequence[str]) -> list[str]:
-    """The paths to measure, in report order: the selected ones and the bases of the selected cache paths."""
-    wanted = set(selected) | {PATHS[name].base for name in selected if PATHS[name].base}
+    """The paths to measure, in report order: the selected ones, their bases and the daemon paths of the selected
+    relay paths."""
+    wanted = set(selected)
+    for name in selected:
+        wanted |= {other for other in (PATHS[name].base, PATHS[name].daemon) if other}
     return [name for name in PATHS if name in wanted]
 
 
@@ -145,41 +199,75 @@ class Run:
     cache_entry: str = ""  # the cache file, relative to the cache directory
 
 
+#: what a relay that serves its client itself, instead of relaying it to the daemon, logs (proxy/cli/main.py)
+SERVED_HERE = "serving this client here"
+
+
 class Bench:
-    """The registries, the layer and the options of one run: runs servers and references."""
+    """The registries, the layer, the daemon (daemon and relay paths) and the options of one run: runs servers and
+    references."""
 
     def __init__(
-        self, registries: dict[bool, RunningRegistry], layer: Layer, workdir: Path, args: argparse.Namespace
+        self,
+        registries: dict[bool, RunningRegistry],
+        layer: Layer,
+        workdir: Path,
+        args: argparse.Namespace,
+        daemon: RunningDaemon | None = None,
     ) -> None:
         self.registries = registries  # by tls
         self.layer = layer
         self.workdir = workdir
         self.args = args
+        self.daemon = daemon
+
+    def _session(
+        self, spec: BenchPath, case: str, round_no: int, argv: list[str]
+    ) -> tuple[SocketClient, list[ServerProcess]]:
+        """The client of one measured session on ``spec`` and the processes it counts as the server: a spawned
+        server (``argv``); the running daemon on a direct connection; or the daemon and a relay spawned to it."""
+        log = transfer_log(self.workdir, case, round_no)
+        if not spec.through_daemon:
+            client = ProxyClient(argv, log, self.args.timeout)
+            return client, [ServerProcess(client.pid)]
+        assert self.daemon is not None
+        servers = [ServerProcess.already_running(self.daemon.process.pid)]  # its CPU counts from here
+        if spec.kind == DAEMON:
+            return SocketClient.connect(self.daemon.listen, self.args.timeout, self.daemon.log), servers
+        relay = ProxyClient(self.daemon.relay_argv(self.workdir / "relay.toml"), log, self.args.timeout)
+        return relay, [*servers, ServerProcess(relay.pid)]
 
     def run_server(
         self, path: str, server: str, round_no: int, wrap: Callable[[list[str]], list[str]] | None = None
     ) -> Run:
         """One GetBlob of ``server`` on ``path``; for ours on a cache path, with a new empty cache directory that is
-        checked to hold the blob afterwards (the bench fails if not), then removed. ``wrap`` changes the argv."""
+        checked to hold the blob afterwards (the bench fails if not), then removed; on a relay path, the relay's log
+        must not say it served the client itself. ``wrap`` changes the argv of a spawned server."""
         spec = PATHS[path]
         registry = self.registries[spec.tls]
-        cache = self.workdir / f"cache-{path}-{round_no}" if spec.cache and server == OURS else None
+        cache = self.workdir / f"cache-{path}-{round_no}" if spec.kind == CACHE and server == OURS else None
         if cache is not None:
             cache.mkdir()
+        case = f"{path}, {server}"
         try:
             argv = server_argv(server, cache, self.args.before)
-            transfer = measure_get_blob(
-                f"{path}, {server}",
+            client, servers = self._session(spec, case, round_no, wrap(argv) if wrap else argv)
+            transfer = measure_session(
+                case,
                 round_no,
-                wrap(argv) if wrap else argv,
+                client,
+                servers,
                 registry.authority,
                 registry,
                 self.layer,
-                self.workdir,
                 self.args.read_size_kib * 1024,
                 self.args.hash,
                 self.args.timeout,
             )
+            if spec.kind == RELAY:
+                log = transfer_log(self.workdir, case, round_no).read_text(errors="replace")
+                if SERVED_HERE in log:
+                    raise RuntimeError(f"{case} round {round_no}: the relay served its client itself:\n{log[-2000:]}")
             entry = ""
             if cache is not None:
                 found = find_cached_blob(cache, self.layer)
@@ -285,6 +373,23 @@ def _hwm_mib(r: BlobTransfer) -> float:
     return r.server_hwm / MIB
 
 
+def _cpu_total(r: BlobTransfer) -> float:
+    return r.server_cpu_total
+
+
+#: the server processes of a relay path, as in BlobTransfer.parts: who, what its CPU total spans
+RELAY_PROCESSES = (("the daemon", "over the session"), ("the relay process", "whole process"))
+
+
+def process_metrics(index: int) -> list[tuple[str, str, Callable[[BlobTransfer], float]]]:
+    """The rows of one of a relay path's server processes (``RELAY_PROCESSES[index]``): label, format, value."""
+    return [
+        ("CPU during transfer, s/GB", ".2f", lambda r: r.per_gb(r.parts[index].cpu)),
+        (f"CPU, {RELAY_PROCESSES[index][1]}, s", ".2f", lambda r: r.parts[index].cpu_total),
+        ("peak RSS (VmHWM), MiB", ".1f", lambda r: r.parts[index].hwm / MIB),
+    ]
+
+
 def render(
     runs: list[Run],
     refs: list[ReferenceRun],
@@ -320,7 +425,13 @@ def render(
         ),
         f"- servers: {OURS} `python -m proxy experimental-image-proxy --tls-verify=false` (cache paths: "
         f"`--blob-cache DIR`), {SKOPEO} `skopeo experimental-image-proxy --tls-verify=false`"
-        + (f", {BEFORE} the same command from {describe_before(args.before)}" if before else ""),
+        + (f", {BEFORE} the same command from {describe_before(args.before)}" if before else "")
+        + (
+            "; daemon and relay paths: one `python -m proxy daemon --listen SOCK --no-blob-cache --config FILE "
+            "--tls-verify=false` (FILE empty) for the whole run, reached directly or through a spawned relay"
+            if any(PATHS[name].through_daemon for name in paths)
+            else ""
+        ),
         f"- rounds: {args.rounds}, each in this order: {order}; client read size {args.read_size_kib} KiB; "
         f"client hashing {hashing}",
         "- paths:",
@@ -359,7 +470,7 @@ def render(
         lines.append(row)
     for name in paths:
         spec = PATHS[name]
-        if not spec.base:
+        if spec.kind != CACHE or spec.base is None:
             continue
         ours = _values(runs, name, OURS, _mb_s)
         to_base = ratio_of_medians(ours, _values(runs, spec.base, OURS, _mb_s))
@@ -371,6 +482,7 @@ def render(
             f"**{to_base}**{_verdict(to_base, targets[0] if targets else None)}; / skopeo `{spec.base}` = "
             f"**{to_skopeo}**{_verdict(to_skopeo, targets[1] if targets else None)}.",
         ]
+    lines += _relay_cost(runs, paths)
     for name in paths:
         lines += ["", *_path_table(runs, name)]
     if refs:
@@ -392,15 +504,23 @@ def render(
         "",
         "## Every round",
         "",
+        "Relay paths: server CPU, whole-process CPU and peak RSS are the daemon's + the relay's (each in brackets).",
+        "",
         "| round | path | server | MB/s | wall s | server CPU s | whole-process CPU s | peak RSS MiB | client CPU s "
         "| registry CPU s |",
         "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for run in runs:
         r = run.transfer
+        cpu, hwm = f"{r.server_cpu:.2f}", f"{r.server_hwm / MIB:.1f}"
+        total = f"{r.server_cpu_total:.2f}"
+        if len(r.parts) > 1:
+            cpu += f" ({' + '.join(f'{part.cpu:.2f}' for part in r.parts)})"
+            total += f" ({' + '.join(f'{part.cpu_total:.2f}' for part in r.parts)})"
+            hwm += f" ({' + '.join(f'{part.hwm / MIB:.1f}' for part in r.parts)})"
         lines.append(
-            f"| {r.round} | {run.path} | {run.server} | {r.mb_s:.0f} | {r.wall:.2f} | {r.server_cpu:.2f} "
-            f"| {r.server_cpu_total:.2f} | {r.server_hwm / MIB:.1f} | {r.client_cpu:.2f} | {r.registry_cpu:.2f} |"
+            f"| {r.round} | {run.path} | {run.server} | {r.mb_s:.0f} | {r.wall:.2f} | {cpu} "
+            f"| {total} | {hwm} | {r.client_cpu:.2f} | {r.registry_cpu:.2f} |"
         )
     entries = sorted({r.cache_entry for r in runs if r.cache_entry})
     if entries:
@@ -432,8 +552,61 @@ def _verdict(ratio: str, target: float | None) -> str:
     return f" (target ≥ {target:g}: {'met' if met else '**not met**'})"
 
 
+def _relay_cost(runs: list[Run], paths: list[str]) -> list[str]:
+    """Per registry with a daemon or relay path: skopeo spawned, ours spawned, through the daemon and through a
+    relay to it, side by side (medians), with the ratios that show what the relay costs."""
+    transports = [spec for spec in PATHS.values() if spec.kind == SPAWNED and f"{spec.name}-daemon" in paths]
+    if not transports:
+        return []
+    lines = [
+        "",
+        "## The relay's cost: ours spawned, through the daemon, through a relay to the daemon",
+        "",
+        "Medians over the same rounds; `relay` counts the daemon's CPU plus the relay's, and the daemon's peak RSS "
+        "over the transfer plus the relay's whole-process one; the session's CPU is the spawned server's from exec "
+        "(start-up, Initialize, OpenImage, the transfer), the daemon's from the connection (or the relay's spawn) "
+        "on, plus the relay's from exec; ratios of medians (throughput: above 1 is faster; CPU and RSS: below 1 is "
+        "cheaper).",
+        "",
+        "| registry | metric | skopeo spawned | ours spawned | ours daemon | ours relay → daemon | relay / daemon "
+        "| relay / spawned | daemon / spawned | relay / skopeo |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for spec in transports:
+        for label, fmt, get in (
+            ("throughput, MB/s", ".0f", _mb_s),
+            ("server CPU during transfer, s/GB", ".2f", _cpu_s_gb),
+            ("server CPU over the session, s", ".2f", _cpu_total),
+            ("server peak RSS, MiB", ".1f", _hwm_mib),
+        ):
+            skopeo, spawned, daemon, relay = (
+                _values(runs, path, server, get)
+                for path, server in (
+                    (spec.name, SKOPEO),
+                    (spec.name, OURS),
+                    (f"{spec.name}-daemon", OURS),
+                    (f"{spec.name}-relay", OURS),
+                )
+            )
+            cells = [f"{statistics.median(v):{fmt}}" if v else "—" for v in (skopeo, spawned, daemon, relay)]
+            ratios = [
+                ratio_of_medians(a, b) if a and b else "—"
+                for a, b in ((relay, daemon), (relay, spawned), (daemon, spawned), (relay, skopeo))
+            ]
+            lines.append(f"| `{spec.name}` | {label} | {' | '.join(cells)} | {' | '.join(ratios)} |")
+    for spec in transports:
+        relayed = [r.transfer for r in runs if r.path == f"{spec.name}-relay"]
+        if relayed:
+            own = [
+                f"{label}: {statistics.median(get(r) for r in relayed):{fmt}}" for label, fmt, get in process_metrics(1)
+            ]
+            lines += ["", f"`{spec.name}-relay`, the relay process alone (medians): {'; '.join(own)}."]
+    return lines
+
+
 def _path_table(runs: list[Run], name: str) -> list[str]:
-    """The metrics of one path: ours, skopeo, their ratio, and for a cache path the ratio to uncached ours."""
+    """The metrics of one path: ours, skopeo, their ratio, for the other kinds the ratio to ours spawned, and for a
+    relay path the ratio to the direct daemon path and each process's share."""
     spec = PATHS[name]
     header = f"| metric | {OURS} | {SKOPEO} | ratio |"
     rule = "|---|---:|---:|---:|"
@@ -441,8 +614,9 @@ def _path_table(runs: list[Run], name: str) -> list[str]:
     if before:
         header += f" {BEFORE} | ours / {BEFORE} |"
         rule += "---:|---:|"
-    if spec.base:
-        header += f" ours / ours `{spec.base}` |"
+    compared = [other for other in (spec.base, spec.daemon) if other]
+    for other in compared:
+        header += f" ours / ours `{other}` |"
         rule += "---:|"
     lines = [f"## `{name}`: {spec.what}", "", header, rule]
     for label, fmt, get in TRANSFER_METRICS:
@@ -453,9 +627,15 @@ def _path_table(runs: list[Run], name: str) -> list[str]:
         if before:
             was = _values(runs, name, BEFORE, get)
             row += f" {median_range(was, fmt)} | {ratio_of_medians(ours, was)} |"
-        if spec.base:
-            row += f" {ratio_of_medians(ours, _values(runs, spec.base, OURS, get))} |"
+        row += "".join(f" {ratio_of_medians(ours, _values(runs, other, OURS, get))} |" for other in compared)
         lines.append(row)
+    if spec.kind == RELAY:
+        for index, (who, _) in enumerate(RELAY_PROCESSES):
+            for label, fmt, get in process_metrics(index):
+                ours = _values(runs, name, OURS, get)
+                lines.append(
+                    f"| of which {who}: {label} | {median_range(ours, fmt)} | — | — |" + " — |" * len(compared)
+                )
     return lines
 
 
@@ -501,15 +681,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("--py-spy-out", help="after the rounds, profile one transfer of ours with py-spy into FILE")
     parser.add_argument(
-        "--profile-path", choices=list(PATHS), help="the path --py-spy-out profiles (default: the first of --paths)"
+        "--profile-path",
+        choices=[name for name, spec in PATHS.items() if not spec.through_daemon],
+        help="the path --py-spy-out profiles (a spawned or cache path; default: the first of --paths)",
     )
     parser.add_argument("-q", "--quiet", dest="verbose", action="store_false", help="no progress lines")
     args = parser.parse_args(argv)
     if args.size_mib < 1 or args.rounds < 1 or args.read_size_kib < 1:
         parser.error("--size-mib, --rounds and --read-size-kib must be positive")
-    args.profile_path = args.profile_path or args.paths[0]
-    if args.profile_path not in measured_paths(args.paths):
-        parser.error(f"--profile-path {args.profile_path} is not among the measured paths")
+    if args.py_spy_out:
+        args.profile_path = args.profile_path or args.paths[0]
+        if PATHS[args.profile_path].through_daemon:
+            parser.error(f"--profile-path {args.profile_path}: only a spawned server can be profiled")
+        if args.profile_path not in measured_paths(args.paths):
+            parser.error(f"--profile-path {args.profile_path} is not among the measured paths")
     return args
 
 
@@ -543,15 +728,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
                 registries[tls] = registry
             tls_info = tls_parameters(registries[True]) if True in registries else ""
-            runner = Bench(registries, layer, workdir, args)
-            # by registry (plain first), uncached paths before cache paths; ours then skopeo on each uncached path
-            order = sorted(paths, key=lambda name: (PATHS[name].tls, PATHS[name].cache))
+            daemon = None
+            if any(PATHS[name].through_daemon for name in paths):
+                daemon = stack.enter_context(image_proxy_daemon(workdir / "daemon", args.timeout, blob_cache=False))
+                progress(f"daemon (pid {daemon.process.pid}) listening on {daemon.listen}")
+            runner = Bench(registries, layer, workdir, args, daemon)
+            # by registry (plain first), then by kind (KINDS); ours then skopeo on each spawned path
+            order = sorted(paths, key=lambda name: (PATHS[name].tls, KINDS.index(PATHS[name].kind)))
             runs: list[Run] = []
             refs: list[ReferenceRun] = []
             for round_no in range(1, args.rounds + 1):
                 for name in order:
                     runs.append(runner.run_server(name, OURS, round_no))
-                    if not PATHS[name].cache:
+                    if PATHS[name].kind == SPAWNED:
                         runs.append(runner.run_server(name, SKOPEO, round_no))
                         if args.before is not None:
                             runs.append(runner.run_server(name, BEFORE, round_no))

@@ -78,6 +78,12 @@ def proc_hwm_bytes(pid: int) -> int:
     raise RuntimeError(f"no VmHWM in /proc/{pid}/status")
 
 
+def reset_hwm(pid: int) -> None:
+    """Reset the process's VmHWM to its current RSS (``5`` into /proc/<pid>/clear_refs, Linux 4.0+; needs the
+    process to be ours), so a later VmHWM is the peak since now."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
 def self_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -358,7 +364,9 @@ def push(layout: Path, registry: RunningRegistry, timeout: float, repository: st
 # ------------------------------------------------------------------------------------------- the daemon
 
 
-def daemon_argv(listen: Path, cache: Path, config: Path, extra: Sequence[str] = ()) -> list[str]:
+def daemon_argv(listen: Path, cache: Path | None, config: Path, extra: Sequence[str] = ()) -> list[str]:
+    """``image-proxy daemon`` listening on ``listen``, its blob cache in ``cache`` (None: ``--no-blob-cache``)."""
+    cache_flags = ["--blob-cache", str(cache)] if cache is not None else ["--no-blob-cache"]
     return [
         sys.executable,
         "-m",
@@ -366,16 +374,12 @@ def daemon_argv(listen: Path, cache: Path, config: Path, extra: Sequence[str] = 
         "daemon",
         "--listen",
         str(listen),
-        "--blob-cache",
-        str(cache),
+        *cache_flags,
         "--config",
         str(config),
         "--tls-verify=false",
         *extra,
     ]
-
-
-# ------------------------------------------------------------------------------------------- the daemon
 
 
 @dataclass
@@ -390,13 +394,21 @@ class RunningDaemon:
         except OSError:
             return ""
 
+    def relay_argv(self, config: Path) -> list[str]:
+        """``image-proxy experimental-image-proxy`` spawned as a relay to this daemon: writes ``config`` saying
+        ``[spawned] daemon = LISTEN`` (proxy/server/relay.py). No other flag: one the daemon would not apply, such as
+        ``--tls-verify``, makes the process serve its client itself."""
+        config.write_text(f'[spawned]\ndaemon = "{self.listen}"\n')
+        return [sys.executable, "-m", "proxy", "experimental-image-proxy", "--config", str(config)]
+
 
 @contextlib.contextmanager
 def image_proxy_daemon(
-    workdir: Path, timeout: float, extra: Sequence[str] = (), config_text: str = ""
+    workdir: Path, timeout: float, extra: Sequence[str] = (), config_text: str = "", blob_cache: bool = True
 ) -> Iterator[RunningDaemon]:
-    """``image-proxy daemon`` with a fresh empty blob cache under ``workdir``, yielded once it has sent READY=1 on
-    the notify socket; stopped with SIGTERM at the end of the block, which must make it exit 0."""
+    """``image-proxy daemon`` with a fresh empty blob cache under ``workdir`` (none without ``blob_cache``), yielded
+    once it has sent READY=1 on the notify socket; stopped with SIGTERM at the end of the block, which must make it
+    exit 0."""
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
     listen, notify_path, config, log = (workdir / name for name in ("proxy.sock", "notify.sock", "config.toml", "log"))
@@ -407,7 +419,11 @@ def image_proxy_daemon(
         notify.bind(str(notify_path))
         with log.open("wb") as out:
             process = subprocess.Popen(
-                daemon_argv(listen, workdir / "cache", config, extra), stdout=out, stderr=out, cwd=REPO_ROOT, env=env
+                daemon_argv(listen, workdir / "cache" if blob_cache else None, config, extra),
+                stdout=out,
+                stderr=out,
+                cwd=REPO_ROOT,
+                env=env,
             )
         daemon = RunningDaemon(process, listen, log)
         try:
@@ -754,6 +770,15 @@ def counting_relay(
 # ------------------------------------------------------------------------------------------- one measured GetBlob
 
 
+@dataclass(frozen=True)
+class ProcessUse:
+    """What one of the processes serving a measured GetBlob used."""
+
+    cpu: float  # CPU during the transfer
+    cpu_total: float  # CPU from exec (a process already running, a daemon: from the session's start) to the end
+    hwm: int  # VmHWM at the end (a process already running: the peak since the transfer started)
+
+
 @dataclass
 class BlobTransfer:
     """One server process's GetBlob of the layer, drained to EOF and measured."""
@@ -770,6 +795,8 @@ class BlobTransfer:
     registry_cpu: float  # docker-registry's CPU during the transfer
     relayed_setup: int | None  # bytes read from the registry by the relay before GetBlob (None: not relayed)
     relayed_transfer: int | None  # ... between GetBlob and the end of the transfer
+    #: each server process, in the order measured (the sums are above)
+    parts: tuple[ProcessUse, ...] = ()
 
     @property
     def mb_s(self) -> float:
@@ -791,6 +818,28 @@ TRANSFER_METRICS: list[tuple[str, str, Callable[[BlobTransfer], float]]] = [
 ]
 
 
+@dataclass(frozen=True)
+class ServerProcess:
+    """A process whose CPU and peak RSS a measured GetBlob counts as the server's."""
+
+    pid: int
+    #: its CPU when the session began: 0 for a process spawned for the session (counted from exec); for one that
+    #: was already running (a daemon), read just before the session, which also resets its VmHWM when the transfer
+    #: starts, so its peak RSS is the transfer's
+    cpu0: float = 0.0
+    running: bool = False
+
+    @classmethod
+    def already_running(cls, pid: int) -> ServerProcess:
+        """A process running before the session (a daemon): its CPU counts from now."""
+        return cls(pid, proc_cpu(pid), running=True)
+
+
+def transfer_log(workdir: Path, case: str, round_no: int) -> Path:
+    """The log file of the server spawned for ``case`` in round ``round_no``."""
+    return workdir / f"{case.replace(', ', '-').replace(' ', '-')}-{round_no}.log"
+
+
 def measure_get_blob(
     case: str,
     round_no: int,
@@ -804,18 +853,41 @@ def measure_get_blob(
     timeout: float,
     relay: CountingRelay | None = None,
 ) -> BlobTransfer:
-    """One server process (``argv``, on a socketpair, its log in ``workdir``): Initialize, OpenImage of the image
-    at ``authority``, then GetBlob of ``layer`` drained to EOF (size and, with ``hash_data``, digest checked) while
-    FinishPipe is sent. With ``relay`` (the server reaches the registry through it), the bytes it read from the
-    registry before and during the transfer are counted too."""
-    log = workdir / f"{case.replace(', ', '-').replace(' ', '-')}-{round_no}.log"
-    client = ProxyClient(argv, log, timeout)
+    """One server process (``argv``, on a socketpair, its log in ``workdir``), measured by ``measure_session``."""
+    client = ProxyClient(argv, transfer_log(workdir, case, round_no), timeout)
+    servers = [ServerProcess(client.pid)]
+    return measure_session(
+        case, round_no, client, servers, authority, registry, layer, read_size, hash_data, timeout, relay
+    )
+
+
+def measure_session(
+    case: str,
+    round_no: int,
+    client: SocketClient,
+    servers: Sequence[ServerProcess],
+    authority: str,
+    registry: RunningRegistry,
+    layer: Layer,
+    read_size: int,
+    hash_data: bool,
+    timeout: float,
+    relay: CountingRelay | None = None,
+) -> BlobTransfer:
+    """One session on ``client`` (closed at the end): Initialize, OpenImage of the image at ``authority``, then
+    GetBlob of ``layer`` drained to EOF (size and, with ``hash_data``, digest checked) while FinishPipe is sent. The
+    server's CPU and peak RSS are the sums over ``servers`` (a spawned proxy; a daemon; a relay and its daemon).
+    With ``relay`` (the server reaches the registry through it), the bytes it read from the registry before and
+    during the transfer are counted too."""
     try:
         version = client.call("Initialize").value
         image = client.call("OpenImage", f"docker://{authority}/{REPOSITORY}:{TAG}").value
         relayed0 = relay.upstream_bytes if relay is not None else 0
         registry_cpu0 = proc_cpu(registry.process.pid)
-        server_cpu0 = proc_cpu(client.pid)
+        for server in servers:
+            if server.running:
+                reset_hwm(server.pid)
+        server_cpu0 = [proc_cpu(server.pid) for server in servers]
         client_cpu0 = self_cpu()
         start = time.perf_counter()
         got = client.call("GetBlob", image, layer.digest, layer.size)
@@ -828,27 +900,32 @@ def measure_get_blob(
             drain.join(timeout)
         wall = time.perf_counter() - start
         client_cpu = self_cpu() - client_cpu0
-        server_cpu_end = proc_cpu(client.pid)
+        server_cpu_end = [proc_cpu(server.pid) for server in servers]
         registry_cpu = proc_cpu(registry.process.pid) - registry_cpu0
         relayed1 = relay.upstream_bytes if relay is not None else 0
-        hwm = proc_hwm_bytes(client.pid)
+        hwm = [proc_hwm_bytes(server.pid) for server in servers]
         if got.value != layer.size or drain.size != layer.size:
             raise ProtocolError(f"{case}: GetBlob said {got.value} bytes, read {drain.size}, expected {layer.size}")
         if hash_data and drain.sha256 != layer.digest:
             raise ProtocolError(f"{case}: read {drain.sha256}, expected {layer.digest}")
+        parts = tuple(
+            ProcessUse(end - begin, end - server.cpu0, peak)
+            for server, begin, end, peak in zip(servers, server_cpu0, server_cpu_end, hwm, strict=True)
+        )
         return BlobTransfer(
             case=case,
             round=round_no,
             protocol=str(version),
             bytes=layer.size,
             wall=wall,
-            server_cpu=server_cpu_end - server_cpu0,
-            server_cpu_total=server_cpu_end,
-            server_hwm=hwm,
+            server_cpu=sum(part.cpu for part in parts),
+            server_cpu_total=sum(part.cpu_total for part in parts),
+            server_hwm=sum(hwm),
             client_cpu=client_cpu,
             registry_cpu=registry_cpu,
             relayed_setup=relayed0 if relay is not None else None,
             relayed_transfer=relayed1 - relayed0 if relay is not None else None,
+            parts=parts,
         )
     except BaseException:
         print(f"{case} round {round_no} failed; server log tail:\n{client.log_tail()}", file=sys.stderr)

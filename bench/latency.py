@@ -202,9 +202,7 @@ class Bench:
         ) as daemon:
             client = SocketClient.connect(daemon.listen, self.args.timeout, daemon.log)
             run.round_trips_daemon_s = self._round_trip_rate(client, run, "round trips through the daemon")
-            relay_config = self.workdir / f"relay-{run.round}.toml"
-            relay_config.write_text(f'[spawned]\ndaemon = "{daemon.listen}"\n')
-            relay = [sys.executable, "-m", "proxy", "experimental-image-proxy", "--config", str(relay_config)]
+            relay = daemon.relay_argv(self.workdir / f"relay-{run.round}.toml")
             client = ProxyClient(relay, self.logs / f"round-trips-relay-{run.round}.log", self.args.timeout)
             run.round_trips_relay_s = self._round_trip_rate(client, run, "round trips through a relay")
             start = time.perf_counter()
