@@ -26,11 +26,13 @@ from proxy.cache.files import (
     SOURCE_XATTR,
     Busy,
     StoreError,
+    add_origin,
     hash_fd,
     pwrite_all,
     reopen,
     same_file,
     source_tag,
+    stamp_can_be_believed,
     unlink_if_same,
     write_stamp,
 )
@@ -266,10 +268,12 @@ class Download:
         st = os.fstat(self.fd)
         final = self.hexpart
         if self.store._holds_verified(self.dir_fd, final, st.st_size):
-            # another download (another source, another process) finished first: its file is identical
-            log.debug("blob cache: %s was stored meanwhile; dropping %s", self.digest, self.path)
+            # another download (another source, another process) finished first, or the blob was stored from
+            # another source: its file is identical, and this source is one of its origins now
+            log.debug("blob cache: %s is stored already; dropping %s", self.digest, self.path)
             if self.named:
                 unlink_if_same(self.dir_fd, self.partial.name, st)
+            self._add_origin_to(final)
             return
         if self.named and same_file(self.dir_fd, self.partial.name, st):
             os.rename(self.partial.name, final, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
@@ -277,9 +281,24 @@ class Download:
             self._link(final)
         os.fsync(self.dir_fd)
         with contextlib.suppress(OSError):
-            os.removexattr(self.fd, SOURCE_XATTR)  # a blob is a blob, wherever it came from
+            os.removexattr(self.fd, SOURCE_XATTR)  # a partial's tag; a blob's are its origins
+        if self.source:
+            add_origin(self.fd, source_tag(self.source))
         write_stamp(self.fd, os.fstat(self.fd))
         log.debug("blob cache: stored %s (%d bytes)", self.digest, self.written)
+
+    def _add_origin_to(self, final: str) -> None:
+        if not self.source:
+            return
+        try:
+            fd = open_regular(self.dir_fd, final, self.directory / final)
+        except (OSError, Refused):
+            return
+        try:
+            if stamp_can_be_believed(os.fstat(fd)):
+                add_origin(fd, source_tag(self.source))
+        finally:
+            os.close(fd)
 
     def _link(self, final: str) -> None:
         """Give the (anonymous) file the final name, replacing a file there that is not a verified blob."""

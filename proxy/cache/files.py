@@ -18,6 +18,10 @@ from proxy.common.pipes import CHUNK_SIZE
 STAMP_XATTR = "user.image-proxy.verified"
 #: on a partial: a hash of the source its bytes came from (see source_tag)
 SOURCE_XATTR = "user.image-proxy.source"
+#: on a verified blob: the tags (source_tag) of the sources it was downloaded from, space-separated, oldest first
+ORIGINS_XATTR = "user.image-proxy.origins"
+#: the most origins a blob records (the oldest are dropped: a source that lost its tag downloads the blob again)
+MAX_ORIGINS = 128
 #: the most refused paths logged at error level (then at debug level): a log line per path, not per request
 MAX_REFUSALS_LOGGED = 1000
 
@@ -67,6 +71,34 @@ def has_valid_stamp(fd: int, st: os.stat_result) -> bool:
 def source_tag(source: str) -> bytes:
     """What a partial records of the source its bytes came from (``SOURCE_XATTR``)."""
     return hashlib.sha256(source.encode()).hexdigest()[:16].encode()
+
+
+def has_origin(fd: int, st: os.stat_result, tag: bytes) -> bool:
+    """Whether the verified blob open as ``fd`` records ``tag`` among its origins (``ORIGINS_XATTR``), on a file
+    whose attributes can be believed (:func:`stamp_can_be_believed`). No record, no origin."""
+    if not stamp_can_be_believed(st):
+        return False
+    try:
+        return tag in os.getxattr(fd, ORIGINS_XATTR).split()
+    except OSError:
+        return False
+
+
+def add_origin(fd: int, tag: bytes) -> bool:
+    """Record ``tag`` among the origins of the verified blob open as ``fd``; False where xattrs cannot be written
+    (that source then downloads the blob again next time). Two processes adding at once may lose one of the two
+    tags: the same cost, once."""
+    try:
+        current = os.getxattr(fd, ORIGINS_XATTR).split()
+    except OSError:
+        current = []
+    if tag in current:
+        return True
+    try:
+        os.setxattr(fd, ORIGINS_XATTR, b" ".join([*current, tag][-MAX_ORIGINS:]))
+    except OSError:
+        return False
+    return True
 
 
 def hash_fd(fd: int, algo: str, limit: int | None = None) -> tuple[hashlib._Hash, int]:

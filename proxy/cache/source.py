@@ -2,11 +2,11 @@
 (a registry's), so that nothing else asks what type a source is.
 
 Blobs come from the cache when it holds them verified, else from a download into it shared with every client
-asking for that digest from the same source (``BlobStore.fetch``). Only the blobs the image's manifest names, which
-the client fetched from the registry with its own credentials: the registry's answer is the access check (a
-registry serves a manifest only to who may read its repository, and a repository's manifests name only its own
-blobs). Any other digest is asked of the registry, never served from what other clients' credentials fetched. A
-download stops at the size the verified manifest gives (``trusted_sizes``), so an endless body cannot fill the disk.
+asking for that digest from the same source (``BlobStore.fetch``). The source is the repository the client's
+reference names (``RegistrySource.cache_key``), which the client showed it may read by fetching a manifest there
+with its own credentials: the cache serves it only blobs downloaded from that repository (see ``proxy.cache.store``,
+"Who is served what"). A download stops at the size the verified manifest gives (``trusted_sizes``), so an endless
+body cannot fill the disk.
 """
 
 from __future__ import annotations
@@ -39,10 +39,6 @@ class CachingSource(ImageSource):
 
     async def open_blob(self, digest: str, expected_size: int | None = None) -> Blob:
         inner = self.inner
-        if digest not in self.trusted_sizes:
-            # not named by the manifest this client fetched: the registry, not the cache, says whether this client
-            # may read it (the cache holds blobs other clients fetched with credentials this one may not have)
-            return await inner.open_blob(digest, expected_size)
         blob = await self._store.fetch(
             digest,
             expected_size,
@@ -55,9 +51,7 @@ class CachingSource(ImageSource):
         return blob
 
     async def cached_blob(self, digest: str, size: int | None) -> Blob | None:
-        if digest not in self.trusted_sizes:
-            return None  # as open_blob: the registry decides
-        return await self._store.open_cached(digest, size)
+        return await self._store.open_cached(digest, size, self.cache_key)
 
     def ranged_source(self) -> ImageSource | None:
         return self.inner.ranged_source()

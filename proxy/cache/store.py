@@ -13,10 +13,10 @@ Storing:
   from zero in the same request, once, so its readers still get the blob. A download from zero that does not match
   fails its readers (``corrupted blob``): its source sent wrong bytes.
 
-Sharing (single flight) is keyed by digest **and source** — the registry the client's reference names (its
-mirrors and rewrites are the administrator's registries.conf, the same for every client naming it). Every reader
-of a digest being downloaded from the same source follows the growing file, so concurrent GetBlobs of one image
-share one upstream transfer; a reader never waits on, or fails with, a registry it did not name.
+Sharing (single flight) is keyed by digest **and source** — the repository the client's reference names (its
+registry's mirrors and rewrites are the administrator's registries.conf, the same for every client naming it).
+Every reader of a digest being downloaded from the same source follows the growing file, so concurrent GetBlobs of
+one image share one upstream transfer; a reader never waits on, or fails with, a registry it did not name.
 Why keyed by source, not a follower that switches when the shared download is slower or fails: "slower" needs a
 judgement (a registry that is merely slower is not hostile, and switching early doubles the traffic), and a
 follower that switches mid-stream sends bytes of two transfers as one stream, which the single digest check at the
@@ -31,6 +31,16 @@ and writes an anonymous file in the same directory (``O_TMPFILE``; where that is
 uncached). Whichever verifies first puts its file under the final name; the other keeps that verified file (it is
 identical) and drops its own, its readers reading on from the file they have open. Another process downloading
 the same digest is handled the same way.
+
+Who is served what: a client is served a cached blob, or follows a download, only from the source it names — the
+repository of its reference (``registry.example/team/app``, ``RegistrySource.cache_key``). Opening the image
+fetched a manifest there with the client's own credentials, so that registry let it read that repository. Each
+verified blob records the sources it was downloaded from (xattr ``user.image-proxy.origins``, hashes, believed
+only on a file :func:`stamp_can_be_believed`); another source's client downloads it from its own registry (the
+bytes prove that registry has them), and its source is added. The cache is keyed by digest, and digests are not
+secrets: without this, a client could open an image on a registry of its own whose manifest names another
+client's private layer, and be served that layer from the cache. The cost: a blob shared by two repositories is
+downloaded once per repository. Where xattrs cannot be written, no origin is recorded and every pull downloads.
 
 Serving:
 
@@ -79,9 +89,11 @@ from proxy.cache.files import (
     MAX_REFUSALS_LOGGED,
     Busy,
     StoreError,
+    has_origin,
     has_valid_stamp,
     hash_fd,
     make_private_dirs,
+    source_tag,
     stamp_can_be_believed,
     unlink_if_same,
     write_stamp,
@@ -223,9 +235,19 @@ class BlobStore:
         finally:
             os.close(fd)
 
-    def _lookup_sync(self, digest: str) -> tuple[int, os.stat_result] | None:
+    def _lookup_sync(self, digest: str, source: str | None = None) -> tuple[int, os.stat_result] | None:
         """The verified cached blob, open (its fd and stat), or None; a wrong file is removed (with a log line).
-        Raises Refused when the name (or a directory above it) is not what the cache puts there."""
+        With ``source``: None unless the blob was downloaded from that source (its origins), which the asker showed it
+        may read (see the module's "Who is served what"). Raises Refused when the name (or a directory above it) is
+        not what the cache puts there."""
+        found = self._verified_sync(digest)
+        if found is None or source is None or has_origin(found[0], found[1], source_tag(source)):
+            return found
+        os.close(found[0])
+        log.debug("blob cache: %s is stored, but was not downloaded from %s", digest, source)
+        return None
+
+    def _verified_sync(self, digest: str) -> tuple[int, os.stat_result] | None:
         algo, hexpart = self._split(digest)
         path = self.blobs / algo / hexpart
         try:
@@ -276,13 +298,16 @@ class BlobStore:
                 os.utime(fd, ns=(time.time_ns(), st.st_mtime_ns))
         return CachedBlob(self, digest, self.final_path(digest), fd, st.st_size)
 
-    async def open_cached(self, digest: str, expected_size: int | None = None) -> CachedBlob | None:
-        """The verified cached blob, or None (a wrong file is removed, a refused path logged).
+    async def open_cached(
+        self, digest: str, expected_size: int | None = None, source: str | None = None
+    ) -> CachedBlob | None:
+        """The verified cached blob (downloaded from ``source``, when given), or None (a wrong file is removed, a
+        refused path logged).
 
         ``expected_size`` is not checked here: a verified blob is what it is, and a size that disagrees is the
         asker's error, reported by the producer (``expected N bytes in blob, got M``)."""
         try:
-            found = await threads.run_sync(self._lookup_sync, digest)
+            found = await threads.run_sync(self._lookup_sync, digest, source)
         except Refused as e:
             self._refused(e)
             return None
@@ -306,7 +331,7 @@ class BlobStore:
         for _ in range(LOOKUPS):
             ended = self.downloads_ended
             try:
-                found = await threads.run_sync(self._lookup_sync, digest)
+                found = await threads.run_sync(self._lookup_sync, digest, source or None)
             except Refused as e:
                 self._refused(e)
                 return await open_from(0)

@@ -209,8 +209,11 @@ class RegistrySource(ImageSource):
 
     @property
     def cache_key(self) -> str:  # type: ignore[override]
-        """Downloads are shared, and partials resumed, only between pulls from the same registry."""
-        return self.domain
+        """The repository the reference names (``registry.example/team/app``): downloads are shared, partials
+        resumed and cached blobs served only between pulls from it. Opening the image fetched a manifest there with
+        this client's credentials, so the registry let this client read that repository; a repository's blobs are
+        not another's (a registry serves a blob only from a repository it was pushed or mounted into)."""
+        return self._image.name
 
     def ranged_source(self) -> RegistrySource:
         return self

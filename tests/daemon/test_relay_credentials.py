@@ -194,8 +194,10 @@ def _session(path: Path, settings: dict | None) -> socket.socket:
 @pytest.mark.parametrize("settings", [None, {"no_creds": True}], ids=["daemon-credentials", "no-creds"])
 async def test_a_client_gets_no_private_blob_from_the_cache(start_daemon, guarded, private, tmp_path, settings):
     """An agent with bob's credentials fetched the private layers into the shared cache. Another client, with the
-    daemon's credentials (none) or --no-creds, opens a public image and asks for a private layer by digest: the
-    registry answers for it (blob unknown there), never the cache. It cannot open the private image either."""
+    daemon's credentials (none) or --no-creds, opens an image in a repository it may read (on another registry,
+    as an attacker's own would be) and asks for a private layer by digest: that registry answers for it (blob
+    unknown there), never the cache, which holds the layer only for the private repository. It cannot open the
+    private image either. (A manifest naming the digest changes nothing: tests/unit/test_blobstore.py.)"""
     daemon = await start_daemon("--insecure-policy", "--no-creds", "--blob-cache", str(tmp_path / "cache"))
     agent = Agent("--config", str(relay_config(tmp_path, daemon.socket_path)), auth=auth_json(guarded.port))
     try:

@@ -19,7 +19,7 @@ from protocol.errors import ErrorCode, ProxyError
 from proxy.cache import store as blobstore
 from proxy.cache import writeback
 from proxy.cache.directory import Refused
-from proxy.cache.files import SOURCE_XATTR, STAMP_XATTR, source_tag, verification_stamp
+from proxy.cache.files import ORIGINS_XATTR, SOURCE_XATTR, STAMP_XATTR, source_tag, verification_stamp
 from proxy.cache.store import BlobStore, CachedBlob, StoreError
 from proxy.common.pipes import CHUNK_SIZE
 from proxy.sources.base import Blob
@@ -31,12 +31,15 @@ DIGEST = "sha256:" + hashlib.sha256(DATA).hexdigest()
 HEX = DIGEST.split(":")[1]
 
 
-def put(store: BlobStore, data: bytes, atime: int) -> Path:
+def put(store: BlobStore, data: bytes, atime: int, origin: str | None = "r") -> Path:
+    """A blob in the cache, as a download from ``origin`` leaves it (None: from no source, as an older cache)."""
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
     path = store.final_path(digest)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     os.utime(path, ns=(atime, path.stat().st_mtime_ns))
+    if origin is not None:
+        os.setxattr(path, ORIGINS_XATTR, source_tag(origin))
     return path
 
 
@@ -187,6 +190,45 @@ async def test_a_download_from_another_source_is_not_joined_and_a_trickle_does_n
     assert store.final_path(DIGEST).stat().st_ino == final_inode, "the first verified file stays"
     assert not partial_of(store).exists()
     assert hostile.opened == [0]
+
+
+async def test_a_blob_is_served_only_to_the_repository_it_was_downloaded_from(tmp_path):
+    """A victim pulled a private layer from its repository. The attacker names a repository of its own whose manifest
+    names that digest: its registry has no such blob (404). The attacker gets its registry's answer, never the
+    cache's bytes; a genuine second repository holding the blob downloads it once, then both are served from disk."""
+    store = BlobStore(tmp_path / "cache")
+    with trio.fail_after(GUARD):
+        async with spawner() as spawn:
+            victim = Source()
+            blob = await store.fetch(DIGEST, len(DATA), victim.open_from, spawn, source="registry.example/team/private")
+            assert await read_all(blob) == DATA and store.final_path(DIGEST).read_bytes() == DATA
+            evil = Source(fail=ProxyError("blob unknown to registry"))
+            with pytest.raises(ProxyError, match="blob unknown"):
+                await read_all(await store.fetch(DIGEST, len(DATA), evil.open_from, spawn, source="evil.example/x"))
+            assert evil.opened == [0]
+            assert await store.open_cached(DIGEST, len(DATA), "evil.example/x") is None
+            other = Source()
+            for _ in range(2):  # downloaded from the second repository once, then from disk
+                again = await store.fetch(DIGEST, len(DATA), other.open_from, spawn, source="registry.example/team/b")
+                assert await read_all(again) == DATA
+            assert other.opened == [0] and victim.opened == [0]
+            cached = await store.open_cached(DIGEST, len(DATA), "registry.example/team/private")
+            assert isinstance(cached, CachedBlob)
+            await cached.aclose()
+    tags = os.getxattr(store.final_path(DIGEST), ORIGINS_XATTR).split()
+    assert tags == [source_tag("registry.example/team/private"), source_tag("registry.example/team/b")]
+
+
+async def test_a_blob_without_origins_is_downloaded_again_once(tmp_path):
+    """A cache written before origins were recorded: its blobs are served to no source until one downloads them."""
+    store = BlobStore(tmp_path / "cache")
+    put(store, DATA, atime=1_000_000_000_000_000_000, origin=None)
+    source = Source()
+    with trio.fail_after(GUARD):
+        async with spawner() as spawn:
+            for _ in range(2):
+                assert await read_all(await store.fetch(DIGEST, len(DATA), source.open_from, spawn, source="r")) == DATA
+    assert source.opened == [0]
 
 
 async def test_a_follower_does_not_get_the_error_of_the_client_that_started_the_download(tmp_path):
