@@ -20,6 +20,8 @@ STRING_KEYS = ("auth_file", "auth_file_name", "creds", "username", "password", "
 BOOLEAN_KEYS = ("no_creds",)
 #: the strings that may hold no control character (line breaks included)
 _PRINTABLE_KEYS = frozenset({"user_agent_prefix", "registry_token", "auth_file_name"})
+#: the strings sent as HTTP header values as they are
+_HEADER_KEYS = frozenset({"user_agent_prefix", "registry_token"})
 #: the keys that give this connection credentials of its own (instead of the daemon's)
 CREDENTIAL_KEYS = ("auth_file", "creds", "username", "password", "registry_token", "no_creds")
 
@@ -86,6 +88,8 @@ def parse_session_settings(value: Any) -> SessionSettings:
             if key in _PRINTABLE_KEYS and not item.isprintable():
                 # sent as a header (a token, the user agent) or written into log lines (the file's name)
                 raise ProtocolViolation(f"session setting {key}: contains control characters")
+            if key in _HEADER_KEYS and not item.isascii():
+                raise ProtocolViolation(f"session setting {key}: not ASCII (it is sent as an HTTP header)")
         elif key in BOOLEAN_KEYS:
             if not isinstance(item, bool):
                 raise ProtocolViolation(f"session setting {key}: expecting a boolean, not {json_type_name(item)}")

@@ -330,6 +330,9 @@ def _relay_target(args: argparse.Namespace, daemon_path: str) -> socket.socket |
     daemon = relay.connect(daemon_path, settings)
     if isinstance(daemon, str):
         log.warning("daemon at %s: %s; serving this client here", daemon_path, daemon)
+        copy = relay.auth_file_copy(settings)
+        if copy is not None:
+            args.authfile = copy  # what was read, for this process's own proxy
         return None
     log.debug("relaying to the daemon at %s", daemon_path)
     return daemon

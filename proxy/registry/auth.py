@@ -88,7 +88,9 @@ def _has_password(credentials: Credentials | None) -> bool:
 
 
 def basic_authorization(username: str, password: str) -> str:
-    return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
+    # an auth file's bytes that are not UTF-8 were decoded with surrogateescape: they go out as they were (as Go's)
+    userpass = f"{username}:{password}".encode("utf-8", "surrogateescape")
+    return "Basic " + base64.b64encode(userpass).decode("ascii")
 
 
 def _credential_id(credentials: Credentials | None) -> str:
@@ -96,7 +98,7 @@ def _credential_id(credentials: Credentials | None) -> str:
     if credentials is None:
         return ""
     material = "\0".join((credentials.username, credentials.password, _identity_token(credentials) or ""))
-    return hashlib.sha256(material.encode()).hexdigest()
+    return hashlib.sha256(material.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 # -- errors ----------------------------------------------------------------------------------------------------

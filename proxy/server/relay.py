@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import select
 import socket
 
@@ -43,6 +44,8 @@ def session_settings(given: dict[str, object]) -> dict[str, object] | str:
     for name, value in given.items():
         if name == "authfile":
             path = str(value)
+            if not path:
+                continue  # --authfile "": skopeo's default files, which the daemon's are for its clients
             try:
                 with open(path, "rb") as file:
                     content = file.read(_MAX_AUTH_FILE + 1)
@@ -64,6 +67,17 @@ def session_settings(given: dict[str, object]) -> dict[str, object] | str:
 
 #: the largest auth file a relay forwards (its request must fit in one packet, escapes included)
 _MAX_AUTH_FILE = MAX_MSG_SIZE // 2
+
+
+def auth_file_copy(settings: dict[str, object]) -> str | None:
+    """For a client this process serves itself after it read its auth file: a copy of what it read (a memfd, as
+    ``/proc/self/fd/N``), since the file may be a pipe that one reading emptied; None when there is nothing to copy."""
+    content = settings.get("auth_file")
+    if not isinstance(content, str) or not content:
+        return None
+    fd = os.memfd_create("auth.json", 0)  # inheritable: the path names it in this process only
+    os.write(fd, content.encode("utf-8"))
+    return f"/proc/self/fd/{fd}"
 
 
 def connect(path: str, settings: dict[str, object] | None = None) -> socket.socket | str:
@@ -179,4 +193,4 @@ def _reply(client: socket.socket, daemon: socket.socket) -> bool:
     return True
 
 
-__all__ = ["CONNECT_TIMEOUT", "connect", "relay", "session_settings"]
+__all__ = ["CONNECT_TIMEOUT", "auth_file_copy", "connect", "relay", "session_settings"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import socket
 import threading
 from pathlib import Path
@@ -51,6 +52,8 @@ def test_any_json_value_is_settings_or_an_error_naming_what_is_wrong(value):
         ({"user_agent_prefix": "x\r\nX-Injected: 1"}, "session setting user_agent_prefix: contains control"),
         ({"registry_token": "t\r\nGET /v2/ HTTP/1.1"}, "session setting registry_token: contains control"),
         ({"auth_file_name": "a\nINFO forged line"}, "session setting auth_file_name: contains control"),
+        ({"user_agent_prefix": "agent-é"}, "session setting user_agent_prefix: not ASCII"),
+        ({"registry_token": "tokén"}, "session setting registry_token: not ASCII"),
         ({"tls_verify": False}, 'unknown session setting "tls_verify" (known: auth_file,'),
     ],
 )
@@ -182,3 +185,35 @@ def test_a_daemon_that_refuses_the_settings_says_why(tmp_path):
     answer = relay.connect(str(path), {"auth_file": "{}"})
     thread.join(10)
     assert answer == "the daemon refused: SetSessionSettings: auth file names credential helpers"
+
+
+def test_an_auth_file_entry_that_is_not_utf8_goes_out_as_its_bytes():
+    """Go sends the bytes of an auth file's ``auth`` as they are; so do we (it was an internal error)."""
+    from proxy.registry.auth import basic_authorization
+
+    raw = base64.b64encode(b"\xff\xfebob:pw").decode()
+    found = CredentialSource.of_client(auth_file=_auth({"quay.io": {"auth": raw}})).lookup("quay.io", "x")
+    header = basic_authorization(found.username, found.password)
+    assert base64.b64decode(header.removeprefix("Basic ")) == b"\xff\xfebob:pw"
+
+
+def test_an_empty_authfile_flag_is_not_forwarded():
+    """skopeo reads its default files for ``--authfile ""``: the relay forwards no auth file for it."""
+    assert relay.session_settings({"authfile": "", "no_creds": True}) == {"no_creds": True}
+
+
+def test_a_relay_serving_its_client_itself_keeps_what_it_read(tmp_path):
+    """An auth file handed over as a pipe is empty on a second reading: the process's own proxy gets a copy."""
+    read, write = os.pipe()
+    os.write(write, b'{"auths": {}}')
+    os.close(write)
+    try:
+        settings = relay.session_settings({"authfile": f"/proc/self/fd/{read}"})
+    finally:
+        os.close(read)
+    copy = relay.auth_file_copy(settings)
+    try:
+        assert Path(copy).read_text() == '{"auths": {}}'
+    finally:
+        os.close(int(copy.rsplit("/", 1)[1]))
+    assert relay.auth_file_copy({"auth_file": ""}) is None
