@@ -46,6 +46,10 @@ class SessionSettings:
         """True when the connection brings credentials (or ``no_creds``): the daemon's are not used for it."""
         return any(getattr(self, key) not in (None, False) for key in CREDENTIAL_KEYS)
 
+    def credential_fields(self) -> dict[str, Any]:
+        """The credential settings (and the auth file's name), by name, as ``CredentialSource.of_client`` takes them."""
+        return {key: getattr(self, key) for key in (*CREDENTIAL_KEYS, "auth_file_name")}
+
     def __repr__(self) -> str:
         given = [key for key in (*STRING_KEYS, *BOOLEAN_KEYS) if getattr(self, key) not in (None, False)]
         return f"SessionSettings({', '.join(given)})"

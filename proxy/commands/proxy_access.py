@@ -20,7 +20,7 @@ import trio
 from protocol.client import ImageProxy
 from protocol.client.tasks import failing_fast
 from protocol.errors import ErrorCode, ProxyError
-from proxy.commands.proxy_flags import GLOBAL_FLAGS, GLOBAL_SWITCHES, SERVE_FLAGS, dest
+from proxy.commands.proxy_flags import CREDENTIAL_FLAGS, GLOBAL_FLAGS, GLOBAL_SWITCHES, SERVE_FLAGS, dest
 
 #: what each flag passed on to the command's proxy does, for --help
 _HELPS = {
@@ -58,16 +58,7 @@ _METAVARS = {
     "--max-resumes": "N",
 }
 #: skopeo copy's names for the source registry's flags (``--src-tls-verify`` ...), accepted by ``copy`` too
-_SOURCE_ALIASES = (
-    "--tls-verify",
-    "--authfile",
-    "--creds",
-    "--username",
-    "--password",
-    "--registry-token",
-    "--no-creds",
-    "--cert-dir",
-)
+_SOURCE_ALIASES = ("--tls-verify", *CREDENTIAL_FLAGS, "--cert-dir")
 
 
 def add_proxy_flags(parser: argparse.ArgumentParser, source_aliases: bool = False) -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+#: skopeo's registry credential flags (copy's ``--src-*`` names them too)
+CREDENTIAL_FLAGS = ("--authfile", "--creds", "--username", "--password", "--registry-token", "--no-creds")
 #: the serving commands' own flags, handed unchanged to a command's proxy: (flag, takes a value)
 SERVE_FLAGS: tuple[tuple[str, bool], ...] = (
     ("--authfile", True),
@@ -45,15 +47,7 @@ TLS_VERIFY = "--tls-verify"
 CONFIG = "--config"
 #: the flags a relay forwards to the daemon as its connection's settings (extension session-settings,
 #: docs/PROTOCOL.md) instead of serving its client itself: the ones update agents pass
-SESSION_FLAGS = (
-    "--authfile",
-    "--creds",
-    "--username",
-    "--password",
-    "--registry-token",
-    "--no-creds",
-    "--user-agent-prefix",
-)
+SESSION_FLAGS = (*CREDENTIAL_FLAGS, "--user-agent-prefix")
 
 
 def dest(flag: str) -> str:
@@ -79,6 +73,7 @@ def _set(args: argparse.Namespace, flag: str, takes_value: bool) -> bool:
 
 __all__ = [
     "CONFIG",
+    "CREDENTIAL_FLAGS",
     "GLOBAL_FLAGS",
     "GLOBAL_SWITCHES",
     "SERVE_FLAGS",

@@ -290,15 +290,7 @@ class Handler:
             from proxy.config import ConfigError, CredentialSource
 
             try:
-                credentials = CredentialSource.of_client(
-                    auth_file=settings.auth_file,
-                    auth_file_name=settings.auth_file_name,
-                    creds=settings.creds,
-                    username=settings.username,
-                    password=settings.password,
-                    registry_token=settings.registry_token,
-                    no_creds=settings.no_creds,
-                )
+                credentials = CredentialSource.of_client(**settings.credential_fields())
             except ConfigError as e:
                 raise ProxyError(f"SetSessionSettings: {e}") from None
         self._session_registry = self._resources.registry.for_session(credentials, settings.user_agent_prefix)

@@ -13,12 +13,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import trio
 
 from protocol.client import ImageProxy
 from protocol.client.pull import pull
-from tests.faults.conftest import FaultImages
+from tests.faults.conftest import FaultImages, Layer
 from tests.faults.proxy import FaultProxy, Stall
 from tests.support.sinks import discard_all
 
@@ -73,6 +74,12 @@ class Agent:
             async with ImageProxy.connect(self.sock) as proxy:
                 await pull(proxy, reference, discard_all, retries=0)
 
+    async def pull_and_exit(self, reference: str) -> str:
+        """Pull ``reference``, close the connection (the agent's proxy exits), and return its stderr."""
+        await self.pull(reference)
+        self.sock.close()
+        return await self.stderr()
+
     async def stderr(self) -> str:
         """Its stderr, once it has exited (which it must within 10 s)."""
         _, err = await trio.to_thread.run_sync(self.process.communicate, None, 10)
@@ -110,31 +117,40 @@ async def test_two_agents_share_the_daemons_downloads(start_daemon, fault, fault
 async def test_an_agent_killed_mid_pull_gets_the_rest_from_the_daemons_partial(
     start_daemon, fault, fault_images, tmp_path
 ):
-    layer = fault_images.long
-    blob_path = f"/blobs/{layer.digest}"
-    stall = fault.add_rule(Stall(at=layer.size // 2), path=blob_path)
     cache = tmp_path / "cache"
     daemon = await start_daemon("--insecure-policy", "--blob-cache", str(cache))
     config = relay_config(tmp_path, daemon.socket_path)
-    first = Agent("--config", str(config))
+    resumed = await killed_mid_pull_then_pulled_again(
+        fault, fault_images.ref(fault.port), fault_images.long, cache, config
+    )
+    assert resumed and all(r is not None and not r.startswith("bytes=0-") for r in resumed), resumed
+
+
+async def killed_mid_pull_then_pulled_again(
+    fault: FaultProxy, reference: str, layer: Layer, cache: Path, config: Path, **agent_options: Any
+) -> list[str | None]:
+    """An agent pulling ``reference`` is killed (SIGKILL, its relay with it) once ``layer``'s body stalled at half
+    with a partial in the daemon's ``cache``; another agent then pulls it. The Range headers of the layer's later
+    requests that the registry answered."""
+    stall = fault.add_rule(Stall(at=layer.size // 2), path=f"/blobs/{layer.digest}")
+    first = Agent("--config", str(config), **agent_options)
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(first.pull, fault_images.ref(fault.port))
+            nursery.start_soon(first.pull, reference)
             await fault.wait_until(lambda: bool(stall.fired), timeout=PULL_GUARD)
             partial = cache / "blobs" / "sha256" / (layer.digest.split(":", 1)[1] + ".partial")
             await fault.wait_until(lambda: partial.exists() and partial.stat().st_size > 0, timeout=PULL_GUARD)
-            first.process.send_signal(signal.SIGKILL)  # the agent (and its relay) die mid-pull
+            first.process.send_signal(signal.SIGKILL)
             nursery.cancel_scope.cancel()
     finally:
         first.kill()
     fault.remove_rule(stall)
-    second = Agent("--config", str(config))
+    second = Agent("--config", str(config), **agent_options)
     try:
-        await second.pull(fault_images.ref(fault.port))
+        await second.pull(reference)
     finally:
         second.kill()
-    resumed = [r.range for r in fault.requests_for(blob_path)[1:]]
-    assert resumed and all(r is not None and not r.startswith("bytes=0-") for r in resumed), resumed
+    return [r.range for r in fault.requests_for(f"/blobs/{layer.digest}") if r.status in (200, 206)][1:]
 
 
 async def test_without_a_daemon_the_agent_serves_itself_and_says_so_once(tmp_path):
@@ -160,9 +176,7 @@ async def test_flags_the_daemon_would_not_apply_make_the_agent_serve_itself(
     config = relay_config(tmp_path, daemon.socket_path)
     agent = Agent("--config", str(config), "--insecure-policy", "--tls-verify=false")
     try:
-        await agent.pull(fault_images.ref(fault.port))
-        agent.sock.close()
-        err = await agent.stderr()
+        err = await agent.pull_and_exit(fault_images.ref(fault.port))
     finally:
         agent.kill()
     lines = [line for line in err.splitlines() if "not through the daemon" in line]

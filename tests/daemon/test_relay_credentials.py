@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import signal
 import socket
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -20,10 +19,9 @@ import trio
 
 from protocol.client import ImageProxy
 from protocol.errors import ProxyError
-from tests.daemon.test_relay import AGENT, PULL_GUARD, Agent, relay_config
-from tests.faults.conftest import FaultImages, write_layout
-from tests.faults.proxy import FaultProxy, Stall, fault_proxy
-from tests.support.images import sha256_digest, skopeo_copy
+from tests.daemon.test_relay import AGENT, PULL_GUARD, Agent, killed_mid_pull_then_pulled_again, relay_config
+from tests.faults.conftest import FaultImages, push_fault_images
+from tests.faults.proxy import FaultProxy, fault_proxy
 
 PASSWORD = "agent-s3cret"
 REPOSITORY = "private/faults"
@@ -50,26 +48,10 @@ def private(registry_images, tmp_path_factory) -> Iterator[FaultImages]:
     from tests.support.registry import registry_process
 
     workdir = tmp_path_factory.mktemp("private-registry")
-    layers, config, manifest = write_layout(workdir / "layout")
     options = RegistryOptions(htpasswd=write_htpasswd(workdir / "htpasswd", {"bob": PASSWORD}))
     with registry_process(workdir / "registry", options) as registry:
-        skopeo_copy(
-            f"oci:{workdir / 'layout'}:faults",
-            f"docker://{registry.authority}/{REPOSITORY}:latest",
-            "--dest-tls-verify=false",
-            f"--dest-creds=bob:{PASSWORD}",
-        )
-        yield FaultImages(
-            registry_port=registry.port,
-            manifest_digest=sha256_digest(manifest),
-            manifest=manifest,
-            config_digest=sha256_digest(config),
-            config=config,
-            seed=layers["seed"],
-            long=layers["long"],
-            small=layers["small"],
-            standard=registry_images,
-        )
+        creds = f"--dest-creds=bob:{PASSWORD}"
+        yield push_fault_images(workdir / "layout", registry.authority, registry_images, creds, repository=REPOSITORY)
 
 
 @pytest.fixture
@@ -111,29 +93,12 @@ async def test_two_agents_with_auth_files_share_one_download(start_daemon, guard
 
 
 async def test_an_agent_killed_mid_pull_gets_the_rest_from_the_partial(start_daemon, guarded, private, tmp_path):
-    layer = private.long
-    stall = guarded.add_rule(Stall(at=layer.size // 2), path=f"/blobs/{layer.digest}")
     cache = tmp_path / "cache"
     daemon = await start_daemon("--insecure-policy", "--no-creds", "--blob-cache", str(cache))
     config = relay_config(tmp_path, daemon.socket_path)
-    first = Agent("--config", str(config), auth=auth_json(guarded.port))
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(first.pull, private.ref(guarded.port, REPOSITORY))
-            await guarded.wait_until(lambda: bool(stall.fired), timeout=PULL_GUARD)
-            partial = cache / "blobs" / "sha256" / (layer.digest.split(":", 1)[1] + ".partial")
-            await guarded.wait_until(lambda: partial.exists() and partial.stat().st_size > 0, timeout=PULL_GUARD)
-            first.process.send_signal(signal.SIGKILL)  # the agent (and its relay) die mid-pull
-            nursery.cancel_scope.cancel()
-    finally:
-        first.kill()
-    guarded.remove_rule(stall)
-    second = Agent("--config", str(config), auth=auth_json(guarded.port))
-    try:
-        await second.pull(private.ref(guarded.port, REPOSITORY))
-    finally:
-        second.kill()
-    resumed = [r.range for r in guarded.requests_for(f"/blobs/{layer.digest}") if r.status in (200, 206)][1:]
+    reference = private.ref(guarded.port, REPOSITORY)
+    auth = auth_json(guarded.port)
+    resumed = await killed_mid_pull_then_pulled_again(guarded, reference, private.long, cache, config, auth=auth)
     assert resumed and all(r is not None and not r.startswith("bytes=0-") for r in resumed), resumed
 
 
@@ -141,9 +106,7 @@ async def test_with_the_daemon_stopped_the_agent_pulls_by_itself(guarded, privat
     config = relay_config(tmp_path, tmp_path / "stopped.sock")
     agent = Agent("--config", str(config), auth=auth_json(guarded.port), env=trusting(tmp_path, guarded.port))
     try:
-        await agent.pull(private.ref(guarded.port, REPOSITORY))
-        agent.sock.close()
-        err = await agent.stderr()
+        err = await agent.pull_and_exit(private.ref(guarded.port, REPOSITORY))
     finally:
         agent.kill()
     assert [line for line in err.splitlines() if "serving this client here" in line], err
@@ -173,9 +136,7 @@ async def test_an_auth_file_naming_helpers_is_served_by_the_agent_itself(start_d
     config = relay_config(tmp_path, daemon.socket_path)
     agent = Agent("--config", str(config), auth=auth, env=trusting(tmp_path, guarded.port))
     try:
-        await agent.pull(private.ref(guarded.port, REPOSITORY))
-        agent.sock.close()
-        err = await agent.stderr()
+        err = await agent.pull_and_exit(private.ref(guarded.port, REPOSITORY))
     finally:
         agent.kill()
     lines = [line for line in err.splitlines() if "serving this client here" in line]

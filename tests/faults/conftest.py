@@ -149,11 +149,19 @@ def write_layout(root: Path) -> tuple[dict[str, Layer], bytes, bytes]:
 @pytest.fixture(scope="session")
 def fault_images(registry_images: PushedImages, tmp_path_factory: pytest.TempPathFactory) -> FaultImages:
     root = tmp_path_factory.mktemp("fault-images") / "layout"
+    return push_fault_images(root, registry_images.registry.authority, registry_images)
+
+
+def push_fault_images(
+    root: Path, authority: str, standard: PushedImages, *copy_flags: str, repository: str = REPOSITORY
+) -> FaultImages:
+    """test/faults' layout written under ``root`` and pushed (plain HTTP) to ``authority/repository:latest``."""
     layers, config, manifest = write_layout(root)
-    registry = registry_images.registry
-    skopeo_copy(f"oci:{root}:faults", f"docker://{registry.authority}/{REPOSITORY}:latest", "--dest-tls-verify=false")
+    skopeo_copy(
+        f"oci:{root}:faults", f"docker://{authority}/{repository}:latest", "--dest-tls-verify=false", *copy_flags
+    )
     return FaultImages(
-        registry_port=registry.port,
+        registry_port=int(authority.rsplit(":", 1)[1]),
         manifest_digest=sha256_digest(manifest),
         manifest=manifest,
         config_digest=sha256_digest(config),
@@ -161,7 +169,7 @@ def fault_images(registry_images: PushedImages, tmp_path_factory: pytest.TempPat
         seed=layers["seed"],
         long=layers["long"],
         small=layers["small"],
-        standard=registry_images,
+        standard=standard,
     )
 
 
