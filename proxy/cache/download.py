@@ -94,6 +94,7 @@ class Download:
         path = self.directory / name
         fd = open_regular(self.dir_fd, name, path, os.O_RDWR | os.O_CREAT)
         try:
+            self._give_to_owner(fd)
             st = os.fstat(fd)
             if st.st_nlink != 1:
                 raise Refused(path, f"has {st.st_nlink} hard links (a partial is never written through another name)")
@@ -108,16 +109,21 @@ class Download:
                 theirs: bytes | None = os.getxattr(fd, SOURCE_XATTR)
             except OSError:
                 theirs = None
+            if theirs == mine[:16]:
+                theirs = mine  # the shorter tag of an earlier version, for the same source
             if st.st_size and theirs is not None and theirs != mine:
-                log.info(
-                    "blob cache: %s holds %d bytes from another source; starting it again from %s",
-                    path,
-                    st.st_size,
-                    self.source or "this source",
-                )
+                # never truncated for another source (whose client would start again from 0), never resumed from
+                # this one (whose registry could "complete" bytes it does not have by guessing the last ones):
+                # this download writes an anonymous file instead, as when the partial is locked
+                log.info("blob cache: %s holds %d bytes from another source; not resuming it", path, st.st_size)
+                os.close(fd)
+                fd = -1
+                return self._anonymous(), False
+            if st.st_size and theirs is None:
+                # nobody can say whose bytes these are (no xattrs here): started again, never resumed by anyone
+                log.info("blob cache: %s holds %d bytes of an unknown source; starting it again", path, st.st_size)
                 os.ftruncate(fd, 0)
             if theirs != mine:
-                # without xattrs an untagged partial is resumed by anyone (and verified before use)
                 with contextlib.suppress(OSError):
                     os.setxattr(fd, SOURCE_XATTR, mine)
             return fd, True
@@ -131,10 +137,20 @@ class Download:
             fd = os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, FILE_MODE, dir_fd=self.dir_fd)
         except OSError:
             raise Busy() from None
+        self._give_to_owner(fd)
         log.debug(
             "blob cache: %s is being downloaded by another download; this one writes an anonymous file", self.digest
         )
         return fd
+
+    def _give_to_owner(self, fd: int) -> None:
+        """A file root creates in another user's cache (a proxy spawned as root, in the daemon's) becomes that
+        user's: the owner believes and resumes only its own files, and would otherwise download such a blob again
+        each time."""
+        owner = self.store.owner
+        if owner != 0 and os.geteuid() == 0 and os.fstat(fd).st_uid == 0:
+            with contextlib.suppress(OSError):
+                os.fchown(fd, owner, -1)
 
     def _notify(self) -> None:
         self._changed.set()
@@ -267,7 +283,7 @@ class Download:
         os.fsync(self.fd)
         st = os.fstat(self.fd)
         final = self.hexpart
-        if self.store._holds_verified(self.dir_fd, final, st.st_size):
+        if self.store._holds_verified(self.dir_fd, final, st.st_size, self.algo):
             # another download (another source, another process) finished first, or the blob was stored from
             # another source: its file is identical, and this source is one of its origins now
             log.debug("blob cache: %s is stored already; dropping %s", self.digest, self.path)
@@ -295,8 +311,9 @@ class Download:
         except (OSError, Refused):
             return
         try:
-            if stamp_can_be_believed(os.fstat(fd)):
-                add_origin(fd, source_tag(self.source))
+            st = os.fstat(fd)
+            if stamp_can_be_believed(st) or stamp_can_be_believed(st, self.store.owner):
+                add_origin(fd, source_tag(self.source))  # EPERM on another user's file: nothing recorded
         finally:
             os.close(fd)
 

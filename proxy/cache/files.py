@@ -20,8 +20,9 @@ STAMP_XATTR = "user.image-proxy.verified"
 SOURCE_XATTR = "user.image-proxy.source"
 #: on a verified blob: the tags (source_tag) of the sources it was downloaded from, space-separated, oldest first
 ORIGINS_XATTR = "user.image-proxy.origins"
-#: the most origins a blob records (the oldest are dropped: a source that lost its tag downloads the blob again)
-MAX_ORIGINS = 128
+#: the most origins a blob records (33 bytes each: within the 4 KiB an ext4 inode gives all its xattrs); a source
+#: beyond them downloads the blob each time (tags are never dropped: nobody can push another's out)
+MAX_ORIGINS = 64
 #: the most refused paths logged at error level (then at debug level): a log line per path, not per request
 MAX_REFUSALS_LOGGED = 1000
 
@@ -47,12 +48,13 @@ def write_stamp(target: int | Path, st: os.stat_result) -> bool:
     return True
 
 
-def stamp_can_be_believed(st: os.stat_result) -> bool:
-    """Whether a stamp on a file like this proves anything: nobody but this process's user can have written the
-    file (or its stamp) after we verified it. Otherwise the stamp is a claim, and the file is re-hashed."""
+def stamp_can_be_believed(st: os.stat_result, uid: int | None = None) -> bool:
+    """Whether a stamp on a file like this proves anything: nobody but this process's user (or ``uid``) can have
+    written the file (or its stamp) after it was verified. Otherwise the stamp is a claim, and the file is
+    re-hashed."""
     return (
         stat.S_ISREG(st.st_mode)
-        and st.st_uid == os.geteuid()
+        and st.st_uid == (os.geteuid() if uid is None else uid)
         and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
         and st.st_nlink == 1
     )
@@ -69,14 +71,18 @@ def has_valid_stamp(fd: int, st: os.stat_result) -> bool:
 
 
 def source_tag(source: str) -> bytes:
-    """What a partial records of the source its bytes came from (``SOURCE_XATTR``)."""
-    return hashlib.sha256(source.encode()).hexdigest()[:16].encode()
+    """What a partial records of the source its bytes came from (``SOURCE_XATTR``), and a blob of each of its
+    origins (``ORIGINS_XATTR``): 128 bits of its SHA-256, beyond any search for a name that collides with another's."""
+    return hashlib.sha256(source.encode()).hexdigest()[:32].encode()
 
 
-def has_origin(fd: int, st: os.stat_result, tag: bytes) -> bool:
-    """Whether the verified blob open as ``fd`` records ``tag`` among its origins (``ORIGINS_XATTR``), on a file
-    whose attributes can be believed (:func:`stamp_can_be_believed`). No record, no origin."""
-    if not stamp_can_be_believed(st):
+def has_origin(fd: int, st: os.stat_result, tag: bytes, owner: int | None = None) -> bool:
+    """Whether the blob open as ``fd`` records ``tag`` among its origins (``ORIGINS_XATTR``), on a file whose
+    attributes can be believed: :func:`stamp_can_be_believed`, or a file of ``owner`` (the cache directory's: a
+    proxy spawned as root reads the blobs of the daemon's user). No record, no origin."""
+    mine = stamp_can_be_believed(st)
+    theirs = owner is not None and st.st_uid == owner and stamp_can_be_believed(st, owner)
+    if not (mine or theirs):
         return False
     try:
         return tag in os.getxattr(fd, ORIGINS_XATTR).split()
@@ -94,8 +100,10 @@ def add_origin(fd: int, tag: bytes) -> bool:
         current = []
     if tag in current:
         return True
+    if len(current) >= MAX_ORIGINS:
+        return False
     try:
-        os.setxattr(fd, ORIGINS_XATTR, b" ".join([*current, tag][-MAX_ORIGINS:]))
+        os.setxattr(fd, ORIGINS_XATTR, b" ".join([*current, tag]))
     except OSError:
         return False
     return True

@@ -39,6 +39,10 @@ class CachingSource(ImageSource):
 
     async def open_blob(self, digest: str, expected_size: int | None = None) -> Blob:
         inner = self.inner
+        if digest not in self.trusted_sizes:
+            # not named by the verified manifest: no size bounds what a download of it would write, so it is
+            # streamed uncached (a client's GetBlob of any digest, any size, cannot fill the cache's disk)
+            return await inner.open_blob(digest, expected_size)
         blob = await self._store.fetch(
             digest,
             expected_size,

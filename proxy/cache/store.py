@@ -7,7 +7,7 @@ Storing:
   a digest name.
 - A partial survives failures and restarts: the next download of that digest from the same source (this process
   or another) re-hashes the partial and asks the registry for the rest with a Range request. The partial records
-  its source (xattr ``user.image-proxy.source``, a hash of it); a download from another source starts it again.
+  its source (xattr ``user.image-proxy.source``, a hash of it); a download from another source leaves it alone.
 - Bytes resumed from disk are not trusted before the whole blob is verified: readers get them only then. If the
   finished file does not match its digest, the partial is dropped (with a log line) and the download starts again
   from zero in the same request, once, so its readers still get the blob. A download from zero that does not match
@@ -32,15 +32,20 @@ uncached). Whichever verifies first puts its file under the final name; the othe
 identical) and drops its own, its readers reading on from the file they have open. Another process downloading
 the same digest is handled the same way.
 
-Who is served what: a client is served a cached blob, or follows a download, only from the source it names — the
-repository of its reference (``registry.example/team/app``, ``RegistrySource.cache_key``). Opening the image
-fetched a manifest there with the client's own credentials, so that registry let it read that repository. Each
-verified blob records the sources it was downloaded from (xattr ``user.image-proxy.origins``, hashes, believed
-only on a file :func:`stamp_can_be_believed`); another source's client downloads it from its own registry (the
-bytes prove that registry has them), and its source is added. The cache is keyed by digest, and digests are not
-secrets: without this, a client could open an image on a registry of its own whose manifest names another
-client's private layer, and be served that layer from the cache. The cost: a blob shared by two repositories is
-downloaded once per repository. Where xattrs cannot be written, no origin is recorded and every pull downloads.
+Who is served what: a client is served a cached blob, or follows a download, or resumes a partial, only from its
+source — the repository that served its image's manifest (``registry.example/team/app``, or the mirror's
+repository that answered for that name: ``RegistrySource.cache_key``). Opening the image fetched that manifest with
+the client's own credentials, so that registry let it read that repository. Each verified blob records the sources
+it was downloaded from (xattr ``user.image-proxy.origins``: 128-bit hashes, at most ``MAX_ORIGINS``, never pushed
+out; believed only on this process's files or the cache directory owner's). Another source's client downloads the
+blob from its own registry (the bytes prove that registry has them), and its source is added. The cache is keyed by
+digest, and digests are not secrets: without this, a client could open an image on a registry of its own whose
+manifest names another client's private layer, and be served that layer from the cache. The cost: a blob shared by
+two repositories is downloaded once per repository. Where xattrs cannot be written, no origin is recorded and every
+pull downloads. The check comes before any hashing, so a blob of another source costs a lookup what no blob costs.
+Another source's partial is neither resumed (its registry could "complete" bytes it does not have by guessing the
+last ones) nor truncated (its own source resumes it): the download writes an anonymous file. A proxy running as
+root in another user's cache directory (one spawned by an agent, in the daemon's) gives that user what it creates.
 
 Serving:
 
@@ -156,6 +161,8 @@ class BlobStore:
             self._root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as e:
             raise StoreError(f"blob cache {self.root}: cannot create it: {e.strerror}") from None
+        #: the cache directory's owner, whose blobs' origins are believed (as this process's own)
+        self.owner = os.fstat(self._root_fd).st_uid
         self.read_only = False
         try:
             blobs_fd = open_subdir(self._root_fd, "blobs", self.blobs, create=True)
@@ -223,15 +230,18 @@ class BlobStore:
 
     # ------------------------------------------------------------------ lookups
 
-    def _holds_verified(self, dir_fd: int, name: str, size: int) -> bool:
-        """Whether ``name`` is a regular file of ``size`` bytes with a stamp that can be believed."""
+    def _holds_verified(self, dir_fd: int, name: str, size: int, algo: str) -> bool:
+        """Whether ``name`` is a regular file of ``size`` bytes that holds the blob: its stamp can be believed, or
+        its content hashes to ``name`` (a file of another user, e.g. the daemon's, is kept, never replaced)."""
         try:
             fd = open_regular(dir_fd, name, Path(name))
         except (OSError, Refused):
             return False
         try:
             st = os.fstat(fd)
-            return st.st_size == size and has_valid_stamp(fd, st)
+            if st.st_size != size:
+                return False
+            return has_valid_stamp(fd, st) or hash_fd(fd, algo)[0].hexdigest() == name
         finally:
             os.close(fd)
 
@@ -240,14 +250,9 @@ class BlobStore:
         With ``source``: None unless the blob was downloaded from that source (its origins), which the asker showed it
         may read (see the module's "Who is served what"). Raises Refused when the name (or a directory above it) is
         not what the cache puts there."""
-        found = self._verified_sync(digest)
-        if found is None or source is None or has_origin(found[0], found[1], source_tag(source)):
-            return found
-        os.close(found[0])
-        log.debug("blob cache: %s is stored, but was not downloaded from %s", digest, source)
-        return None
+        return self._verified_sync(digest, None if source is None else source_tag(source))
 
-    def _verified_sync(self, digest: str) -> tuple[int, os.stat_result] | None:
+    def _verified_sync(self, digest: str, tag: bytes | None) -> tuple[int, os.stat_result] | None:
         algo, hexpart = self._split(digest)
         path = self.blobs / algo / hexpart
         try:
@@ -265,6 +270,11 @@ class BlobStore:
                 raise Refused(path, f"cannot be read: {e.strerror}") from None
             try:
                 st = os.fstat(fd)
+                if tag is not None and not has_origin(fd, st, tag, self.owner):
+                    # before any hashing: a blob of another source costs what no blob costs
+                    log.debug("blob cache: %s is stored, but not from this client's source", digest)
+                    os.close(fd)
+                    return None
                 if has_valid_stamp(fd, st):
                     return fd, st
                 hasher, _ = hash_fd(fd, algo)

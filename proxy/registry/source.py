@@ -92,6 +92,8 @@ class RegistrySource(ImageSource):
         self._client = client
         #: blobs named by manifests fetched here: a 404 for one of them is not believed at once
         self._named: set[str] = set()
+        #: the pull source (primary or mirror) that served the image's manifest
+        self._manifest_from: PullSource | None = None
 
     @property
     def client(self) -> RegistryClient:
@@ -120,6 +122,8 @@ class RegistrySource(ImageSource):
                 failures.append(e)
                 break
             self._named |= _referenced_digests(raw)
+            if instance_digest is None and self._manifest_from is None:
+                self._manifest_from = source
             return raw, mime
         retryable = bool(failures) and all(f.code is ErrorCode.RETRYABLE for f in failures)
         text = "; ".join(str(f) for f in failures) or f"reading manifest {wanted}: no pull source"
@@ -209,11 +213,15 @@ class RegistrySource(ImageSource):
 
     @property
     def cache_key(self) -> str:  # type: ignore[override]
-        """The repository the reference names (``registry.example/team/app``): downloads are shared, partials
-        resumed and cached blobs served only between pulls from it. Opening the image fetched a manifest there with
-        this client's credentials, so the registry let this client read that repository; a repository's blobs are
-        not another's (a registry serves a blob only from a repository it was pushed or mounted into)."""
-        return self._image.name
+        """The repository that served the image's manifest (``registry.example/team/app``, or the mirror's
+        repository that answered for it): downloads are shared, partials resumed and cached blobs served only
+        between pulls from it. Opening the image fetched a manifest there with this client's credentials, so that
+        registry let this client read that repository; a repository's blobs are not another's (a registry serves a
+        blob only from a repository it was pushed or mounted into). The physical one, not the name the client
+        wrote: a mirror that serves anyone a manifest for a name (``pull-from-mirror = "digest-only"`` sends a
+        digest there) proves nothing about the primary repository of that name."""
+        served = self._manifest_from
+        return served.reference.name if served is not None else self._image.name
 
     def ranged_source(self) -> RegistrySource:
         return self

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import trio
 
+from proxy.cache.files import SOURCE_XATTR, source_tag
 from proxy.commands.units import format_size
 from tests.cli.helpers import COMMAND_TIMEOUT, INSECURE, image_proxy
 from tests.faults.proxy import fault_proxy
@@ -142,14 +143,16 @@ def test_a_progress_fd_that_is_not_open_is_a_usage_error(tmp_path):
     assert done.returncode == 2 and done.stderr == "image-proxy copy: --progress-fd 63: Bad file descriptor\n"
 
 
-def leave_partial(cache: Path, digest: str, data: bytes) -> None:
-    """What an interrupted copy with --blob-cache leaves: the blob's first bytes in blobs/<algo>/<hex>.partial."""
+def leave_partial(cache: Path, digest: str, data: bytes, source: str) -> None:
+    """What an interrupted copy with --blob-cache from ``source`` (the repository, ``host:port/name``) leaves: the
+    blob's first bytes in blobs/<algo>/<hex>.partial, tagged with their source."""
     algorithm, hexpart = digest.split(":", 1)
     directory = cache / "blobs" / algorithm
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     partial = directory / f"{hexpart}.partial"
     partial.write_bytes(data)
     partial.chmod(0o600)
+    os.setxattr(partial, SOURCE_XATTR, source_tag(source))
 
 
 async def test_resumed_bytes_are_shown_as_resumed(registry_images, tmp_path):
@@ -165,13 +168,13 @@ async def test_resumed_bytes_are_shown_as_resumed(registry_images, tmp_path):
         ref = f"docker://127.0.0.1:{fault.port}/test/big:latest"
         flags = (INSECURE, "--blob-cache", str(cache), ref)
 
-        leave_partial(cache, layer.digest, blob[:resumed])
+        leave_partial(cache, layer.digest, blob[:resumed], f"127.0.0.1:{fault.port}/test/big")
         done = await trio.to_thread.run_sync(lambda: image_proxy("copy", "--json", *flags, f"oci:{tmp_path / 'o'}"))
         assert done.returncode == 0, done.stderr
         assert ranges_asked(fault, layer.digest) == [f"bytes={resumed}-"]  # the proxy really resumed there
 
         (cache / "blobs" / "sha256" / layer.digest.split(":")[1]).unlink()  # as if that run had been ended too
-        leave_partial(cache, layer.digest, blob[:resumed])
+        leave_partial(cache, layer.digest, blob[:resumed], f"127.0.0.1:{fault.port}/test/big")
         again, lines = await trio.to_thread.run_sync(lambda: copy_with_progress_fd(*flags, f"oci:{tmp_path / 'p'}"))
         assert again.returncode == 0, again.stderr
         assert ranges_asked(fault, layer.digest) == [f"bytes={resumed}-"] * 2

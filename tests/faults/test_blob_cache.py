@@ -15,8 +15,8 @@ import trio
 
 from protocol.client import ImageProxy
 from protocol.errors import ProxyError
-from proxy.cache.files import STAMP_XATTR, verification_stamp
-from tests.faults.conftest import FaultImages, Layer
+from proxy.cache.files import SOURCE_XATTR, STAMP_XATTR, source_tag, verification_stamp
+from tests.faults.conftest import REPOSITORY, FaultImages, Layer
 from tests.faults.proxy import Answer, FaultProxy, Stall
 from tests.faults.transport import assert_transport_used
 
@@ -95,15 +95,23 @@ async def test_an_interrupted_download_resumes_from_the_partial_file(fault_image
     assert final(tmp_path, layer).read_bytes() == layer.data and not partial.exists()
 
 
+def left_partial(fault: FaultProxy, tmp_path: Path, layer: Layer, data: bytes) -> Path:
+    """The partial a download of ``layer`` from the fault proxy's repository left with ``data`` (its source tag
+    included: another source's partial is never resumed)."""
+    partial = final(tmp_path, layer).with_name(final(tmp_path, layer).name + ".partial")
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(data)
+    os.setxattr(partial, SOURCE_XATTR, source_tag(f"127.0.0.1:{fault.port}/{REPOSITORY}"))
+    return partial
+
+
 async def test_a_corrupt_partial_is_dropped_and_the_blob_fetched_again_in_the_same_request(
     fault_images, fault, tmp_path
 ):
     """Resumed bytes are served only once the whole blob matched; when it does not, the partial is dropped and
     the same GetBlob starts again from zero (the next client is never the one to fail)."""
     layer = fault_images.small
-    partial = final(tmp_path, layer).with_name(final(tmp_path, layer).name + ".partial")
-    partial.parent.mkdir(parents=True)
-    partial.write_bytes(b"\0" * 1000)  # not the blob's first 1000 bytes
+    partial = left_partial(fault, tmp_path, layer, b"\0" * 1000)  # not the blob's first 1000 bytes
     with trio.fail_after(HANG_GUARD):
         await pull(fault_images, fault, tmp_path, layer)  # asserts the bytes served are the blob's
     assert [g.range for g in blob_gets(fault, layer)] == ["bytes=1000-", None]
@@ -131,9 +139,7 @@ async def test_a_complete_partial_left_by_a_kill_before_the_rename_is_committed_
     fault_images, fault, tmp_path
 ):
     layer = fault_images.small
-    partial = final(tmp_path, layer).with_name(final(tmp_path, layer).name + ".partial")
-    partial.parent.mkdir(parents=True)
-    partial.write_bytes(layer.data)
+    partial = left_partial(fault, tmp_path, layer, layer.data)
     with trio.fail_after(HANG_GUARD):
         await pull(fault_images, fault, tmp_path, layer)
     assert blob_gets(fault, layer) == [], "no Range request past the end (it would get a 416)"
@@ -142,9 +148,7 @@ async def test_a_complete_partial_left_by_a_kill_before_the_rename_is_committed_
 
 async def test_a_complete_partial_with_wrong_content_is_fetched_again(fault_images, fault, tmp_path):
     layer = fault_images.small
-    partial = final(tmp_path, layer).with_name(final(tmp_path, layer).name + ".partial")
-    partial.parent.mkdir(parents=True)
-    partial.write_bytes(b"x" * layer.size)
+    partial = left_partial(fault, tmp_path, layer, b"x" * layer.size)
     with trio.fail_after(HANG_GUARD):
         await pull(fault_images, fault, tmp_path, layer)
     assert [g.range for g in blob_gets(fault, layer)] == [None]

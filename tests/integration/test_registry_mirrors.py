@@ -129,3 +129,45 @@ async def test_a_mirror_answering_404_or_500_for_a_while_is_not_believed_nor_rem
             asked = mirror.requests_for(mirror.blob_path("test/single", digest))
             assert len(asked) == 2, "asked once per pull: the failure was neither retried at once nor remembered"
             assert len(blob_requests(primary.log, digest)) == before[digest] + 1, "exactly one pull used the primary"
+
+
+async def test_a_mirrors_manifest_does_not_unlock_what_the_primary_put_in_the_cache(registry_images, tmp_path):
+    """registries.conf sends digest references to a mirror (``pull-from-mirror = "digest-only"``) that serves anyone
+    a manifest for the name. One client pulls test/single by tag from the primary into the shared blob cache; another
+    opens the same name by the digest of a manifest the mirror made up, naming that image's layer. Its GetBlob is not
+    served from the cache (the mirror's manifest shows access to the mirror's repository, not the primary's): it is
+    asked of the mirror (404), then of the primary, which sees the request."""
+    from proxy.image import manifest as mf
+    from tests.support.fake_registry import compact, manifest_reply, serve_registry
+
+    primary = registry_images.registry
+    single = registry_images.single
+    layer = single.layers[0]
+    made_up = compact(
+        {
+            "schemaVersion": 2,
+            "mediaType": mf.OCI_MANIFEST,
+            "config": {"mediaType": mf.OCI_CONFIG, "digest": single.config_digest, "size": single.config_size},
+            "layers": [{"mediaType": mf.OCI_LAYER, "digest": layer.digest, "size": layer.size}],
+        }
+    )
+    cache = tmp_path / "cache"
+    async with serve_registry() as mirror:
+        mirror.manifest("test/single", sha256(made_up), manifest_reply(made_up))
+        conf = tmp_path / "registries.conf"
+        conf.write_text(
+            f'[[registry]]\nprefix = "{primary.authority}"\nlocation = "{primary.authority}"\ninsecure = true\n\n'
+            f'[[registry.mirror]]\nlocation = "{mirror.authority}"\ninsecure = true\npull-from-mirror = "digest-only"\n'
+        )
+        flags = ["--registries-conf", str(conf), "--blob-cache", str(cache)]
+        async with ImageProxy.spawn(extra_args=flags) as victim:
+            img = await victim.open_image(registry_images.ref("test/single"))
+            assert sha256(await victim.get_blob(img, layer.digest, layer.size)) == layer.digest
+        asked_before = len(blob_requests(primary.log, layer.digest))
+        async with ImageProxy.spawn(extra_args=flags) as other:
+            img = await other.open_image(f"docker://{primary.authority}/test/single@{sha256(made_up)}")
+            assert sha256(await other.get_blob(img, layer.digest, layer.size)) == layer.digest
+        assert mirror.requests_for(mirror.blob_path("test/single", layer.digest)), "the mirror was asked first"
+    assert len(blob_requests(primary.log, layer.digest)) > asked_before, (
+        "asked of the primary, not taken from the cache"
+    )

@@ -16,8 +16,8 @@ import trio
 import trio.testing
 
 from protocol.errors import ErrorCode, ProxyError
+from proxy.cache import files, writeback
 from proxy.cache import store as blobstore
-from proxy.cache import writeback
 from proxy.cache.directory import Refused
 from proxy.cache.files import ORIGINS_XATTR, SOURCE_XATTR, STAMP_XATTR, source_tag, verification_stamp
 from proxy.cache.store import BlobStore, CachedBlob, StoreError
@@ -219,6 +219,53 @@ async def test_a_blob_is_served_only_to_the_repository_it_was_downloaded_from(tm
     assert tags == [source_tag("registry.example/team/private"), source_tag("registry.example/team/b")]
 
 
+async def test_a_full_list_of_origins_keeps_its_tags(tmp_path):
+    """Nobody can push another's tag out by downloading a popular blob from many repositories of its own."""
+    store = BlobStore(tmp_path / "cache")
+    path = put(store, DATA, atime=1_000_000_000_000_000_000, origin="victim/repo")
+    with trio.fail_after(GUARD):
+        async with spawner() as spawn:
+            for n in range(files.MAX_ORIGINS + 3):
+                source = f"evil.example/r{n}"
+                assert await read_all(await store.fetch(DIGEST, len(DATA), Source().open_from, spawn, source=source))
+    tags = os.getxattr(path, ORIGINS_XATTR).split()
+    assert len(tags) == files.MAX_ORIGINS and tags[0] == source_tag("victim/repo")
+    cached = await store.open_cached(DIGEST, len(DATA), "victim/repo")
+    assert isinstance(cached, CachedBlob)
+    await cached.aclose()
+
+
+async def test_the_cache_owners_blobs_are_hits_for_another_user_and_never_replaced(tmp_path):
+    """A proxy spawned as root sharing the daemon's cache (the directory and its blobs another user's): the origins
+    of the owner's blobs are believed, so a pull from that source is a hit; a pull from another source downloads and
+    keeps the owner's file as it is (it hashes right), instead of putting a file of its own in its place. Needs
+    root, as CI runs the suite."""
+    assert os.geteuid() == 0, "this test plays root beside another user's cache: run the suite as root (CI does)"
+    store_dir = tmp_path / "cache"
+    BlobStore(store_dir).close()
+    owner = 65534
+    path = put(BlobStore(store_dir), DATA, atime=1_000_000_000_000_000_000, origin="r")
+    for place in (store_dir, store_dir / "blobs", path.parent, path):
+        os.chown(place, owner, owner)
+    store = BlobStore(store_dir)
+    assert store.owner == owner
+    inode = path.stat().st_ino
+    with trio.fail_after(GUARD):
+        async with spawner() as spawn:
+            source = Source()
+            assert await read_all(await store.fetch(DIGEST, len(DATA), source.open_from, spawn, source="r")) == DATA
+            assert source.opened == []  # a hit: the owner's origins are believed
+            other = Source()
+            assert await read_all(await store.fetch(DIGEST, len(DATA), other.open_from, spawn, source="o")) == DATA
+            assert other.opened == [0]
+    assert path.stat().st_ino == inode and path.stat().st_uid == owner
+    os.unlink(path)  # what root downloads into the owner's cache is the owner's (tags included)
+    async with spawner() as spawn:
+        assert await read_all(await store.fetch(DIGEST, len(DATA), Source().open_from, spawn, source="o")) == DATA
+    assert path.stat().st_uid == owner
+    assert os.getxattr(path, ORIGINS_XATTR).split() == [source_tag("o")]
+
+
 async def test_a_blob_without_origins_is_downloaded_again_once(tmp_path):
     """A cache written before origins were recorded: its blobs are served to no source until one downloads them."""
     store = BlobStore(tmp_path / "cache")
@@ -295,6 +342,7 @@ async def test_resumed_bytes_are_served_only_once_the_blob_is_verified(tmp_path)
     partial = partial_of(store)
     partial.parent.mkdir(parents=True, exist_ok=True)
     partial.write_bytes(DATA[:1000])
+    os.setxattr(partial, SOURCE_XATTR, source_tag("r"))
     source = Source(hold_at=200_000)
     with trio.fail_after(GUARD):
         async with spawner() as spawn:
@@ -314,14 +362,29 @@ async def test_resumed_bytes_are_served_only_once_the_blob_is_verified(tmp_path)
     assert source.opened == [1000]
 
 
-async def test_a_partial_from_another_source_is_not_resumed(tmp_path):
-    """The attacker's download left wrong bytes in the partial; the victim's download from its own source starts
-    it again from zero instead of resuming them."""
+async def test_a_partial_from_another_source_is_neither_resumed_nor_truncated(tmp_path):
+    """Another source's download left bytes in the partial (wrong ones, here): the victim's download from its own
+    source neither resumes them (that source's registry could "complete" bytes it does not have by guessing the last
+    ones) nor truncates them (their source's next pull resumes them): it writes an anonymous file."""
     store = BlobStore(tmp_path / "cache")
     partial = partial_of(store)
     partial.parent.mkdir(parents=True, exist_ok=True)
     partial.write_bytes(b"\0" * 5000)
     os.setxattr(partial, SOURCE_XATTR, source_tag("evil.example"))
+    source = Source()
+    with trio.fail_after(GUARD):
+        async with spawner() as spawn:
+            assert await read_all(await store.fetch(DIGEST, len(DATA), source.open_from, spawn, source="r")) == DATA
+    assert source.opened == [0]
+    assert partial.read_bytes() == b"\0" * 5000 and store.final_path(DIGEST).read_bytes() == DATA
+
+
+async def test_a_partial_of_an_unknown_source_is_started_again(tmp_path):
+    """Where xattrs cannot be written, a partial says nothing of its source: nobody resumes it."""
+    store = BlobStore(tmp_path / "cache")
+    partial = partial_of(store)
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    partial.write_bytes(DATA[:1000])
     source = Source()
     with trio.fail_after(GUARD):
         async with spawner() as spawn:
