@@ -84,6 +84,7 @@ from proxy.cache.directory import (
     PARTIAL_SUFFIX,
     CacheDir,
     Changed,
+    Entry,
     Refused,
     is_writable,
     open_regular,
@@ -349,6 +350,9 @@ class BlobStore:
                 return self._file_blob(digest, *found)
             if self.read_only:
                 return await open_from(0)
+            if self.max_bytes is not None and size_limit is not None and size_limit > self.max_bytes:
+                log.info("blob cache: %s (%d bytes) is larger than the whole cache; streaming it", digest, size_limit)
+                return await open_from(0)
             download = self._downloads.get((digest, source))
             # a download that ended while the lookup ran may have stored the blob after the lookup passed: then
             # look again, rather than download it a second time (the fifty-clients test caught it, 1 run in 6)
@@ -393,18 +397,40 @@ class BlobStore:
         with CacheDir(self.root) as cache:
             entries = [e for e in cache.scan() if e.kind in ("blob", "partial")]
             total = sum(e.size for e in entries)
-            for entry in sorted((e for e in entries if e.kind == "blob"), key=lambda e: e.atime_ns):
+            # blobs by last read, partials by last write: an abandoned partial (a download nobody finished, from
+            # any source) goes as an unused blob does, so none can push the cache's blobs out for good
+            for entry in sorted(entries, key=lambda e: e.atime_ns if e.kind == "blob" else e.mtime_ns):
                 if total <= self.max_bytes:
                     break
-                digest = f"{entry.algo}:{entry.name}"
+                digest = f"{entry.algo}:{entry.hexpart}"
                 if digest in self._reading or digest in downloading:
                     continue
-                log.info(
-                    "blob cache: evicting %s (%d bytes) to stay under %d bytes", digest, entry.size, self.max_bytes
-                )
                 try:
-                    cache.remove(entry, same_atime=True)
-                except Changed:
-                    continue  # read (or replaced) since the scan: not the least recently used any more
+                    if not self._evict_one(cache, entry):
+                        continue
+                except (Changed, OSError):
+                    continue  # used (or replaced) since the scan: not the least recently used any more
+                log.info(
+                    "blob cache: evicted %s %s (%d bytes) to stay under %d bytes",
+                    entry.kind,
+                    digest,
+                    entry.size,
+                    self.max_bytes,
+                )
                 STATS.cache_changed()
                 total -= entry.size
+
+    @staticmethod
+    def _evict_one(cache: CacheDir, entry: Entry) -> bool:
+        """Remove a blob unused since the scan, or a partial no download holds (another process's included)."""
+        if entry.kind == "blob":
+            cache.remove(entry, same_atime=True)
+            return True
+        fd = cache.lock_partial(entry)
+        if fd is None:
+            return False  # a download is writing it
+        try:
+            cache.remove(entry)
+        finally:
+            os.close(fd)
+        return True

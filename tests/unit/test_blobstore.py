@@ -59,6 +59,36 @@ def test_eviction_removes_least_recently_used_first_and_never_leaves_the_directo
     assert precious.read_bytes() == b"x" * 5000 and (store.blobs / "README").exists()
 
 
+def test_eviction_takes_abandoned_partials_too_but_never_one_being_written(tmp_path):
+    """Partials count, and go by their last write as blobs go by their last read: junk a client's own registry left
+    cannot push the cache's blobs out for good. A partial a download holds (its lock) stays."""
+    import fcntl
+
+    store = BlobStore(tmp_path / "cache", max_bytes=2500)
+    directory = store.blobs / "sha256"
+    directory.mkdir(parents=True, exist_ok=True)
+    abandoned, held = directory / (("a" * 64) + ".partial"), directory / (("b" * 64) + ".partial")
+    for partial, when in ((abandoned, 1_000_000_000), (held, 900_000_000)):
+        partial.write_bytes(b"p" * 1000)
+        os.utime(partial, (when, when))
+    blob = put(store, b"n" * 1000, atime=1_200_000_000_000_000_000)
+    with open(held, "rb") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        store.evict()
+    assert held.exists() and not abandoned.exists() and blob.exists()
+
+
+async def test_a_blob_larger_than_the_whole_cache_is_streamed_not_stored(tmp_path):
+    store = BlobStore(tmp_path / "cache", max_bytes=len(DATA) - 1)
+    source = Source()
+    with trio.fail_after(GUARD):
+        async with spawner() as spawn:
+            blob = await store.fetch(DIGEST, len(DATA), source.open_from, spawn, source="r", size_limit=len(DATA))
+            assert await read_all(blob) == DATA
+    assert source.opened == [0]
+    assert not store.final_path(DIGEST).exists() and not partial_of(store).exists()
+
+
 def test_a_blob_being_read_is_not_evicted(tmp_path):
     store = BlobStore(tmp_path, max_bytes=1500)
     old = put(store, b"o" * 1000, atime=1_000_000_000_000_000_000)
