@@ -109,8 +109,6 @@ class Download:
                 theirs: bytes | None = os.getxattr(fd, SOURCE_XATTR)
             except OSError:
                 theirs = None
-            if theirs == mine[:16]:
-                theirs = mine  # the shorter tag of an earlier version, for the same source
             if st.st_size and theirs is not None and theirs != mine:
                 # never truncated for another source (whose client would start again from 0), never resumed from
                 # this one (whose registry could "complete" bytes it does not have by guessing the last ones):
