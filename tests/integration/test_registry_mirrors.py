@@ -22,10 +22,11 @@ def sha256(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def registries_conf(path: Path, primary: str, mirror: str) -> Path:
+def registries_conf(path: Path, primary: str, mirror: str, pull_from_mirror: str | None = None) -> Path:
+    only = f'pull-from-mirror = "{pull_from_mirror}"\n' if pull_from_mirror else ""
     path.write_text(
         f'[[registry]]\nprefix = "{primary}"\nlocation = "{primary}"\ninsecure = true\n\n'
-        f'[[registry.mirror]]\nlocation = "{mirror}"\ninsecure = true\n'
+        f'[[registry.mirror]]\nlocation = "{mirror}"\ninsecure = true\n{only}'
     )
     return path
 
@@ -154,11 +155,7 @@ async def test_a_mirrors_manifest_does_not_unlock_what_the_primary_put_in_the_ca
     cache = tmp_path / "cache"
     async with serve_registry() as mirror:
         mirror.manifest("test/single", sha256(made_up), manifest_reply(made_up))
-        conf = tmp_path / "registries.conf"
-        conf.write_text(
-            f'[[registry]]\nprefix = "{primary.authority}"\nlocation = "{primary.authority}"\ninsecure = true\n\n'
-            f'[[registry.mirror]]\nlocation = "{mirror.authority}"\ninsecure = true\npull-from-mirror = "digest-only"\n'
-        )
+        conf = registries_conf(tmp_path / "registries.conf", primary.authority, mirror.authority, "digest-only")
         flags = ["--registries-conf", str(conf), "--blob-cache", str(cache)]
         async with ImageProxy.spawn(extra_args=flags) as victim:
             img = await victim.open_image(registry_images.ref("test/single"))
