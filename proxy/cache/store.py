@@ -411,9 +411,9 @@ class BlobStore:
                 except (Changed, OSError):
                     continue  # used (or replaced) since the scan: not the least recently used any more
                 log.info(
-                    "blob cache: evicted %s %s (%d bytes) to stay under %d bytes",
-                    entry.kind,
+                    "blob cache: evicting %s (%s of %d bytes) to stay under %d bytes",
                     digest,
+                    entry.kind,
                     entry.size,
                     self.max_bytes,
                 )
