@@ -28,11 +28,11 @@ from proxy.cache.files import (
     StoreError,
     add_origin,
     hash_fd,
+    origins_can_be_believed,
     pwrite_all,
     reopen,
     same_file,
     source_tag,
-    stamp_can_be_believed,
     unlink_if_same,
     write_stamp,
 )
@@ -309,8 +309,7 @@ class Download:
         except (OSError, Refused):
             return
         try:
-            st = os.fstat(fd)
-            if stamp_can_be_believed(st) or stamp_can_be_believed(st, self.store.owner):
+            if origins_can_be_believed(os.fstat(fd), self.store.owner):
                 add_origin(fd, source_tag(self.source))  # EPERM on another user's file: nothing recorded
         finally:
             os.close(fd)

@@ -76,13 +76,16 @@ def source_tag(source: str) -> bytes:
     return hashlib.sha256(source.encode()).hexdigest()[:32].encode()
 
 
-def has_origin(fd: int, st: os.stat_result, tag: bytes, owner: int | None = None) -> bool:
-    """Whether the blob open as ``fd`` records ``tag`` among its origins (``ORIGINS_XATTR``), on a file whose
-    attributes can be believed: :func:`stamp_can_be_believed`, or a file of ``owner`` (the cache directory's: a
-    proxy spawned as root reads the blobs of the daemon's user). No record, no origin."""
-    mine = stamp_can_be_believed(st)
-    theirs = owner is not None and st.st_uid == owner and stamp_can_be_believed(st, owner)
-    if not (mine or theirs):
+def origins_can_be_believed(st: os.stat_result, owner: int) -> bool:
+    """Whether the origins recorded on a file like this can be believed: :func:`stamp_can_be_believed` for this
+    process's user or for ``owner``, the cache directory's (a proxy spawned as root reads the daemon user's blobs)."""
+    return stamp_can_be_believed(st) or stamp_can_be_believed(st, owner)
+
+
+def has_origin(fd: int, st: os.stat_result, tag: bytes, owner: int) -> bool:
+    """Whether the blob open as ``fd`` records ``tag`` among its origins (``ORIGINS_XATTR``), on a file whose origins
+    can be believed (:func:`origins_can_be_believed`). No record, no origin."""
+    if not origins_can_be_believed(st, owner):
         return False
     try:
         return tag in os.getxattr(fd, ORIGINS_XATTR).split()

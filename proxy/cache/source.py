@@ -2,9 +2,9 @@
 (a registry's), so that nothing else asks what type a source is.
 
 Blobs come from the cache when it holds them verified, else from a download into it shared with every client
-asking for that digest from the same source (``BlobStore.fetch``). The source is the repository the client's
-reference names (``RegistrySource.cache_key``), which the client showed it may read by fetching a manifest there
-with its own credentials: the cache serves it only blobs downloaded from that repository (see ``proxy.cache.store``,
+asking for that digest from the same source (``BlobStore.fetch``). The source is the repository that served the
+client's manifest (``RegistrySource.cache_key``), which the client showed it may read by fetching that manifest with
+its own credentials: the cache serves it only blobs downloaded from that repository (see ``proxy.cache.store``,
 "Who is served what"). A download stops at the size the verified manifest gives (``trusted_sizes``), so an endless
 body cannot fill the disk.
 """

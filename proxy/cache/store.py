@@ -13,8 +13,8 @@ Storing:
   from zero in the same request, once, so its readers still get the blob. A download from zero that does not match
   fails its readers (``corrupted blob``): its source sent wrong bytes.
 
-Sharing (single flight) is keyed by digest **and source** — the repository the client's reference names (its
-registry's mirrors and rewrites are the administrator's registries.conf, the same for every client naming it).
+Sharing (single flight) is keyed by digest **and source** — the repository that served the client's manifest (see
+"Who is served what" below; mirrors and rewrites are the administrator's registries.conf).
 Every reader of a digest being downloaded from the same source follows the growing file, so concurrent GetBlobs of
 one image share one upstream transfer; a reader never waits on, or fails with, a registry it did not name.
 Why keyed by source, not a follower that switches when the shared download is slower or fails: "slower" needs a
@@ -251,9 +251,7 @@ class BlobStore:
         With ``source``: None unless the blob was downloaded from that source (its origins), which the asker showed it
         may read (see the module's "Who is served what"). Raises Refused when the name (or a directory above it) is
         not what the cache puts there."""
-        return self._verified_sync(digest, None if source is None else source_tag(source))
-
-    def _verified_sync(self, digest: str, tag: bytes | None) -> tuple[int, os.stat_result] | None:
+        tag = None if source is None else source_tag(source)
         algo, hexpart = self._split(digest)
         path = self.blobs / algo / hexpart
         try:

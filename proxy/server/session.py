@@ -86,9 +86,17 @@ _SEND_NOW = int(socket.MSG_DONTWAIT)
 _TRUNCATED = int(socket.MSG_TRUNC)
 
 
-def _args_shown(request: Request) -> str:
-    """A request's arguments for a debug line; a method's secrets (credentials) are never shown."""
-    return redacted(request.args) if request.method in SECRET_METHODS else shown(request.args)
+def _args_shown(method: str, args: list, each: int | None = None) -> str:
+    """A request's arguments for a log line: as one JSON value, or (``each``) each shown in at most that many
+    characters, space-separated. A method's secrets (credentials) are never shown."""
+    if method in SECRET_METHODS:
+        return redacted(args)
+    return shown(args) if each is None else " ".join(shown(a, each) for a in args)
+
+
+def _request_shown(request: Request) -> str:
+    """A request for a debug line: its method and arguments (see :func:`_args_shown`)."""
+    return f"{shown(request.method, 100)} {_args_shown(request.method, request.args)}"
 
 
 def _with_id(outcome: Outcome, request_id: int) -> Outcome:
@@ -334,7 +342,7 @@ class Session:
         taken = self._conn.next_in_order()
         assert taken is queued
         if self._debug:
-            log.debug("request %s %s", shown(queued.item.method, 100), _args_shown(queued.item))
+            log.debug("request %s", _request_shown(queued.item))
         self._send_soon(outcome, queued.size)
         return True
 
@@ -356,7 +364,7 @@ class Session:
             return False
         try:
             if self._debug:
-                log.debug("request %s %s id %d", shown(run.item.method, 100), _args_shown(run.item), run.request_id)
+                log.debug("request %s id %d", _request_shown(run.item), run.request_id)
             self._send_soon(_with_id(outcome, run.request_id), run.size)
         finally:
             self._conn.done(run.request_id)
@@ -382,7 +390,7 @@ class Session:
                 self._send_soon(Outcome(queued.item), queued.size)
                 continue
             if self._debug and isinstance(queued.item, Request):
-                log.debug("request %s %s", shown(queued.item.method, 100), _args_shown(queued.item))
+                log.debug("request %s", _request_shown(queued.item))
             started = time.perf_counter()
             outcome = await handler.handle(queued.item)
             self._record(handler, queued.item, outcome, started)
@@ -393,7 +401,7 @@ class Session:
             async with self._id_slots:
                 item = run.item
                 if self._debug and isinstance(item, Request):
-                    log.debug("request %s %s id %d", shown(item.method, 100), _args_shown(item), run.request_id)
+                    log.debug("request %s id %d", _request_shown(item), run.request_id)
                 started = time.perf_counter()
                 outcome = await handler.handle(item)
                 self._record(handler, item, outcome, started)
@@ -445,8 +453,7 @@ class Session:
                 if reference is not None:
                     args[0] = reference
             method = request.method if request.method in METHODS else shown(request.method, 100)
-            shown_args = redacted(args) if request.method in SECRET_METHODS else " ".join(shown(a, 300) for a in args)
-            what = f"{method} {shown_args}".rstrip()
+            what = f"{method} {_args_shown(request.method, args, 300)}".rstrip()
         else:
             what = "an invalid request"
         unlogged = ""
